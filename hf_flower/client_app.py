@@ -1,0 +1,190 @@
+"""The Flower ClientApp: local training and evaluation of the global model with `transformers.Trainer`.
+
+A client process keeps its model, tokenizer and tokenised partition between messages (the
+`functools.cache`s below), so a round costs one weight copy plus the training itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tempfile
+import traceback
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+from . import data as data_lib
+from .arguments import RunArguments, from_run_config
+from .constants import (
+    ARRAYS_KEY,
+    CLIENT_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    SERVER_ROUND_KEY,
+)
+from .metrics import make_compute_metrics
+from .modeling import load_model, load_tokenizer
+from .weights import get_weights, set_weights
+
+# Flower's error code for an exception raised inside a ClientApp.
+CLIENT_APP_RAISED_EXCEPTION = 1
+
+app = ClientApp()
+
+
+@dataclasses.dataclass
+class ClientTask:
+    """What one client process builds once and reuses every round."""
+
+    run_args: RunArguments
+    tokenizer: object
+    model: torch.nn.Module
+    label_names: list[str]
+
+
+def _frozen(config) -> tuple:
+    return tuple(sorted(config.items()))
+
+
+@functools.cache
+def load_task(run_config: tuple) -> ClientTask:
+    """Model and tokenizer of this run, built once per process (all partitions share them)."""
+    run_args = from_run_config(dict(run_config))
+    set_seed(run_args.training.seed)
+    tokenizer = load_tokenizer(run_args.model)
+    label_names = data_lib.load_label_names(run_args.data)
+    model = load_model(run_args.model, label_names)
+    return ClientTask(run_args, tokenizer, model, label_names)
+
+
+@functools.cache
+def load_partition(run_config: tuple, partition_id: int, num_partitions: int) -> data_lib.ClientData:
+    """This client's tokenised train and eval splits, built once per process and partition."""
+    task = load_task(run_config)
+    return data_lib.client_data(
+        task.run_args.data, task.tokenizer, partition_id, num_partitions, task.run_args.training.seed
+    )
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    """The data partition this node serves, from its node config."""
+    node_config = context.node_config
+    if "partition-id" not in node_config or "num-partitions" not in node_config:
+        raise ValueError(
+            "This SuperNode has no partition: start it with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'."
+        )
+    return int(node_config["partition-id"]), int(node_config["num-partitions"])
+
+
+class FederatedTrainer(Trainer):
+    """`Trainer` with FedProx's proximal term, `mu / 2 * ||w - w_global||^2`, when mu > 0."""
+
+    def __init__(self, *args, proximal_mu: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.proximal_mu = proximal_mu
+        self.global_params = (
+            [p.detach().clone() for p in self.model.parameters() if p.requires_grad] if proximal_mu > 0 else []
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        if self.proximal_mu <= 0:
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        local_params = [p for p in model.parameters() if p.requires_grad]
+        proximal = sum((p - g).pow(2).sum() for p, g in zip(local_params, self.global_params))
+        loss = loss + self.proximal_mu / 2 * proximal
+        return (loss, outputs) if return_outputs else loss
+
+
+def build_trainer(task: ClientTask, proximal_mu: float = 0.0, **datasets) -> FederatedTrainer:
+    """A fresh Trainer for one round: a new optimizer and schedule, no checkpoints on disk."""
+    args: TrainingArguments = dataclasses.replace(
+        task.run_args.training,
+        output_dir=_scratch_dir(),
+        save_strategy="no",
+        eval_strategy="no",
+        load_best_model_at_end=False,
+    )
+    return FederatedTrainer(
+        model=task.model,
+        args=args,
+        data_collator=DataCollatorWithPadding(task.tokenizer),
+        processing_class=task.tokenizer,
+        compute_metrics=make_compute_metrics(len(task.label_names)),
+        proximal_mu=proximal_mu,
+        **datasets,
+    )
+
+
+@functools.cache
+def _scratch_dir() -> str:
+    # Trainer wants an output_dir; the server's output_dir is not this machine's to write.
+    return tempfile.mkdtemp(prefix="hf-flower-client-")
+
+
+def _reply(msg: Message, context: Context, arrays: ArrayRecord | None, metrics: dict) -> Message:
+    partition_id, _ = partition_of(context)
+    content = RecordDict({METRICS_KEY: MetricRecord(metrics), CLIENT_KEY: ConfigRecord({PARTITION_ID_KEY: partition_id})})
+    if arrays is not None:
+        content[ARRAYS_KEY] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+def _error_reply(msg: Message, context: Context, stage: str, err: Exception) -> Message:
+    """Report a failure to the server with the client's partition, the round and the cause."""
+    server_round = msg.content[CONFIG_KEY].get(SERVER_ROUND_KEY, "?") if msg.has_content() else "?"
+    partition = context.node_config.get(PARTITION_ID_KEY, "?")
+    reason = (
+        f"client partition {partition} failed during {stage} of round {server_round}: "
+        f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
+    )
+    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Load the global weights, train locally, reply with the new weights and train metrics."""
+    try:
+        run_config = _frozen(context.run_config)
+        task = load_task(run_config)
+        client = load_partition(run_config, *partition_of(context))
+        set_weights(task.model, msg.content[ARRAYS_KEY])
+        config = msg.content[CONFIG_KEY]
+        trainer = build_trainer(task, float(config.get("proximal-mu", 0.0)), train_dataset=client.train)
+        output = trainer.train()
+        metrics = {
+            "train_loss": float(output.training_loss),
+            "train_runtime": float(output.metrics["train_runtime"]),
+            "train_steps": int(output.global_step),
+            NUM_EXAMPLES_KEY: len(client.train),
+        }
+        return _reply(msg, context, get_weights(task.model), metrics)
+    except Exception as err:  # noqa: BLE001 - every failure goes back to the server, named
+        return _error_reply(msg, context, "training", err)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global weights on this client's held-out split."""
+    try:
+        run_config = _frozen(context.run_config)
+        task = load_task(run_config)
+        client = load_partition(run_config, *partition_of(context))
+        set_weights(task.model, msg.content[ARRAYS_KEY])
+        results = build_trainer(task).evaluate(client.eval)
+        metrics = {
+            "eval_loss": float(results["eval_loss"]),
+            "eval_accuracy": float(results["eval_accuracy"]),
+            "eval_f1": float(results["eval_f1"]),
+            NUM_EXAMPLES_KEY: len(client.eval),
+        }
+        return _reply(msg, context, None, metrics)
+    except Exception as err:  # noqa: BLE001
+        return _error_reply(msg, context, "evaluation", err)

@@ -1,0 +1,1 @@
+"""The only code that starts processes; it stops every process it starts."""

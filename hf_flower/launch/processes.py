@@ -1,0 +1,112 @@
+"""Start a command in its own session and stop it, children included, whatever happens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_is_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+class ManagedProcess:
+    """A `subprocess.Popen` in a new session whose whole process tree is stopped on exit.
+
+    Flower's SuperLink starts further processes (the simulation runtime, Ray's workers); stopping
+    only the parent would leave them running, so the tree is collected before it is signalled.
+    """
+
+    def __init__(self, command: list[str], log_path: Path, env: dict | None = None, cwd: str | None = None):
+        self.command = command
+        self.log_path = Path(log_path)
+        self.env = env
+        self.cwd = cwd
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> ManagedProcess:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            self.command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_for_port(self, port: int, timeout: float = 60.0, host: str = LOOPBACK) -> None:
+        """Wait until the process listens on `port`; fail early, with its log, if it exits."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running():
+                raise RuntimeError(f"{self.command[0]} exited before listening on {port}:\n{self.tail()}")
+            if port_is_open(host, port):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"{self.command[0]} did not listen on {host}:{port} within {timeout:.0f} s.")
+
+    def tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM the process tree, wait up to `grace` seconds, then SIGKILL what is left."""
+        if self.process is None:
+            return
+        try:
+            tree = [psutil.Process(self.process.pid)]
+            tree += tree[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in tree:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(tree, timeout=grace)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+        self.process = None

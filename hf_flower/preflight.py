@@ -1,0 +1,36 @@
+"""Checks of a run's configuration that fail in seconds, before any Flower process or training starts."""
+
+from __future__ import annotations
+
+from . import checkpoint, data as data_lib
+from .arguments import RunArguments
+from .modeling import check_num_labels, load_model_config
+from .strategies import build_strategy
+
+
+def check_federation(run_args: RunArguments) -> None:
+    """Minimums that the number of clients can never satisfy would make the server wait forever."""
+    federation = run_args.federation
+    for name in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
+        if getattr(federation, name) > federation.num_clients:
+            raise ValueError(
+                f"{name}={getattr(federation, name)} exceeds num_clients={federation.num_clients}: "
+                f"the server would wait forever. Lower --{name} or raise --num_clients."
+            )
+
+
+def check_run(run_args: RunArguments, prepare_output: bool = False) -> list[str]:
+    """Validate model, data, partitions, strategy and output folder; return the label names.
+
+    With `prepare_output`, also create `output_dir` (refusing one that already holds rounds unless
+    `overwrite_output_dir`).
+    """
+    check_federation(run_args)
+    build_strategy(run_args.federation)
+    if prepare_output:
+        checkpoint.prepare_output_dir(run_args.training.output_dir, run_args.federation.overwrite_output_dir)
+    load_model_config(run_args.model)
+    label_names = data_lib.load_label_names(run_args.data)
+    check_num_labels(run_args.model, label_names)
+    data_lib.partition_sizes(run_args.data, run_args.federation.num_clients, run_args.training.seed)
+    return label_names

@@ -1,0 +1,41 @@
+"""How a run reports itself to a person: one line per round and a closing summary."""
+
+from __future__ import annotations
+
+MEGABYTE = 1e6
+
+
+def _metric(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "  -   "
+
+
+def format_round(record: dict, num_rounds: int) -> str:
+    """`round 2/3 | clients 2/2 | train_loss ... | eval_acc ... | central_acc ... | 41.2 s | 182.4 MB`."""
+    clients = record.get("clients", {})
+    megabytes = (record.get("bytes_sent", 0) + record.get("bytes_received", 0)) / MEGABYTE
+    return (
+        f"round {record['round']}/{num_rounds}"
+        f" | clients {clients.get('train_succeeded', 0)}/{clients.get('train_sampled', 0)}"
+        f" | train_loss {_metric(record.get('train', {}).get('train_loss'))}"
+        f" | eval_acc {_metric(record.get('evaluate', {}).get('eval_accuracy'))}"
+        f" | central_acc {_metric(record.get('central', {}).get('eval_accuracy'))}"
+        f" | {record.get('seconds', 0):.1f} s"
+        f" | {megabytes:.1f} MB"
+    )
+
+
+def format_summary(history: dict, output_dir: str) -> str:
+    """The closing lines: status, best and last round with their folders."""
+    rounds = history.get("rounds", [])
+    lines = [f"status: {history.get('status')}"]
+    if history.get("error"):
+        lines.append(f"error: {history['error']}")
+    if rounds:
+        last = rounds[-1]["round"]
+        best = history.get("best_round")
+        best_record = next((r for r in rounds if r["round"] == best), None)
+        if best_record is not None:
+            accuracy = _metric(best_record.get("central", {}).get("eval_accuracy"))
+            lines.append(f"best round: {best} (central_acc {accuracy}) -> {output_dir}/round-{best}")
+        lines.append(f"last round: {last} -> {output_dir}/round-{last}")
+    return "\n".join(lines)

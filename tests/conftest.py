@@ -1,0 +1,96 @@
+"""Shared fixtures: an offline, isolated Hugging Face environment, a tiny model and tiny data.
+
+Every test runs with `HF_HUB_OFFLINE=1` and a temporary `HF_HOME`, set at import time (datasets
+and huggingface_hub read them when imported), so none touches the network, a user's token or a
+user's cache (as huggingface_hub's own conftest does).
+"""
+
+import csv
+import os
+import random
+import tempfile
+
+# Set before any test module imports datasets or huggingface_hub: both read these at import.
+_HF_HOME = tempfile.mkdtemp(prefix="hf-flower-tests-hf-home-")
+os.environ.update(
+    {
+        "HF_HOME": _HF_HOME,
+        "HF_DATASETS_CACHE": os.path.join(_HF_HOME, "datasets"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+)
+os.environ.pop("HF_TOKEN", None)
+
+import pytest  # noqa: E402
+
+POSITIVE_WORDS = ["good", "great", "excellent", "wonderful", "loved", "superb", "fun", "brilliant"]
+NEGATIVE_WORDS = ["bad", "awful", "boring", "terrible", "hated", "dull", "worst", "poor"]
+FILLER_WORDS = ["the", "movie", "film", "was", "plot", "actors", "and", "a", "really", "story"]
+
+
+@pytest.fixture(scope="session")
+def hf_home():
+    """The temporary HF_HOME every test (and every process a test starts) uses."""
+    return _HF_HOME
+
+
+def make_review(label: int, rng: random.Random) -> str:
+    """A short synthetic review whose sentiment words give away its label."""
+    words = POSITIVE_WORDS if label == 1 else NEGATIVE_WORDS
+    body = [rng.choice(FILLER_WORDS) for _ in range(rng.randint(4, 12))]
+    body += [rng.choice(words) for _ in range(rng.randint(1, 3))]
+    rng.shuffle(body)
+    return " ".join(body)
+
+
+def write_reviews_csv(path, num_rows: int = 240, seed: int = 0, text_column="text", label_column="label"):
+    """Write a balanced CSV of synthetic reviews and return its path."""
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([text_column, label_column])
+        for i in range(num_rows):
+            label = i % 2
+            writer.writerow([make_review(label, rng), label])
+    return path
+
+
+@pytest.fixture(scope="session")
+def reviews_csv(tmp_path_factory):
+    """240 synthetic labelled reviews (balanced), as a CSV file with `text,label` columns."""
+    return write_reviews_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
+
+
+def build_tiny_model(path, num_labels: int = 2, seed: int = 0):
+    """Save a tiny BERT classifier and its word-level tokenizer to `path` (offline, ~20k params)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE_WORDS + NEGATIVE_WORDS + FILLER_WORDS
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(path)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    BertForSequenceClassification(config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Folder with a tiny randomly initialised BERT classifier (2 labels) and its tokenizer."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))

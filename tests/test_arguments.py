@@ -1,0 +1,106 @@
+"""Argument groups: YAML + flags, Flower run config round trip, and the errors of bad values."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.common.config import flatten_dict
+
+from hf_flower.arguments import from_run_config, parse_args, to_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def write_yaml(tmp_path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_sets_defaults_and_flags_override(tmp_path):
+    config = write_yaml(tmp_path, "num_rounds: 7\nlearning_rate: 1.0e-3\noutput_dir: out\ndataset: my.csv\n")
+    run_args = parse_args(["--config", config, "--num_rounds", "2", "--adam_beta2", "0.98"])
+    assert run_args.federation.num_rounds == 2
+    assert run_args.training.learning_rate == pytest.approx(1e-3)
+    assert run_args.training.adam_beta2 == pytest.approx(0.98)
+    assert run_args.data.dataset == "my.csv"
+
+
+def test_local_epochs_drive_num_train_epochs():
+    run_args = parse_args(["--output_dir", "out", "--local_epochs", "2"])
+    assert run_args.training.num_train_epochs == 2
+
+
+def test_num_train_epochs_is_ambiguous():
+    with pytest.raises(ValueError, match="use --local_epochs"):
+        parse_args(["--output_dir", "out", "--num_train_epochs", "5"])
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    config = write_yaml(tmp_path, "num_round: 3\n")
+    with pytest.raises(ValueError, match=r"Unknown keys in .*\['num_round'\]"):
+        parse_args(["--config", config])
+
+
+def test_token_in_yaml_is_refused(tmp_path):
+    config = write_yaml(tmp_path, "hub_token: hf_secret\noutput_dir: out\n")
+    with pytest.raises(ValueError, match="HF_TOKEN"):
+        parse_args(["--config", config])
+
+
+def test_default_output_dir():
+    assert parse_args([]).training.output_dir == "outputs/hf-flower"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_rounds", "0"], "num_rounds must be at least 1"),
+        (["--num_clients", "0"], "num_clients must be at least 1"),
+        (["--fraction_train", "1.5"], "fraction_train must be between 0 and 1"),
+        (["--local_epochs", "0"], "local_epochs must be positive"),
+        (["--max_length", "0"], "max_length must be positive"),
+        (["--dirichlet_alpha", "0"], "dirichlet_alpha must be positive"),
+        (["--test_size", "2.5"], "test_size must be a fraction"),
+        (["--num_labels", "1"], "num_labels must be at least 2"),
+        (["--strategy_kwargs", "{proximal_mu: 1}"], "strategy_kwargs must be a JSON object"),
+    ],
+)
+def test_bad_values_are_named(flags, message):
+    with pytest.raises(ValueError, match=message):
+        parse_args(["--output_dir", "out", *flags])
+
+
+def test_unknown_partitioner():
+    with pytest.raises(SystemExit):  # argparse `choices` rejects it with the valid set
+        parse_args(["--output_dir", "out", "--partitioner", "shards"])
+
+
+def test_run_config_round_trip():
+    run_args = parse_args(
+        [
+            "--config", QUICKSTART,
+            "--strategy", "FedProx", "--strategy_kwargs", '{"proximal_mu": 0.1}',
+            "--adam_beta2", "0.98", "--report_to", "tensorboard", "--max_test_samples", "7",
+        ]
+    )  # fmt: skip
+    run_config = to_run_config(run_args)
+    assert all(isinstance(v, (bool, int, float, str)) for v in run_config.values())
+    back = from_run_config(run_config)
+    assert back.model == run_args.model
+    assert back.data == run_args.data
+    assert back.federation == run_args.federation
+    assert back.training.to_dict() == run_args.training.to_dict()
+
+
+def test_run_config_never_carries_a_token():
+    run_args = parse_args(["--output_dir", "out", "--hub_token", "hf_secret"])
+    assert "hf_secret" not in str(to_run_config(run_args))
+
+
+def test_pyproject_run_config_is_the_quickstart():
+    """`flwr run .` and `scripts/simulate.py --config configs/quickstart.yaml` run the same job."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app_config = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
+    assert app_config == to_run_config(parse_args(["--config", QUICKSTART]))

@@ -1,0 +1,166 @@
+"""Integration tests: real Flower simulations (SuperLink, Ray) with a tiny model on tiny data.
+
+Each test builds a Flower app folder whose ClientApp is hf-flower's own, wrapped in the recording
+mods of `flower_test_app.py`, runs it with `run_simulation`, and checks what was saved on disk.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import tomli_w
+from safetensors import safe_open
+from safetensors.numpy import load_file
+from transformers import AutoModelForSequenceClassification
+
+from hf_flower import checkpoint
+from hf_flower.arguments import parse_args, to_run_config
+from hf_flower.launch.simulation import run_simulation
+
+pytestmark = pytest.mark.slow
+TEST_APP = Path(__file__).with_name("flower_test_app.py")
+
+
+def make_app(tmp_path: Path, run_args, plan: dict) -> Path:
+    """A Flower app folder: our ServerApp, the recording ClientApp, and this run's config."""
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    shutil.copy(TEST_APP, app_dir / TEST_APP.name)
+    (app_dir / "plan.json").write_text(json.dumps(plan))
+    pyproject = {
+        "project": {"name": "hf-flower-test-app", "version": "1.0.0"},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "hf-flower",
+                    "components": {
+                        "serverapp": "hf_flower.server_app:app",
+                        "clientapp": f"{TEST_APP.stem}:app",
+                    },
+                    "config": to_run_config(run_args),
+                }
+            }
+        },
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return app_dir
+
+
+def tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *flags):
+    return parse_args(
+        [
+            "--model_name_or_path", str(tiny_model_dir),
+            "--dataset", str(reviews_csv),
+            "--max_length", "32",
+            "--test_size", "40",
+            "--client_eval_size", "0.2",
+            "--num_clients", "2",
+            "--num_rounds", "2",
+            "--per_device_train_batch_size", "16",
+            "--learning_rate", "5e-3",
+            "--output_dir", str(tmp_path / "run"),
+            *flags,
+        ]
+    )  # fmt: skip
+
+
+def flower_processes() -> list[psutil.Process]:
+    names = ("flower-superlink", "flwr-simulation", "flower-superexec", "raylet", "gcs_server")
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(name in cmdline for name in names):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture
+def no_leftover_processes():
+    before = {p.pid for p in flower_processes()}
+    yield
+    left = [p for p in flower_processes() if p.pid not in before and p.is_running()]
+    assert not left, f"processes left behind: {[' '.join(p.cmdline()) for p in left]}"
+
+
+def test_saved_rounds_are_the_weighted_average_of_replies(
+    tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes, capsys
+):
+    run_args = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv)
+    record_dir = tmp_path / "replies"
+    app_dir = make_app(tmp_path, run_args, {"record_dir": str(record_dir)})
+
+    assert run_simulation(run_args, app_dir=app_dir) == 0
+
+    output_dir = Path(run_args.training.output_dir)
+    assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
+    history = checkpoint.read_history(output_dir)
+    assert history["status"] == "completed"
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
+    printed = capsys.readouterr().out
+    assert "round 1/2 | clients 2/2" in printed and "round 2/2 | clients 2/2" in printed
+
+    for server_round in (1, 2):
+        replies = sorted((record_dir / f"round-{server_round}").glob("*.safetensors"))
+        assert len(replies) == 2
+        weights, examples = [], []
+        for path in replies:
+            weights.append(load_file(path))
+            with safe_open(path, "np") as f:
+                examples.append(int(f.metadata()["num_examples"]))
+        saved = load_file(output_dir / f"round-{server_round}" / "model.safetensors")
+        assert set(saved) == set(weights[0])
+        total = sum(examples)
+        for key in saved:
+            expected = sum(w[key].astype(np.float64) * n / total for w, n in zip(weights, examples))
+            np.testing.assert_allclose(saved[key], expected, rtol=1e-5, atol=1e-6, err_msg=key)
+        # The clients really trained: their replies differ from each other.
+        assert any(not np.array_equal(weights[0][k], weights[1][k]) for k in saved)
+        metrics = checkpoint.read_round_metrics(output_dir, server_round)
+        assert metrics["clients"]["train_succeeded"] == 2
+        assert sorted(c["num-examples"] for c in metrics["client_results"]["train"]) == sorted(examples)
+        assert 0.0 <= metrics["central"]["eval_accuracy"] <= 1.0
+
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir / "round-2")
+    assert model.config.id2label == {0: "0", 1: "1"}
+
+
+def test_failed_client_stops_the_run_when_below_minimum(
+    tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes, capsys
+):
+    run_args = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, "--num_rounds", "3")
+    app_dir = make_app(tmp_path, run_args, {"drop_key": {"partition": 1, "round": 2}})
+
+    assert run_simulation(run_args, app_dir=app_dir) == 1
+
+    output_dir = Path(run_args.training.output_dir)
+    history = checkpoint.read_history(output_dir)
+    assert history["status"] == "failed"
+    assert "Round 2: 1 of 2 clients trained successfully" in history["error"]
+    assert "client partition 1 failed during training of round 2" in history["error"]
+    assert "WeightsMismatchError" in history["error"]
+    assert checkpoint.list_rounds(output_dir) == [0, 1]
+    assert "status: failed" in capsys.readouterr().out
+
+
+def test_nan_update_is_rejected_and_round_continues_above_minimum(
+    tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes
+):
+    run_args = tiny_run_args(
+        tmp_path, tiny_model_dir, reviews_csv,
+        "--num_clients", "3", "--num_rounds", "1", "--min_train_clients", "2",
+        "--min_evaluate_clients", "2", "--min_available_clients", "3",
+    )  # fmt: skip
+    app_dir = make_app(tmp_path, run_args, {"nan_update": {"partition": 2, "round": 1}})
+
+    assert run_simulation(run_args, app_dir=app_dir) == 0
+
+    output_dir = Path(run_args.training.output_dir)
+    metrics = checkpoint.read_round_metrics(output_dir, 1)
+    assert metrics["clients"]["train_sampled"] == 3
+    assert metrics["clients"]["train_succeeded"] == 2
+    assert len(metrics["failures"]) == 1
+    assert "partition 2" in metrics["failures"][0] and "NaN" in metrics["failures"][0]
+    assert sorted(c["partition-id"] for c in metrics["client_results"]["train"]) == [0, 1]

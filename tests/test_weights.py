@@ -1,0 +1,302 @@
+"""Tests for hf_flower.weights: state_dict <-> ArrayRecord, validation and dtypes."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from hf_flower.weights import (
+    NUMPY_STYPE,
+    NonFiniteWeightsError,
+    WeightsMismatchError,
+    arrays_nbytes,
+    arrays_to_state_dict,
+    get_weights,
+    set_weights,
+    state_dict_to_arrays,
+    validate_arrays,
+)
+
+
+def mixed_state_dict() -> dict[str, torch.Tensor]:
+    """A synthetic state_dict covering every dtype and layout we promise to keep."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "layer.weight": torch.randn(4, 3, generator=g),
+        "layer.half": torch.randn(5, generator=g).half(),
+        "layer.double": torch.randn(2, 2, dtype=torch.float64, generator=g),
+        "buffer.step": torch.tensor(7, dtype=torch.int64),  # 0-d scalar
+        "buffer.ids": torch.arange(10, dtype=torch.int64).reshape(2, 5),
+        "buffer.counts": torch.arange(-3, 3, dtype=torch.int32),
+        "buffer.mask": torch.tensor([True, False, True]),
+        "layer.transposed": torch.randn(3, 6, generator=g).t(),  # non-contiguous
+        "layer.scalar": torch.tensor(0.25),
+        "layer.grad": torch.randn(3, generator=g, requires_grad=True),
+    }
+
+
+def tiny_bert(num_labels: int = 2, seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=num_labels,
+    )
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config).eval()
+
+
+def assert_state_dicts_equal(got, expected):
+    assert list(got) == list(expected)
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert got[name].shape == tensor.shape, name
+        assert torch.equal(got[name], tensor.detach()), name
+
+
+def fedavg(records: list[ArrayRecord], num_examples: list[int]) -> ArrayRecord:
+    """Aggregate exactly as Flower's FedAvg does (`value.numpy() * weight`, summed)."""
+    contents = [
+        RecordDict({"arrays": rec, "metrics": MetricRecord({"num-examples": n})})
+        for rec, n in zip(records, num_examples)
+    ]
+    return aggregate_arrayrecords(contents, "num-examples")
+
+
+# --- round trip ------------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_names_order_shapes_dtypes_and_values():
+    state_dict = mixed_state_dict()
+    arrays = state_dict_to_arrays(state_dict)
+
+    assert list(arrays) == list(state_dict)
+    back = arrays_to_state_dict(arrays, state_dict)
+    assert_state_dicts_equal(back, state_dict)
+    assert all(t.is_contiguous() for t in back.values())
+
+
+def test_arrays_are_flowers_own_npy_format_never_pickled():
+    state_dict = mixed_state_dict()
+    arrays = state_dict_to_arrays(state_dict)
+    for name, tensor in state_dict.items():
+        arr = arrays[name]
+        assert arr.stype == NUMPY_STYPE == "numpy.ndarray"
+        expected = tensor.detach().contiguous().numpy()
+        # Byte for byte what Flower's Array(ndarray) (np.save, allow_pickle=False) holds.
+        assert arr.data == Array(expected).data, name
+        assert arr.dtype == str(expected.dtype) and arr.shape == expected.shape
+        loaded = np.load(io.BytesIO(arr.data), allow_pickle=False)
+        assert loaded.dtype != object and np.array_equal(loaded, expected)
+
+
+def test_interoperates_with_flowers_own_conversions():
+    state_dict = mixed_state_dict()
+    # Ours -> Flower's reader.
+    flower_view = state_dict_to_arrays(state_dict).to_torch_state_dict()
+    assert_state_dicts_equal(flower_view, {k: v.contiguous() for k, v in state_dict.items()})
+    # Flower's writer -> ours.
+    back = arrays_to_state_dict(ArrayRecord(state_dict), state_dict)
+    assert_state_dicts_equal(back, state_dict)
+
+
+def test_arrays_nbytes_counts_the_serialised_data():
+    state_dict = mixed_state_dict()
+    arrays = state_dict_to_arrays(state_dict)
+    payload = sum(t.numel() * t.element_size() for t in state_dict.values())
+    assert arrays_nbytes(arrays) == sum(len(a.data) for a in arrays.values())
+    # Each .npy header is at most a few hundred bytes.
+    assert payload < arrays_nbytes(arrays) < payload + 256 * len(state_dict)
+
+
+# --- dtypes after aggregation ----------------------------------------------------------------
+
+
+def test_integer_buffers_survive_fedavg_exactly():
+    reference = {
+        "ids": torch.arange(1000, dtype=torch.int64),
+        "small": torch.arange(-50, 50, dtype=torch.int32),
+        "mask": torch.tensor([True, False, True, True]),
+        "step": torch.tensor(123456789, dtype=torch.int64),
+        "weight": torch.linspace(-1, 1, 6),
+    }
+    arrays = state_dict_to_arrays(reference)
+    averaged = fedavg([arrays, arrays, arrays], [1, 1, 1])
+
+    # FedAvg really does hand back float64 approximations (e.g. 2.9999999999999996)...
+    assert averaged["ids"].dtype == "float64"
+    assert not np.array_equal(averaged["ids"].numpy(), reference["ids"].numpy())
+
+    # ...which are rounded back, so identical integer buffers come back exactly.
+    back = arrays_to_state_dict(averaged, reference)
+    for name in ("ids", "small", "mask", "step"):
+        assert back[name].dtype == reference[name].dtype
+        assert torch.equal(back[name], reference[name]), name
+    assert back["weight"].dtype == torch.float32
+    torch.testing.assert_close(back["weight"], reference["weight"])
+
+
+def test_hand_averaged_int64_comes_back_as_int64():
+    x = torch.arange(0, 100, dtype=torch.int64)
+    averaged = ArrayRecord({"x": Array(np.asarray(x.numpy() * 0.5 + x.numpy() * 0.5))})
+    back = arrays_to_state_dict(averaged, {"x": x})
+    assert back["x"].dtype == torch.int64
+    assert torch.equal(back["x"], x)
+
+
+def test_values_are_cast_to_the_reference_dtype():
+    reference = {"w": torch.zeros(3, dtype=torch.float16)}
+    arrays = ArrayRecord({"w": Array(np.array([0.5, 1.0, -2.0], dtype=np.float64))})
+    back = arrays_to_state_dict(arrays, reference)
+    assert back["w"].dtype == torch.float16
+    assert back["w"].tolist() == [0.5, 1.0, -2.0]
+
+
+def test_bfloat16_is_refused_with_a_clear_error():
+    match = r"h\.weight: bfloat16 transfer is not supported yet.*float32"
+    with pytest.raises(TypeError, match=match):
+        state_dict_to_arrays({"h.weight": torch.zeros(2, dtype=torch.bfloat16)})
+
+
+# --- set_weights -----------------------------------------------------------------------------
+
+
+def test_set_weights_copies_in_place():
+    model = tiny_bert(seed=0)
+    donor = tiny_bert(seed=1)
+    params_before = {name: (p, p.data_ptr()) for name, p in model.named_parameters()}
+    buffers_before = {name: b.data_ptr() for name, b in model.named_buffers()}
+    assert not torch.equal(model.classifier.weight, donor.classifier.weight)
+
+    set_weights(model, get_weights(donor))
+
+    assert_state_dicts_equal(model.state_dict(), donor.state_dict())
+    for name, p in model.named_parameters():
+        assert p is params_before[name][0], name  # same Parameter object
+        assert p.data_ptr() == params_before[name][1], name  # same storage, no reallocation
+        assert p.requires_grad and p.dtype == torch.float32
+    for name, b in model.named_buffers():
+        assert b.data_ptr() == buffers_before[name], name
+
+
+def test_set_weights_handles_tied_weights():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 3)
+            self.head = torch.nn.Linear(3, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+    model, donor = Tied(), Tied()
+    set_weights(model, get_weights(donor))
+    assert model.head.weight is model.embed.weight
+    assert torch.equal(model.embed.weight, donor.embed.weight)
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_different_num_labels_names_the_key_and_both_shapes():
+    model = tiny_bert(num_labels=2)
+    arrays = get_weights(tiny_bert(num_labels=3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r"classifier\.weight: received shape \(3, 16\) but the model has \(2, 16\)"
+        r".*num_labels",
+    ):
+        set_weights(model, arrays)
+    assert_state_dicts_equal(model.state_dict(), before)  # untouched
+
+
+def test_missing_key_is_named():
+    reference = mixed_state_dict()
+    arrays = state_dict_to_arrays(reference)
+    del arrays["buffer.ids"]
+    with pytest.raises(
+        WeightsMismatchError, match=r"missing key 'buffer\.ids'.*different architecture"
+    ):
+        arrays_to_state_dict(arrays, reference)
+
+
+def test_unexpected_key_is_named():
+    reference = mixed_state_dict()
+    arrays = state_dict_to_arrays({**reference, "extra.bias": torch.zeros(2)})
+    with pytest.raises(WeightsMismatchError, match=r"unexpected key 'extra\.bias'") as info:
+        validate_arrays(arrays, reference)
+    assert "missing" not in str(info.value)
+
+
+def test_nan_is_named_and_leaves_the_model_untouched():
+    model = tiny_bert()
+    state_dict = model.state_dict()
+    poisoned = {k: v.clone() for k, v in state_dict.items()}
+    poisoned["bert.encoder.layer.1.output.dense.weight"][0, 0] = float("nan")
+    arrays = state_dict_to_arrays(poisoned)
+    before = {k: v.clone() for k, v in state_dict.items()}
+
+    match = r"bert\.encoder\.layer\.1\.output\.dense\.weight: .*NaN or inf.*diverged.*learning rate"
+    with pytest.raises(NonFiniteWeightsError, match=match):
+        validate_arrays(arrays, state_dict)
+    with pytest.raises(NonFiniteWeightsError, match=match):
+        set_weights(model, arrays)
+    assert_state_dicts_equal(model.state_dict(), before)
+
+    # Opting out converts anyway (e.g. to inspect a diverged update).
+    back = arrays_to_state_dict(arrays, state_dict, check_finite=False)
+    assert torch.isnan(back["bert.encoder.layer.1.output.dense.weight"]).any()
+
+
+def test_inf_in_half_precision_is_caught():
+    reference = {"h": torch.zeros(3, dtype=torch.float16)}
+    arrays = state_dict_to_arrays({"h": torch.tensor([1.0, float("inf"), 0.0]).half()})
+    with pytest.raises(NonFiniteWeightsError, match=r"^h: "):
+        arrays_to_state_dict(arrays, reference)
+
+
+def test_object_arrays_are_refused_not_unpickled():
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([1, "a"], dtype=object), allow_pickle=True)  # hostile sender
+    arrays = ArrayRecord(
+        {"w": Array(dtype="object", shape=(2,), stype=NUMPY_STYPE, data=buffer.getvalue())}
+    )
+    with pytest.raises(WeightsMismatchError, match=r"w: .*not a readable numeric"):
+        validate_arrays(arrays, {"w": torch.zeros(2)})
+
+
+def test_truncated_data_is_refused():
+    arrays = state_dict_to_arrays({"w": torch.zeros(4)})
+    arrays["w"] = Array(dtype="float32", shape=(4,), stype=NUMPY_STYPE, data=arrays["w"].data[:-4])
+    with pytest.raises(WeightsMismatchError, match=r"w: .*not a readable numeric .npy array"):
+        validate_arrays(arrays, {"w": torch.zeros(4)})
+
+
+def test_shape_is_read_from_the_data_not_the_metadata():
+    arrays = state_dict_to_arrays({"w": torch.zeros(2, 3)})
+    lying = arrays["w"]
+    arrays["w"] = Array(dtype=lying.dtype, shape=(3, 2), stype=lying.stype, data=lying.data)
+    match = r"w: received shape \(2, 3\) but the model has \(3, 2\)"
+    with pytest.raises(WeightsMismatchError, match=match):
+        validate_arrays(arrays, {"w": torch.zeros(3, 2)})
+
+
+def test_non_tensor_values_are_refused():
+    with pytest.raises(TypeError, match=r"w: expected a torch\.Tensor"):
+        state_dict_to_arrays({"w": np.zeros(2)})
+
+
+def test_fortran_ordered_arrays_from_other_senders_decode():
+    # np.save (hence Flower's Array(ndarray)) keeps Fortran order for such arrays.
+    data = np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    arrays = ArrayRecord({"w": Array(data)})
+    back = arrays_to_state_dict(arrays, {"w": torch.zeros(3, 4)})
+    assert back["w"].is_contiguous()
+    assert torch.equal(back["w"], torch.from_numpy(np.ascontiguousarray(data)))

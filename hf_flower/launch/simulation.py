@@ -82,10 +82,9 @@ def run_status(flwr_home: Path, env: dict) -> str:
 class RoundPrinter:
     """Print each round once, as soon as the ServerApp has written it to history.json."""
 
-    def __init__(self, output_dir: Path, num_rounds: int, stream=sys.stdout):
+    def __init__(self, output_dir: Path, num_rounds: int):
         self.output_dir = output_dir
         self.num_rounds = num_rounds
-        self.stream = stream
         self.printed = 0
 
     def poll(self) -> dict | None:
@@ -94,7 +93,7 @@ class RoundPrinter:
         except (FileNotFoundError, ValueError):
             return None
         for record in history["rounds"][self.printed :]:
-            print(progress.format_round(record, self.num_rounds), file=self.stream, flush=True)
+            print(progress.format_round(record, self.num_rounds), flush=True)
             self.printed += 1
         return history
 

@@ -1,0 +1,88 @@
+"""The ClientApp's train/evaluate handlers, called in-process with real Flower messages."""
+
+import time
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+
+from hf_flower import client_app
+from hf_flower.arguments import parse_args, to_run_config
+from hf_flower.weights import get_weights
+
+
+@pytest.fixture
+def run_config(tmp_path, tiny_model_dir, reviews_csv):
+    run_args = parse_args(
+        [
+            "--model_name_or_path", str(tiny_model_dir), "--dataset", str(reviews_csv),
+            "--max_length", "32", "--test_size", "40", "--max_steps", "3",
+            "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "run"),
+        ]
+    )  # fmt: skip
+    return to_run_config(run_args)
+
+
+def context(run_config, partition_id=0):
+    node_config = {"partition-id": partition_id, "num-partitions": 2}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+
+def instruction(arrays, kind=MessageType.TRAIN, server_round=1, **config):
+    """A message as a SuperNode hands it to the ClientApp."""
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round, **config})})
+    metadata = Metadata(
+        run_id=1, message_id="m1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+        group_id=str(server_round), created_at=time.time(), ttl=3600, message_type=kind,
+    )  # fmt: skip
+    return Message(metadata=metadata, content=content)
+
+
+def test_train_replies_new_weights_and_reuses_the_model(run_config):
+    ctx = context(run_config)
+    task_misses = client_app.load_task.cache_info().misses
+    partition_misses = client_app.load_partition.cache_info().misses
+    task = client_app.load_task(client_app._frozen(run_config))
+    start = get_weights(task.model)
+    reply = client_app.train(instruction(start), ctx)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0 and metrics["train_steps"] == 3
+    assert reply.content["client"]["partition-id"] == 0
+    new = reply.content["arrays"].to_torch_state_dict()
+    assert any(not torch.equal(new[k], v) for k, v in start.to_torch_state_dict().items())
+    # A second message in the same process reuses the model, tokenizer and data.
+    client_app.train(instruction(start, server_round=2), ctx)
+    assert client_app.load_task.cache_info().misses == task_misses + 1
+    assert client_app.load_partition.cache_info().misses == partition_misses + 1
+
+
+def test_evaluate_reports_loss_accuracy_f1(run_config):
+    task = client_app.load_task(client_app._frozen(run_config))
+    reply = client_app.evaluate(instruction(get_weights(task.model), MessageType.EVALUATE), context(run_config))
+    metrics = reply.content["metrics"]
+    assert set(metrics) == {"eval_loss", "eval_accuracy", "eval_f1", "num-examples"}
+    assert 0 <= metrics["eval_accuracy"] <= 1
+
+
+def test_failure_is_reported_with_partition_and_round(run_config):
+    task = client_app.load_task(client_app._frozen(run_config))
+    arrays = get_weights(task.model)
+    del arrays["classifier.weight"]
+    reply = client_app.train(instruction(arrays, server_round=4), context(run_config, partition_id=1))
+    assert reply.has_error()
+    assert "client partition 1 failed during training of round 4" in reply.error.reason
+    assert "classifier.weight" in reply.error.reason
+
+
+def test_proximal_term_pulls_towards_global_weights(run_config):
+    task = client_app.load_task(client_app._frozen(run_config))
+    client = client_app.load_partition(client_app._frozen(run_config), 0, 2)
+    plain = client_app.build_trainer(task, 0.0, train_dataset=client.train)
+    proximal = client_app.build_trainer(task, 10.0, train_dataset=client.train)
+    with torch.no_grad():
+        for p in task.model.parameters():
+            p.add_(0.1)
+    batch = plain.data_collator([client.train[i] for i in range(4)])
+    task.model.eval()
+    assert proximal.compute_loss(task.model, dict(batch)) > plain.compute_loss(task.model, dict(batch)) + 1.0

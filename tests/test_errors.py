@@ -1,0 +1,93 @@
+"""Bad input stops `scripts/simulate.py` before any Flower process starts, with one clear message."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny_model, write_reviews_csv
+from hf_flower.arguments import parse_args
+from hf_flower.modeling import ModelError, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+simulate = load_script("simulate")
+
+
+@pytest.fixture
+def base_flags(tmp_path, tiny_model_dir, reviews_csv):
+    return [
+        "--model_name_or_path", str(tiny_model_dir),
+        "--dataset", str(reviews_csv),
+        "--max_length", "32",
+        "--test_size", "40",
+        "--output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+
+
+def run_and_expect(capsys, argv, message):
+    assert simulate.main(argv) == 2
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1, err
+    assert message in err, err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model_name_or_path", "no-such-org/no-such-model"], "Cannot load model 'no-such-org/no-such-model'"),
+        (["--dataset", "no-such-dataset-xyz"], "Unknown dataset 'no-such-dataset-xyz'"),
+        (["--text_column", "review"], "Column 'review' not found"),
+        (["--label_column", "sentiment"], "Column 'sentiment' not found"),
+        (["--num_clients", "500", "--min_train_clients", "2"], "cannot be split between 500 clients"),
+        (["--num_labels", "3"], "num_labels=3 but the data has 2 classes"),
+        (["--strategy", "FedFoo"], "Unknown strategy 'FedFoo'"),
+        (["--strategy", "FedProx", "--strategy_kwargs", '{"mu": 0.1}'], "FedProx has no parameter(s) ['mu']"),
+        (["--strategy", "QFedAvg"], "QFedAvg needs ['client_learning_rate']"),
+        (["--strategy", "FedXgbBagging"], "Unknown strategy 'FedXgbBagging'"),
+        (["--min_available_clients", "3"], "min_available_clients=3 exceeds num_clients=2"),
+        (["--num_rounds", "0"], "num_rounds must be at least 1"),
+    ],
+)
+def test_bad_input_is_named_before_training(capsys, base_flags, flags, message):
+    run_and_expect(capsys, base_flags + flags, message)
+
+
+def test_empty_partition(capsys, tmp_path, tiny_model_dir):
+    small = write_reviews_csv(tmp_path / "small.csv", num_rows=30)
+    flags = [
+        "--model_name_or_path", str(tiny_model_dir), "--dataset", str(small), "--test_size", "4",
+        "--num_clients", "13", "--min_train_clients", "2", "--partitioner", "dirichlet",
+        "--dirichlet_alpha", "0.05", "--output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    run_and_expect(capsys, flags, "--dirichlet_alpha")
+
+
+def test_unwritable_output_dir(capsys, base_flags, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    run_and_expect(capsys, base_flags + ["--output_dir", str(blocker / "run")], "is not writable")
+
+
+def test_existing_rounds_are_not_overwritten(capsys, base_flags, tmp_path):
+    round_dir = tmp_path / "run" / "round-0"
+    round_dir.mkdir(parents=True)
+    (round_dir / "config.json").write_text("{}")
+    run_and_expect(capsys, base_flags, "--overwrite_output_dir")
+    assert (round_dir / "config.json").exists()
+
+
+def test_checkpoint_with_other_label_count(tmp_path):
+    three_labels = build_tiny_model(tmp_path / "three", num_labels=3)
+    run_args = parse_args(["--model_name_or_path", str(three_labels)])
+    with pytest.raises(ModelError, match="does not fit 2 labels"):
+        load_model(run_args.model, ["negative", "positive"])

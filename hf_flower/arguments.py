@@ -351,17 +351,6 @@ def to_run_config(run_args: RunArguments) -> dict[str, bool | int | float | str]
     return config
 
 
-def default_run_config() -> dict[str, bool | int | float | str]:
-    """The run config of all defaults: what `[tool.flwr.app.config]` in pyproject.toml holds."""
-    return to_run_config(
-        RunArguments(ModelArguments(), DataArguments(), FederationArguments(), _default_training_args())
-    )
-
-
-def _default_training_args() -> TrainingArguments:
-    return TrainingArguments(output_dir="outputs/quickstart", report_to="none")
-
-
 def from_run_config(run_config: dict[str, Any]) -> RunArguments:
     """Rebuild the argument groups from Flower's run config (the inverse of `to_run_config`)."""
     groups = []

@@ -215,9 +215,7 @@ def write_history(output_dir: str | os.PathLike, history: Mapping[str, Any]) -> 
         )
     rounds = history.get("rounds", [])
     if not isinstance(rounds, (list, tuple)):
-        raise ValueError(
-            f"history['rounds'] must be a list of per-round dicts, got {type(rounds).__name__}"
-        )
+        raise ValueError(f"history['rounds'] must be a list of per-round dicts, got {type(rounds).__name__}")
     full = {"error": None, "rounds": [], **history}
     text = _dumps(full, what="history")
 

@@ -12,8 +12,9 @@ import tempfile
 import traceback
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from . import data as data_lib
@@ -29,12 +30,34 @@ from .constants import (
 )
 from .metrics import make_compute_metrics
 from .modeling import load_model, load_tokenizer
+from .strategies import strategy_class
 from .weights import get_weights, set_weights
 
 # Flower's error code for an exception raised inside a ClientApp.
 CLIENT_APP_RAISED_EXCEPTION = 1
 
-app = ClientApp()
+
+# Client-side halves of Flower's differential-privacy wrappers, by strategy name.
+CLIENT_SIDE_DP_MODS = {
+    "DifferentialPrivacyClientSideFixedClipping": fixedclipping_mod,
+    "DifferentialPrivacyClientSideAdaptiveClipping": adaptiveclipping_mod,
+}
+STRATEGY_RUN_CONFIG_KEY = "federation.strategy"
+
+
+def differential_privacy_mod(msg: Message, context: Context, call_next) -> Message:
+    """Flower's client-side clipping mod, when the run's strategy is a client-side DP wrapper.
+
+    Those wrappers only add noise on the server; the clipping they rely on happens here, on the
+    update this client sends. Other strategies pass straight through.
+    """
+    mod = CLIENT_SIDE_DP_MODS.get(strategy_class(str(context.run_config[STRATEGY_RUN_CONFIG_KEY])).__name__)
+    if mod is None or msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)
+    return mod(msg, context, call_next)
+
+
+app = ClientApp(mods=[differential_privacy_mod])
 
 
 @dataclasses.dataclass
@@ -89,7 +112,9 @@ class FederatedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.proximal_mu = proximal_mu
         self.global_params = (
-            [p.detach().clone() for p in self.model.parameters() if p.requires_grad] if proximal_mu > 0 else []
+            [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
+            if proximal_mu > 0
+            else []
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
@@ -131,7 +156,9 @@ def _scratch_dir() -> str:
 
 def _reply(msg: Message, context: Context, arrays: ArrayRecord | None, metrics: dict) -> Message:
     partition_id, _ = partition_of(context)
-    content = RecordDict({METRICS_KEY: MetricRecord(metrics), CLIENT_KEY: ConfigRecord({PARTITION_ID_KEY: partition_id})})
+    content = RecordDict(
+        {METRICS_KEY: MetricRecord(metrics), CLIENT_KEY: ConfigRecord({PARTITION_ID_KEY: partition_id})}
+    )
     if arrays is not None:
         content[ARRAYS_KEY] = arrays
     return Message(content=content, reply_to=msg)

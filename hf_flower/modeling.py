@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
@@ -89,8 +88,3 @@ def load_model(model_args: ModelArguments, label_names: list[str]) -> PreTrained
         ) from None
     except (OSError, ValueError) as err:
         raise _wrap_load_error(name, err) from None
-
-
-def is_local_model(name_or_path: str) -> bool:
-    """Whether `name_or_path` is a folder on this machine rather than a Hub id."""
-    return Path(resolve_model_path(name_or_path)).is_dir()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from . import checkpoint, data as data_lib
+from . import checkpoint
+from . import data as data_lib
 from .arguments import RunArguments
 from .modeling import check_num_labels, load_model_config
 from .strategies import build_strategy

@@ -20,9 +20,17 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from . import checkpoint, data as data_lib, progress
+from . import checkpoint, progress
+from . import data as data_lib
 from .arguments import RunArguments, from_run_config, to_run_config
-from .constants import ARRAYS_KEY, CLIENT_KEY, CONFIG_KEY, NUM_EXAMPLES_KEY, PARTITION_ID_KEY, SERVER_ROUND_KEY
+from .constants import (
+    ARRAYS_KEY,
+    CLIENT_KEY,
+    CONFIG_KEY,
+    NUM_EXAMPLES_KEY,
+    PARTITION_ID_KEY,
+    SERVER_ROUND_KEY,
+)
 from .metrics import make_compute_metrics
 from .modeling import load_model, load_tokenizer
 from .preflight import check_run
@@ -83,7 +91,9 @@ class TrackingGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._grid.pull_messages(message_ids)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
         messages = list(messages)
         if not messages:
             return []

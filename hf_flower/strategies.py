@@ -24,7 +24,10 @@ def available_strategies() -> list[str]:
     return sorted(
         name
         for name, obj in vars(flwr_strategies).items()
-        if inspect.isclass(obj) and issubclass(obj, Strategy) and obj is not Strategy and name not in UNSUPPORTED
+        if inspect.isclass(obj)
+        and issubclass(obj, Strategy)
+        and obj is not Strategy
+        and name not in UNSUPPORTED
     )
 
 

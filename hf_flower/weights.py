@@ -173,8 +173,7 @@ def _decode_all(
         received, expected = tuple(decoded[name].shape), tuple(ref.shape)
         if received != expected:
             raise WeightsMismatchError(
-                f"{name}: received shape {received} but the model has {expected}. "
-                + _ARCHITECTURE_HINT
+                f"{name}: received shape {received} but the model has {expected}. " + _ARCHITECTURE_HINT
             )
     if check_finite:
         for name in reference:
@@ -237,9 +236,7 @@ def _decode(name: str, array: Array) -> np.ndarray:
             raise ValueError(f"dtype {dtype} is not numeric")
         # Fortran-ordered data is stored with its shape reversed, then transposed back.
         stored_shape = shape[::-1] if fortran_order else shape
-        flat = np.frombuffer(
-            array.data, dtype=dtype, count=math.prod(shape), offset=stream.tell()
-        )
+        flat = np.frombuffer(array.data, dtype=dtype, count=math.prod(shape), offset=stream.tell())
         view = flat.reshape(stored_shape)
         return view.T if fortran_order else view
     except ValueError as err:

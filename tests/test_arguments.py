@@ -1,9 +1,9 @@
 """Argument groups: YAML + flags, Flower run config round trip, and the errors of bad values."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from flwr.common.config import flatten_dict
 
 from hf_flower.arguments import from_run_config, parse_args, to_run_config

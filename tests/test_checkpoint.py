@@ -315,4 +315,3 @@ def test_best_round():
     assert best_round({"rounds": []}) is None
     assert best_round({"rounds": [{"eval": {"acc": 0.1}}, {"eval": {"acc": 0.3}}]}, "eval.acc") == 1
     assert best_round({"rounds": [{"round": 0, "central": {"eval_accuracy": float("nan")}}]}) is None
-

@@ -59,7 +59,9 @@ def test_train_replies_new_weights_and_reuses_the_model(run_config):
 
 def test_evaluate_reports_loss_accuracy_f1(run_config):
     task = client_app.load_task(client_app._frozen(run_config))
-    reply = client_app.evaluate(instruction(get_weights(task.model), MessageType.EVALUATE), context(run_config))
+    reply = client_app.evaluate(
+        instruction(get_weights(task.model), MessageType.EVALUATE), context(run_config)
+    )
     metrics = reply.content["metrics"]
     assert set(metrics) == {"eval_loss", "eval_accuracy", "eval_f1", "num-examples"}
     assert 0 <= metrics["eval_accuracy"] <= 1
@@ -86,3 +88,16 @@ def test_proximal_term_pulls_towards_global_weights(run_config):
     batch = plain.data_collator([client.train[i] for i in range(4)])
     task.model.eval()
     assert proximal.compute_loss(task.model, dict(batch)) > plain.compute_loss(task.model, dict(batch)) + 1.0
+
+
+def test_client_side_dp_clips_the_update(run_config):
+    run_config = {**run_config, "federation.strategy": "DifferentialPrivacyClientSideFixedClipping"}
+    task = client_app.load_task(client_app._frozen(run_config))
+    start = get_weights(task.model)
+    before = {k: v.clone() for k, v in start.to_torch_state_dict().items()}
+    message = instruction(start, clipping_norm=0.01)
+    reply = client_app.differential_privacy_mod(message, context(run_config), client_app.train)
+    assert not reply.has_error()
+    after = reply.content["arrays"].to_torch_state_dict()
+    update_norm = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
+    assert update_norm <= 0.01 + 1e-6

@@ -4,8 +4,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny_model, write_reviews_csv
+
 from hf_flower.arguments import parse_args
 from hf_flower.modeling import ModelError, load_model
 
@@ -44,7 +44,10 @@ def run_and_expect(capsys, argv, message):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--model_name_or_path", "no-such-org/no-such-model"], "Cannot load model 'no-such-org/no-such-model'"),
+        (
+            ["--model_name_or_path", "no-such-org/no-such-model"],
+            "Cannot load model 'no-such-org/no-such-model'",
+        ),
         (["--dataset", "no-such-dataset-xyz"], "Unknown dataset 'no-such-dataset-xyz'"),
         (["--text_column", "review"], "Column 'review' not found"),
         (["--label_column", "sentiment"], "Column 'sentiment' not found"),

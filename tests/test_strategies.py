@@ -1,15 +1,23 @@
 """Every strategy Flower ships can be chosen by name, with its own parameters."""
 
-import pytest
 import flwr.serverapp.strategy as flwr_strategies
+import pytest
 
 from hf_flower.arguments import FederationArguments
 from hf_flower.strategies import StrategyError, available_strategies, build_strategy
 
 REQUIRED = {
     "QFedAvg": {"client_learning_rate": 1e-4},
-    "DifferentialPrivacyServerSideFixedClipping": {"noise_multiplier": 0.1, "clipping_norm": 1.0, "num_sampled_clients": 2},
-    "DifferentialPrivacyClientSideFixedClipping": {"noise_multiplier": 0.1, "clipping_norm": 1.0, "num_sampled_clients": 2},
+    "DifferentialPrivacyServerSideFixedClipping": {
+        "noise_multiplier": 0.1,
+        "clipping_norm": 1.0,
+        "num_sampled_clients": 2,
+    },
+    "DifferentialPrivacyClientSideFixedClipping": {
+        "noise_multiplier": 0.1,
+        "clipping_norm": 1.0,
+        "num_sampled_clients": 2,
+    },
     "DifferentialPrivacyServerSideAdaptiveClipping": {"noise_multiplier": 0.1, "num_sampled_clients": 2},
     "DifferentialPrivacyClientSideAdaptiveClipping": {"noise_multiplier": 0.1, "num_sampled_clients": 2},
 }
@@ -23,8 +31,12 @@ def test_every_strategy_builds(name):
 
 def test_parameters_reach_the_strategy():
     federation = FederationArguments(
-        strategy="fedprox", strategy_kwargs={"proximal_mu": 0.3}, fraction_train=0.5, min_train_clients=3,
-        min_available_clients=3, num_clients=4,
+        strategy="fedprox",
+        strategy_kwargs={"proximal_mu": 0.3},
+        fraction_train=0.5,
+        min_train_clients=3,
+        min_available_clients=3,
+        num_clients=4,
     )
     strategy = build_strategy(federation)
     assert isinstance(strategy, flwr_strategies.FedProx)
@@ -33,7 +45,9 @@ def test_parameters_reach_the_strategy():
 
 def test_dp_wrapper_wraps_named_strategy():
     kwargs = {**REQUIRED["DifferentialPrivacyServerSideFixedClipping"], "strategy": "FedAdam"}
-    strategy = build_strategy(FederationArguments(strategy="DifferentialPrivacyServerSideFixedClipping", strategy_kwargs=kwargs))
+    strategy = build_strategy(
+        FederationArguments(strategy="DifferentialPrivacyServerSideFixedClipping", strategy_kwargs=kwargs)
+    )
     assert isinstance(strategy.strategy, flwr_strategies.FedAdam)
 
 

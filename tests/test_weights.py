@@ -221,9 +221,7 @@ def test_missing_key_is_named():
     reference = mixed_state_dict()
     arrays = state_dict_to_arrays(reference)
     del arrays["buffer.ids"]
-    with pytest.raises(
-        WeightsMismatchError, match=r"missing key 'buffer\.ids'.*different architecture"
-    ):
+    with pytest.raises(WeightsMismatchError, match=r"missing key 'buffer\.ids'.*different architecture"):
         arrays_to_state_dict(arrays, reference)
 
 
@@ -265,9 +263,7 @@ def test_inf_in_half_precision_is_caught():
 def test_object_arrays_are_refused_not_unpickled():
     buffer = io.BytesIO()
     np.save(buffer, np.array([1, "a"], dtype=object), allow_pickle=True)  # hostile sender
-    arrays = ArrayRecord(
-        {"w": Array(dtype="object", shape=(2,), stype=NUMPY_STYPE, data=buffer.getvalue())}
-    )
+    arrays = ArrayRecord({"w": Array(dtype="object", shape=(2,), stype=NUMPY_STYPE, data=buffer.getvalue())})
     with pytest.raises(WeightsMismatchError, match=r"w: .*not a readable numeric"):
         validate_arrays(arrays, {"w": torch.zeros(2)})
 

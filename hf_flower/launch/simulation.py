@@ -37,7 +37,9 @@ def flower_executable(name: str) -> str:
 
 def write_connection(flwr_home: Path, port: int) -> None:
     """The `local` SuperLink connection in Flower's config.toml."""
-    config = {"superlink": {"default": CONNECTION, CONNECTION: {"address": f"{LOOPBACK}:{port}", "insecure": True}}}
+    config = {
+        "superlink": {"default": CONNECTION, CONNECTION: {"address": f"{LOOPBACK}:{port}", "insecure": True}}
+    }
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
@@ -46,14 +48,17 @@ def simulation_config(run_args: RunArguments) -> str:
     """`flwr run --federation-config`: virtual SuperNodes and what each may use."""
     federation = run_args.federation
     return (
-        f"num-supernodes={federation.num_clients} backend=\"ray\" "
+        f'num-supernodes={federation.num_clients} backend="ray" '
         f"client-resources-num-cpus={federation.client_num_cpus} "
         f"client-resources-num-gpus={float(federation.client_num_gpus)}"
     )
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment of Flower's processes: our FLWR_HOME, and this Python's scripts first on PATH
+    (the SuperLink starts `flower-superexec` and `flwr-simulation` by name)."""
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     # Ray would otherwise print its dashboard/usage notices and try to reach the network.

@@ -175,14 +175,20 @@ def _error_reply(msg: Message, context: Context, stage: str, err: Exception) -> 
     return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
+def receive_global_model(msg: Message, context: Context) -> tuple[ClientTask, data_lib.ClientData]:
+    """This process's model, now holding the server's weights, and this node's data."""
+    run_config = _frozen(context.run_config)
+    task = load_task(run_config)
+    client = load_partition(run_config, *partition_of(context))
+    set_weights(task.model, msg.content[ARRAYS_KEY])
+    return task, client
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Load the global weights, train locally, reply with the new weights and train metrics."""
     try:
-        run_config = _frozen(context.run_config)
-        task = load_task(run_config)
-        client = load_partition(run_config, *partition_of(context))
-        set_weights(task.model, msg.content[ARRAYS_KEY])
+        task, client = receive_global_model(msg, context)
         config = msg.content[CONFIG_KEY]
         trainer = build_trainer(task, float(config.get("proximal-mu", 0.0)), train_dataset=client.train)
         output = trainer.train()
@@ -201,10 +207,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights on this client's held-out split."""
     try:
-        run_config = _frozen(context.run_config)
-        task = load_task(run_config)
-        client = load_partition(run_config, *partition_of(context))
-        set_weights(task.model, msg.content[ARRAYS_KEY])
+        task, client = receive_global_model(msg, context)
         results = build_trainer(task).evaluate(client.eval)
         metrics = {
             "eval_loss": float(results["eval_loss"]),

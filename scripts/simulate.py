@@ -28,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return run_simulation(run_args)
+    try:
+        return run_simulation(run_args)
+    except KeyboardInterrupt:  # every Flower process is already stopped by then
+        print("Interrupted; the rounds saved so far are kept.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

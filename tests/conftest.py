@@ -66,18 +66,13 @@ def reviews_csv(tmp_path_factory):
     return write_reviews_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
 
 
-def build_tiny_model(path, num_labels: int = 2, seed: int = 0):
-    """Save a tiny BERT classifier and its word-level tokenizer to `path` (offline, ~20k params)."""
+def make_tiny_bert(num_labels: int = 2, seed: int = 0, vocab_size: int = 50):
+    """A tiny randomly initialised BERT classifier (~20k parameters), in eval mode."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification
 
-    path.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE_WORDS + NEGATIVE_WORDS + FILLER_WORDS
-    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True)
-    tokenizer.save_pretrained(path)
     config = BertConfig(
-        vocab_size=len(vocab),
+        vocab_size=vocab_size,
         hidden_size=16,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -86,7 +81,19 @@ def build_tiny_model(path, num_labels: int = 2, seed: int = 0):
         num_labels=num_labels,
     )
     torch.manual_seed(seed)
-    BertForSequenceClassification(config).save_pretrained(path)
+    return BertForSequenceClassification(config).eval()
+
+
+def build_tiny_model(path, num_labels: int = 2, seed: int = 0):
+    """Save a tiny BERT classifier and its word-level tokenizer to `path` (offline, ~20k params)."""
+    from transformers import BertTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE_WORDS + NEGATIVE_WORDS + FILLER_WORDS
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(path)
+    make_tiny_bert(num_labels, seed, vocab_size=len(vocab)).save_pretrained(path)
     return path
 
 

@@ -6,11 +6,10 @@ import os
 
 import pytest
 import torch
+from conftest import make_tiny_bert
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
-    BertForSequenceClassification,
     BertTokenizerFast,
 )
 
@@ -35,16 +34,7 @@ from hf_flower.checkpoint import (
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config).eval()
+    return make_tiny_bert()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_bert
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
@@ -36,21 +37,6 @@ def mixed_state_dict() -> dict[str, torch.Tensor]:
         "layer.scalar": torch.tensor(0.25),
         "layer.grad": torch.randn(3, generator=g, requires_grad=True),
     }
-
-
-def tiny_bert(num_labels: int = 2, seed: int = 0):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=num_labels,
-    )
-    torch.manual_seed(seed)
-    return BertForSequenceClassification(config).eval()
 
 
 def assert_state_dicts_equal(got, expected):
@@ -169,8 +155,8 @@ def test_bfloat16_is_refused_with_a_clear_error():
 
 
 def test_set_weights_copies_in_place():
-    model = tiny_bert(seed=0)
-    donor = tiny_bert(seed=1)
+    model = make_tiny_bert(seed=0)
+    donor = make_tiny_bert(seed=1)
     params_before = {name: (p, p.data_ptr()) for name, p in model.named_parameters()}
     buffers_before = {name: b.data_ptr() for name, b in model.named_buffers()}
     assert not torch.equal(model.classifier.weight, donor.classifier.weight)
@@ -204,8 +190,8 @@ def test_set_weights_handles_tied_weights():
 
 
 def test_different_num_labels_names_the_key_and_both_shapes():
-    model = tiny_bert(num_labels=2)
-    arrays = get_weights(tiny_bert(num_labels=3))
+    model = make_tiny_bert(num_labels=2)
+    arrays = get_weights(make_tiny_bert(num_labels=3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     with pytest.raises(
@@ -234,7 +220,7 @@ def test_unexpected_key_is_named():
 
 
 def test_nan_is_named_and_leaves_the_model_untouched():
-    model = tiny_bert()
+    model = make_tiny_bert()
     state_dict = model.state_dict()
     poisoned = {k: v.clone() for k, v in state_dict.items()}
     poisoned["bert.encoder.layer.1.output.dense.weight"][0, 0] = float("nan")

@@ -372,4 +372,21 @@ def from_run_config(run_config: dict[str, Any]) -> RunArguments:
         raise ValueError(f"training.extra names fields TrainingArguments does not have: {unknown}.")
     model, data, federation = groups
     training_kwargs["num_train_epochs"] = federation.local_epochs
-    return RunArguments(model, data, federation, TrainingArguments(**training_kwargs))
+    return RunArguments(
+        model, data, federation, TrainingArguments(**join_launched_processes(training_kwargs))
+    )
+
+
+def join_launched_processes(training_kwargs: dict) -> dict:
+    """TrainingArguments kwargs that keep the process group of an `accelerate launch`.
+
+    A `TrainingArguments` built without `use_configured_state` resets Accelerate's state, so in a
+    process whose ranks already joined (a multi-rank client) every one must reuse that state.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return training_kwargs
+    accelerator_config = dict(training_kwargs.get("accelerator_config") or {})
+    accelerator_config["use_configured_state"] = True
+    return {**training_kwargs, "accelerator_config": accelerator_config, "ddp_find_unused_parameters": False}

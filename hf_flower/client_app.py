@@ -18,13 +18,15 @@ from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from . import data as data_lib
-from .arguments import RunArguments, from_run_config
+from .arguments import RunArguments, from_run_config, join_launched_processes
 from .constants import (
     ARRAYS_KEY,
     CLIENT_KEY,
     CONFIG_KEY,
+    DATA_PATH_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
+    NUM_PARTITIONS_KEY,
     PARTITION_ID_KEY,
     SERVER_ROUND_KEY,
 )
@@ -86,23 +88,33 @@ def load_task(run_config: tuple) -> ClientTask:
 
 
 @functools.cache
-def load_partition(run_config: tuple, partition_id: int, num_partitions: int) -> data_lib.ClientData:
-    """This client's tokenised train and eval splits, built once per process and partition."""
+def load_partition(
+    run_config: tuple, partition_id: int, num_partitions: int, data_path: str = ""
+) -> data_lib.ClientData:
+    """This client's tokenised train and eval splits, built once per process and partition.
+
+    With `data_path` (the deployment case), the client's own file is its whole partition.
+    """
     task = load_task(run_config)
+    data_args = task.run_args.data
+    if data_path:
+        data_args = dataclasses.replace(data_args, dataset=data_path, max_train_samples=None)
     return data_lib.client_data(
-        task.run_args.data, task.tokenizer, partition_id, num_partitions, task.run_args.training.seed
+        data_args, task.tokenizer, partition_id, num_partitions, task.run_args.training.seed
     )
 
 
-def partition_of(context: Context) -> tuple[int, int]:
-    """The data partition this node serves, from its node config."""
+def partition_of(context: Context) -> tuple[int, int, str]:
+    """The data this node serves, from its node config: a partition id, or its own data file."""
     node_config = context.node_config
-    if "partition-id" not in node_config or "num-partitions" not in node_config:
+    if DATA_PATH_KEY in node_config:
+        return 0, 1, str(node_config[DATA_PATH_KEY])
+    if PARTITION_ID_KEY not in node_config or NUM_PARTITIONS_KEY not in node_config:
         raise ValueError(
-            "This SuperNode has no partition: start it with "
-            "--node-config 'partition-id=<i> num-partitions=<n>'."
+            "This SuperNode has no data: start it with --node-config 'partition-id=<i> num-partitions=<n>' "
+            "or 'data-path=\"<file>\"'."
         )
-    return int(node_config["partition-id"]), int(node_config["num-partitions"])
+    return int(node_config[PARTITION_ID_KEY]), int(node_config[NUM_PARTITIONS_KEY]), ""
 
 
 class FederatedTrainer(Trainer):
@@ -110,6 +122,9 @@ class FederatedTrainer(Trainer):
 
     def __init__(self, *args, proximal_mu: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
+        # A sequence classifier's loss is a per-batch mean that ignores `num_items_in_batch`; left
+        # True, Trainer multiplies it by the number of ranks (2x the loss under 2-rank DDP).
+        self.model_accepts_loss_kwargs = False
         self.proximal_mu = proximal_mu
         self.global_params = (
             [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
@@ -130,12 +145,16 @@ class FederatedTrainer(Trainer):
 
 def build_trainer(task: ClientTask, proximal_mu: float = 0.0, **datasets) -> FederatedTrainer:
     """A fresh Trainer for one round: a new optimizer and schedule, no checkpoints on disk."""
+    overrides = {
+        "output_dir": _scratch_dir(),
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "load_best_model_at_end": False,
+    }
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        overrides["accelerator_config"] = dataclasses.asdict(task.run_args.training.accelerator_config)
     args: TrainingArguments = dataclasses.replace(
-        task.run_args.training,
-        output_dir=_scratch_dir(),
-        save_strategy="no",
-        eval_strategy="no",
-        load_best_model_at_end=False,
+        task.run_args.training, **join_launched_processes(overrides)
     )
     return FederatedTrainer(
         model=task.model,
@@ -148,6 +167,12 @@ def build_trainer(task: ClientTask, proximal_mu: float = 0.0, **datasets) -> Fed
     )
 
 
+def mean_over_ranks(trainer: Trainer, value: float) -> float:
+    """A per-rank average made global: each DDP rank only averages the loss of its own shard."""
+    tensor = torch.tensor(float(value), device=trainer.accelerator.device)
+    return float(trainer.accelerator.reduce(tensor, reduction="mean"))
+
+
 @functools.cache
 def _scratch_dir() -> str:
     # Trainer wants an output_dir; the server's output_dir is not this machine's to write.
@@ -155,7 +180,7 @@ def _scratch_dir() -> str:
 
 
 def _reply(msg: Message, context: Context, arrays: ArrayRecord | None, metrics: dict) -> Message:
-    partition_id, _ = partition_of(context)
+    partition_id, _, _ = partition_of(context)
     content = RecordDict(
         {METRICS_KEY: MetricRecord(metrics), CLIENT_KEY: ConfigRecord({PARTITION_ID_KEY: partition_id})}
     )
@@ -193,7 +218,7 @@ def train(msg: Message, context: Context) -> Message:
         trainer = build_trainer(task, float(config.get("proximal-mu", 0.0)), train_dataset=client.train)
         output = trainer.train()
         metrics = {
-            "train_loss": float(output.training_loss),
+            "train_loss": mean_over_ranks(trainer, output.training_loss),
             "train_runtime": float(output.metrics["train_runtime"]),
             "train_steps": int(output.global_step),
             NUM_EXAMPLES_KEY: len(client.train),

@@ -9,3 +9,6 @@ SERVER_ROUND_KEY = "server-round"
 METRICS_KEY = "metrics"
 CLIENT_KEY = "client"
 PARTITION_ID_KEY = "partition-id"
+# Node config of a SuperNode: which data it serves.
+NUM_PARTITIONS_KEY = "num-partitions"
+DATA_PATH_KEY = "data-path"

@@ -1,0 +1,199 @@
+"""Certificates and keys for a secure deployment: TLS for the SuperLink, keys for SuperNode authentication.
+
+What Flower's own `generate.sh` and `ssh-keygen -t ecdsa -b 384` make, written with the `cryptography`
+package (no openssl or ssh-keygen needed):
+
+- a certificate authority (`ca.crt`, `ca.key`) the clients trust (`--root_certificates ca.crt`);
+- a server certificate (`server.pem`, `server.key`) signed by that CA, valid for the names and IP
+  addresses the clients connect to (its subject alternative names);
+- ECDSA P-384 key pairs in OpenSSH format (`client-0`, `client-0.pub`, ...): each SuperNode keeps its
+  private key, the server registers the public ones (`--authorized_keys`).
+
+These are for a self-managed federation; a certificate from a public CA works as well for the server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DEFAULT_HOSTS = ("127.0.0.1", "localhost")
+DEFAULT_DAYS = 365
+RSA_KEY_SIZE = 4096  # what Flower's generate.sh uses for its CA and server keys
+
+CertAndKey = tuple[x509.Certificate, rsa.RSAPrivateKey]
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "hf-flower"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    # Back-date a little so a peer whose clock is slightly behind accepts the certificate.
+    return now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
+
+
+def subject_alt_names(hosts: list[str] | tuple[str, ...]) -> x509.SubjectAlternativeName:
+    """An IP SAN for every IP address in `hosts`, a DNS SAN for every other name."""
+    entries: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            entries.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            entries.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(entries)
+
+
+def make_ca(common_name: str = "hf-flower CA", days: int = DEFAULT_DAYS) -> CertAndKey:
+    """A self-signed certificate authority: its certificate and private key."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_SIZE)
+    not_before, not_after = _validity(days)
+    name = _name(common_name)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def make_server_cert(
+    ca_cert: x509.Certificate,
+    ca_key: rsa.RSAPrivateKey,
+    hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS,
+    days: int = DEFAULT_DAYS,
+) -> CertAndKey:
+    """A TLS server certificate for `hosts` (its SANs), signed by the CA, and its private key."""
+    if not hosts:
+        raise ValueError("The server certificate needs at least one host name or IP address.")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_SIZE)
+    not_before, not_after = _validity(days)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(subject_alt_names(hosts), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def make_supernode_key_pair(comment: str = "") -> tuple[bytes, bytes]:
+    """An ECDSA P-384 key pair in OpenSSH format, as `ssh-keygen -t ecdsa -b 384 -N ""` writes it:
+    (private key file content, public key line)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    if comment:
+        public += b" " + comment.encode()
+    return private, public + b"\n"
+
+
+def write_private(path: Path, data: bytes) -> Path:
+    """Write a private key readable by its owner only (mode 0600), also when `path` exists."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to an existing file
+    return path
+
+
+def _write_public(path: Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def write_tls_files(
+    out_dir: Path, hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS, days: int = DEFAULT_DAYS
+) -> dict[str, Path]:
+    """Write `ca.crt`, `ca.key`, `server.pem`, `server.key` to `out_dir`; their paths by name."""
+    out_dir = Path(out_dir)
+    ca_cert, ca_key = make_ca(days=days)
+    server_cert, server_key = make_server_cert(ca_cert, ca_key, hosts, days)
+    pem = serialization.Encoding.PEM
+    return {
+        "ca.crt": _write_public(out_dir / "ca.crt", ca_cert.public_bytes(pem)),
+        "ca.key": write_private(out_dir / "ca.key", _key_pem(ca_key)),
+        "server.pem": _write_public(out_dir / "server.pem", server_cert.public_bytes(pem)),
+        "server.key": write_private(out_dir / "server.key", _key_pem(server_key)),
+    }
+
+
+def write_supernode_keys(keys_dir: Path, count: int, prefix: str = "client") -> list[tuple[Path, Path]]:
+    """Write `count` SuperNode key pairs `<prefix>-i` / `<prefix>-i.pub`; (private, public) paths."""
+    pairs = []
+    for i in range(count):
+        private, public = make_supernode_key_pair(comment=f"{prefix}-{i}")
+        private_path = write_private(Path(keys_dir) / f"{prefix}-{i}", private)
+        pairs.append((private_path, _write_public(Path(keys_dir) / f"{prefix}-{i}.pub", public)))
+    return pairs

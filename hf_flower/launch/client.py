@@ -1,0 +1,208 @@
+"""A long-lived Flower client: one SuperNode, and this process (or all ranks of an Accelerate launch)
+running hf-flower's ClientApp for every message it receives.
+
+The SuperNode runs with `--isolation process`: it starts no `flwr-clientapp` of its own. Rank 0
+polls the SuperNode's runtime API for tasks and does what `flwr-clientapp` does for one message
+(`flwr.supernode.runtime.run_clientapp`: pull the input, run the app, push the reply and the
+task output), but in a process that keeps torch, transformers, the model and the tokenised data
+loaded across rounds. Under `accelerate launch`, rank 0 hands every job to the other ranks
+(`distributed.py`) and all ranks run the same `Trainer` together; rank 0 replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.common.constant import SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from .. import client_app
+from . import distributed
+from .processes import LOOPBACK, ManagedProcess, free_port, port_is_open
+from .simulation import flower_env, flower_executable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientOptions:
+    """How this client reaches the SuperLink and which data it serves."""
+
+    superlink: str
+    node_config: dict
+    work_dir: Path
+    root_certificates: str | None = None
+    auth_private_key: str | None = None
+    auth_public_key: str | None = None
+    superlink_timeout: float = 120.0
+    poll_interval: float = 0.2
+    poll_retry_seconds: float = 5.0
+
+
+class SuperLinkWatch:
+    """Whether the SuperLink has answered a TCP connection within the last `timeout` seconds.
+
+    A SuperNode whose SuperLink is gone gives up reconnecting but keeps running, so the client
+    watches the SuperLink itself (a plain connect, no Flower internals) to know when to leave.
+    """
+
+    def __init__(self, address: str, timeout: float, every: float = 2.0):
+        host, _, port = address.rpartition(":")
+        self.host, self.port = host.strip("[]"), int(port)
+        self.timeout, self.every = timeout, every
+        self.last_seen = self.last_check = time.monotonic()
+
+    def alive(self) -> bool:
+        now = time.monotonic()
+        if now - self.last_check >= self.every:
+            self.last_check = now
+            if port_is_open(self.host, self.port):
+                self.last_seen = now
+        return now - self.last_seen < self.timeout
+
+
+class Stop(Exception):
+    """Raised by the signal handler so the loop unwinds through its `finally` blocks."""
+
+
+def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
+    """`flower-supernode` with process isolation, its runtime API on a free loopback port."""
+    node_config = " ".join(f"{k}={_toml_value(v)}" for k, v in options.node_config.items())
+    command = [
+        flower_executable("flower-supernode"),
+        "--superlink", options.superlink,
+        "--isolation", "process",
+        "--host", LOOPBACK,
+        "--port", str(runtime_port),
+        "--node-config", node_config,
+        "--max-wait-time", str(options.superlink_timeout),
+    ]  # fmt: skip
+    if options.root_certificates:
+        command += ["--root-certificates", options.root_certificates]
+    else:
+        command += ["--insecure"]
+    if options.auth_private_key:
+        command += ["--auth-supernode-private-key", options.auth_private_key]
+        command += [
+            "--auth-supernode-public-key",
+            options.auth_public_key or f"{options.auth_private_key}.pub",
+        ]
+    return command
+
+
+def _toml_value(value) -> str:
+    return (
+        f'"{value}"'
+        if isinstance(value, str)
+        else str(value).lower()
+        if isinstance(value, bool)
+        else str(value)
+    )
+
+
+def _runtime_client(
+    address: str, component: str, token: str | None = None, max_time: float | None = None
+) -> RuntimeHttpClient:
+    retry_invoker = make_simple_http_retry_invoker()
+    retry_invoker.max_time = max_time
+    interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address,
+        insecure=True,  # the SuperNode's runtime API listens on loopback only
+        root_certificates=None,
+        interceptors=interceptors,
+        retry_invoker=retry_invoker,
+    )
+
+
+def handle_task(runtime_address: str, token: str) -> None:
+    """Run the ClientApp for one task, as `flwr-clientapp` would, in this process."""
+    task_client = _runtime_client(runtime_address, "flwr-clientapp", token)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(task_client))
+    heartbeat.start()
+    context: Context | None = None
+    status, details = SubStatus.FAILED, "hf-flower client failed"
+    try:
+        message, context, _, _ = pull_task_input(task_client)
+        reply = run_everywhere(message, context)
+        push_message(task_client, reply, context)
+        status, details = SubStatus.COMPLETED, ""
+    finally:
+        push_task_output(task_client, context, status, details)
+        heartbeat.stop()
+        task_client.close()
+
+
+def run_everywhere(message: Message, context: Context) -> Message:
+    """Rank 0's message, run by every rank; rank 0's reply."""
+    distributed.send_job(message, context)
+    return client_app.app(message=message, context=context)
+
+
+def follower_loop() -> None:
+    """Ranks other than 0: run every job rank 0 hands over, until it says stop."""
+    while (job := distributed.receive_job()) is not None:
+        message, context = job
+        client_app.app(message=message, context=context)
+
+
+def run_client(options: ClientOptions) -> int:
+    """Serve the federation until the run ends, the SuperLink is gone too long, or a signal."""
+    if not distributed.is_main_process():
+        follower_loop()
+        return 0
+
+    def stop(signum, _frame):
+        raise Stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    runtime_port = free_port()
+    runtime_address = f"{LOOPBACK}:{runtime_port}"
+    env = flower_env(options.work_dir / ".flwr")
+    log_path = options.work_dir / "supernode.log"
+    try:
+        with ManagedProcess(supernode_command(options, runtime_port), log_path, env=env) as supernode:
+            supernode.wait_for_port(runtime_port)
+            # Bounded retries, so the loop keeps checking whether the SuperLink is still there.
+            poller = _runtime_client(runtime_address, "SuperExec", max_time=options.poll_retry_seconds)
+            print(f"Client connected to {options.superlink} (SuperNode log: {log_path})", flush=True)
+            watch = SuperLinkWatch(options.superlink, options.superlink_timeout)
+            while supernode.running() and watch.alive():
+                try:
+                    response = poller.AcquireTask(
+                        AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+                    )
+                except Exception as err:  # noqa: BLE001 - a SuperNode without SuperLink answers errors
+                    logger.debug("AcquireTask failed: %s", err)
+                    time.sleep(options.poll_interval)
+                    continue
+                if response.HasField("task") and response.token:
+                    handle_task(runtime_address, response.token)
+                else:
+                    time.sleep(options.poll_interval)
+            if supernode.running():
+                print(
+                    f"SuperLink {options.superlink} unreachable for {options.superlink_timeout:.0f} s: exiting."
+                )
+                return 0
+            code = supernode.process.returncode
+            print(f"SuperNode exited with code {code}; it may have been refused:\n{supernode.tail(5)}")
+            return 1
+    except (Stop, KeyboardInterrupt) as reason:
+        print(f"Client stopping ({reason or 'interrupted'}).", flush=True)
+        return 0
+    finally:
+        distributed.send_stop()

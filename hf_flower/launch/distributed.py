@@ -1,0 +1,115 @@
+"""Hand each Flower job from rank 0 to the other ranks of an `accelerate launch`.
+
+A job is the message's small parts as JSON (metadata, config, run and node config) and its
+weights as tensors, broadcast with `torch.distributed` one by one: nothing is pickled. In a plain
+single process every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+from ..constants import ARRAYS_KEY, CONFIG_KEY
+from ..weights import state_dict_to_arrays
+
+# Idle ranks wait in a broadcast while the server waits for other clients: give them all day.
+COLLECTIVE_TIMEOUT = timedelta(hours=24)
+STOP = "stop"
+
+
+def state() -> PartialState:
+    """Accelerate's process state; it joins the process group `accelerate launch` set up."""
+    use_cpu = not torch.cuda.is_available()
+    return PartialState(cpu=use_cpu, timeout=COLLECTIVE_TIMEOUT)
+
+
+def is_distributed() -> bool:
+    return state().num_processes > 1
+
+
+def is_main_process() -> bool:
+    return state().is_main_process
+
+
+def _device() -> torch.device:
+    # NCCL broadcasts need CUDA tensors; gloo works on the CPU.
+    return state().device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _broadcast_bytes(payload: bytes | None) -> bytes:
+    length = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long, device=_device())
+    dist.broadcast(length, src=0)
+    buffer = (
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(_device())
+        if payload is not None
+        else torch.empty(int(length.item()), dtype=torch.uint8, device=_device())
+    )
+    dist.broadcast(buffer, src=0)
+    return bytes(buffer.cpu().numpy())
+
+
+def send_job(message: Message, context: Context) -> None:
+    """Rank 0: broadcast one message and its context to every other rank."""
+    if not is_distributed():
+        return
+    weights = message.content[ARRAYS_KEY].to_torch_state_dict()
+    header = {
+        "kind": message.metadata.message_type,
+        "group_id": message.metadata.group_id,
+        "config": dict(message.content[CONFIG_KEY]),
+        "run_id": context.run_id,
+        "node_id": context.node_id,
+        "node_config": dict(context.node_config),
+        "run_config": dict(context.run_config),
+        "weights": [[key, str(t.dtype).removeprefix("torch."), list(t.shape)] for key, t in weights.items()],
+    }
+    _broadcast_bytes(json.dumps(header).encode())
+    for tensor in weights.values():
+        dist.broadcast(tensor.contiguous().to(_device()), src=0)
+
+
+def send_stop() -> None:
+    """Rank 0: tell every other rank to leave its loop."""
+    if is_distributed():
+        _broadcast_bytes(json.dumps({"kind": STOP}).encode())
+
+
+def receive_job() -> tuple[Message, Context] | None:
+    """Other ranks: wait for rank 0's next job; None when it says stop."""
+    header = json.loads(_broadcast_bytes(None))
+    if header["kind"] == STOP:
+        return None
+    weights = {}
+    for key, dtype, shape in header["weights"]:
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=_device())
+        dist.broadcast(tensor, src=0)
+        weights[key] = tensor.cpu()
+    content = RecordDict(
+        {ARRAYS_KEY: state_dict_to_arrays(weights), CONFIG_KEY: ConfigRecord(header["config"])}
+    )
+    metadata = Metadata(
+        run_id=header["run_id"],
+        message_id=f"rank-copy-{time.time_ns()}",
+        src_node_id=0,
+        dst_node_id=header["node_id"],
+        reply_to_message_id="",
+        group_id=header["group_id"],
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=header["kind"],
+    )
+    context = Context(
+        run_id=header["run_id"],
+        node_id=header["node_id"],
+        node_config=header["node_config"],
+        state=RecordDict(),
+        run_config=header["run_config"],
+    )
+    return Message(metadata=metadata, content=content), context

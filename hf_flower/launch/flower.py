@@ -1,0 +1,143 @@
+"""What every launcher shares: Flower's executables, environment, connection, and run watching."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import tomli_w
+
+from .. import checkpoint, progress
+from ..arguments import RunArguments, to_run_config
+from .processes import ManagedProcess
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONNECTION = "local"
+FLWR_HOME_DIRNAME = ".flwr"
+LOGS_DIRNAME = "logs"
+COMPLETED = "finished:completed"
+
+
+def flower_executable(name: str) -> str:
+    """Flower's console script next to this Python, so a venv works without being activated."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+def write_connection(flwr_home: Path, address: str, root_certificates: str | None = None) -> None:
+    """The `local` SuperLink connection in Flower's config.toml (TLS when a CA is given)."""
+    connection: dict = {"address": address}
+    if root_certificates:
+        connection["root-certificates"] = str(Path(root_certificates).resolve())
+    else:
+        connection["insecure"] = True
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
+
+
+def simulation_config(run_args: RunArguments) -> str:
+    """`flwr run --federation-config`: virtual SuperNodes and what each may use."""
+    federation = run_args.federation
+    return (
+        f'num-supernodes={federation.num_clients} backend="ray" '
+        f"client-resources-num-cpus={federation.client_num_cpus} "
+        f"client-resources-num-gpus={float(federation.client_num_gpus)}"
+    )
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """Environment of Flower's processes: our FLWR_HOME, and this Python's scripts first on PATH
+    (the SuperLink starts `flower-superexec` and `flwr-simulation` by name)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # Ray would otherwise print its dashboard/usage notices and try to reach the network.
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    return env
+
+
+def run_status(flwr_home: Path, env: dict) -> str:
+    """Flower's status of the (only) run on this SuperLink, e.g. `finished:completed`."""
+    result = flwr_cli(["ls", CONNECTION, "--format", "json"], env, flwr_home)
+    try:
+        runs = json.loads(result.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError):
+        return f"unknown ({result.stdout.strip() or result.stderr.strip()})"
+    return " - ".join(filter(None, [runs[0]["status"], runs[0].get("status-details", "").replace("N/A", "")]))
+
+
+class RoundPrinter:
+    """Print each round once, as soon as the ServerApp has written it to history.json."""
+
+    def __init__(self, output_dir: Path, num_rounds: int):
+        self.output_dir = output_dir
+        self.num_rounds = num_rounds
+        self.printed = 0
+
+    def poll(self) -> dict | None:
+        try:
+            history = checkpoint.read_history(self.output_dir)
+        except (FileNotFoundError, ValueError):
+            return None
+        for record in history["rounds"][self.printed :]:
+            print(progress.format_round(record, self.num_rounds), flush=True)
+            self.printed += 1
+        return history
+
+
+def flwr_cli(args: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `flwr <args>` against the `local` connection."""
+    return subprocess.run(
+        [flower_executable("flwr"), *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
+    )
+
+
+def submit_and_watch(
+    run_args: RunArguments,
+    superlink: ManagedProcess | None,
+    app_dir: Path,
+    flwr_home: Path,
+    env: dict,
+    submit_options: list[str] = (),
+    poll_seconds: float = 1.0,
+) -> int:
+    """Submit our app to a running SuperLink, print rounds as they are saved; 0 when all completed."""
+    output_dir = Path(run_args.training.output_dir)
+    logs = output_dir / LOGS_DIRNAME
+    run_config_file = flwr_home / "run_config.toml"
+    run_config_file.write_text(tomli_w.dumps(to_run_config(run_args)))
+    submit_cmd = [
+        flower_executable("flwr"), "run", str(app_dir), CONNECTION,
+        "--run-config", str(run_config_file), *submit_options, "--stream",
+    ]  # fmt: skip
+    printer = RoundPrinter(output_dir, run_args.federation.num_rounds)
+    started = time.time()
+    with ManagedProcess(submit_cmd, logs / "run.log", env=env, cwd=str(flwr_home)) as submission:
+        while submission.running():
+            printer.poll()
+            if superlink is not None and not superlink.running():
+                print(f"The SuperLink stopped unexpectedly:\n{superlink.tail()}", file=sys.stderr)
+                return 1
+            time.sleep(poll_seconds)
+        submitted_ok = submission.process.returncode == 0
+        submission_tail = submission.tail()
+    history = printer.poll()
+    status = run_status(flwr_home, env) if submitted_ok else "not submitted"
+
+    print(f"Finished in {time.time() - started:.1f} s; Flower run status: {status}")
+    if history is not None:
+        print(progress.format_summary(history, str(output_dir)))
+    if not submitted_ok:
+        print(f"Submitting the run failed:\n{submission_tail}", file=sys.stderr)
+    succeeded = status.startswith(COMPLETED) and history is not None and history["status"] == "completed"
+    if not succeeded:
+        print(f"The run did not complete; see {logs / 'run.log'}.", file=sys.stderr)
+    return 0 if succeeded else 1

@@ -1,0 +1,122 @@
+"""Run the server of a real deployment: a SuperLink that SuperNodes on other machines join.
+
+Starts `flower-superlink` (or uses one already running at `--superlink`), registers the public
+keys of authorised SuperNodes, submits our ServerApp with the run config, prints each round as it
+is saved, and stops what it started when the run ends or on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..arguments import RunArguments
+from .flower import (
+    CONNECTION,
+    FLWR_HOME_DIRNAME,
+    LOGS_DIRNAME,
+    PROJECT_ROOT,
+    flower_env,
+    flower_executable,
+    flwr_cli,
+    submit_and_watch,
+    write_connection,
+)
+from .processes import LOOPBACK, ManagedProcess, free_port
+
+
+@dataclass
+class ServerOptions:
+    """Where the SuperLink listens and how it secures its connections.
+
+    Args:
+        host / port: Address of the SuperLink's one HTTP(S) port (Fleet, Control and ServerApp
+            APIs). Use `--host 0.0.0.0` so other machines can connect. Port 0 picks a free one.
+        superlink: Address of a SuperLink that is already running; then none is started.
+        ssl_certfile / ssl_keyfile / ssl_ca_certfile: TLS certificate, key and CA. Without them
+            the SuperLink runs without TLS (`--insecure`), for trying things out only.
+        authorized_keys: Public keys (`ssh-keygen -t ecdsa -b 384`) of the SuperNodes allowed to
+            join; giving any turns SuperNode authentication on.
+    """
+
+    host: str = LOOPBACK
+    port: int = 9092
+    superlink: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_ca_certfile: str | None = None
+    authorized_keys: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        tls = [self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certfile]
+        if any(tls) and not all(tls):
+            raise ValueError("TLS needs all of --ssl_certfile, --ssl_keyfile and --ssl_ca_certfile.")
+        for path in [p for p in tls if p] + list(self.authorized_keys):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path} does not exist.")
+
+    @property
+    def tls(self) -> bool:
+        return self.ssl_certfile is not None
+
+
+def superlink_command(options: ServerOptions, port: int) -> list[str]:
+    command = [
+        flower_executable("flower-superlink"),
+        "--disable-runtime-dependency-installation",
+        "--host", options.host,
+        "--port", str(port),
+    ]  # fmt: skip
+    if options.tls:
+        command += [
+            "--ssl-certfile", options.ssl_certfile,
+            "--ssl-keyfile", options.ssl_keyfile,
+            "--ssl-ca-certfile", options.ssl_ca_certfile,
+        ]  # fmt: skip
+    else:
+        command += ["--insecure"]
+    if options.authorized_keys:
+        command += ["--enable-supernode-auth"]
+    return command
+
+
+def register_supernodes(keys: list[str], flwr_home: Path, env: dict) -> None:
+    """`flwr supernode register` each public key, so only those SuperNodes may join."""
+    for key in keys:
+        result = flwr_cli(["supernode", "register", str(Path(key).resolve()), CONNECTION], env, flwr_home)
+        if result.returncode != 0:
+            raise RuntimeError(f"Registering {key} failed:\n{result.stdout}\n{result.stderr}")
+
+
+def run_server(run_args: RunArguments, options: ServerOptions, app_dir: Path = PROJECT_ROOT) -> int:
+    """Serve one run to the SuperNodes that join; 0 when every round completed."""
+    output_dir = Path(run_args.training.output_dir).resolve()
+    run_args.training.output_dir = str(output_dir)
+    flwr_home = output_dir / FLWR_HOME_DIRNAME
+    env = flower_env(flwr_home)
+    port = options.port or free_port()
+    connect_host = LOOPBACK if options.host in ("0.0.0.0", "::") else options.host
+    address = options.superlink or f"{connect_host}:{port}"
+    write_connection(flwr_home, address, options.ssl_ca_certfile)
+    superlink = (
+        nullcontext()
+        if options.superlink
+        else ManagedProcess(
+            superlink_command(options, port), output_dir / LOGS_DIRNAME / "superlink.log", env=env
+        )
+    )
+    with superlink as process:
+        if process is not None:
+            process.wait_for_port(port, host=connect_host)
+        register_supernodes(options.authorized_keys, flwr_home, env)
+        print(
+            f"SuperLink at {address}; waiting for {run_args.federation.min_available_clients} clients.",
+            flush=True,
+        )
+        try:
+            return submit_and_watch(run_args, process, app_dir, flwr_home, env)
+        except KeyboardInterrupt:
+            print("Interrupted; the rounds saved so far are kept.", file=sys.stderr)
+            return 130

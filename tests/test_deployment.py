@@ -1,0 +1,151 @@
+"""Deployment on loopback: `scripts/server.py`, and clients under `accelerate launch` and plain python."""
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import build_tiny_model
+from transformers import AutoConfig, AutoModelForSequenceClassification
+
+from hf_flower import checkpoint
+from hf_flower.arguments import parse_args, to_run_config
+from hf_flower.launch.processes import ManagedProcess, free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+MULTI_CPU = ROOT / "accelerate_configs" / "multi_cpu.yaml"
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+OURS = (
+    "flower-superlink",
+    "flower-supernode",
+    "flower-superexec",
+    "flwr-serverapp",
+    "scripts/client.py",
+    "scripts/server.py",
+)
+
+
+def our_processes() -> set[int]:
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if any(name in cmdline for name in OURS):
+            found.add(proc.pid)
+    return found
+
+
+@pytest.fixture
+def no_leftover_processes():
+    before = our_processes()
+    yield
+    deadline = time.monotonic() + 20
+    while (left := our_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind: {[' '.join(psutil.Process(p).cmdline()) for p in left]}"
+
+
+@pytest.fixture(scope="module")
+def no_dropout_model(tmp_path_factory):
+    """A tiny model without dropout, so one process and two ranks compute the same thing."""
+    path = build_tiny_model(tmp_path_factory.mktemp("tiny-no-dropout"))
+    config = AutoConfig.from_pretrained(path)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config.save_pretrained(path)
+    return path
+
+
+def rank_metrics(tmp_path, model_dir, reviews_csv, batch_size: int, launcher: list[str]) -> dict:
+    run_args = parse_args(
+        [
+            "--model_name_or_path", str(model_dir), "--dataset", str(reviews_csv), "--max_length", "32",
+            "--test_size", "40", "--client_eval_size", "12", "--local_epochs", "2",
+            "--per_device_train_batch_size", str(batch_size), "--per_device_eval_batch_size", "4",
+            "--learning_rate", "0.02", "--output_dir", str(tmp_path / "unused"),
+        ]
+    )  # fmt: skip
+    config_path = tmp_path / f"run_config_{batch_size}.json"
+    config_path.write_text(json.dumps(to_run_config(run_args)))
+    output = tmp_path / f"metrics_{batch_size}.json"
+    worker = str(ROOT / "tests" / "workers" / "rank_metrics.py")
+    with ManagedProcess(
+        [*launcher, worker, str(config_path), str(output)], tmp_path / f"log_{batch_size}"
+    ) as proc:
+        proc.process.wait(timeout=240)
+        assert proc.process.returncode == 0, proc.tail(40)
+    return json.loads(output.read_text())
+
+
+def test_two_rank_client_reports_what_one_process_reports(tmp_path, no_dropout_model, reviews_csv):
+    """Point 5: 2 ranks x batch 4 and 1 process x batch 8 on one partition give the same numbers.
+
+    Tolerance 1e-5 relative: the same examples in the same global batches, so the only
+    difference is the order of floating-point sums in DDP's gradient all-reduce.
+    """
+    one = rank_metrics(tmp_path, no_dropout_model, reviews_csv, 8, [sys.executable])
+    two = rank_metrics(
+        tmp_path, no_dropout_model, reviews_csv, 4, [ACCELERATE, "launch", "--config_file", str(MULTI_CPU)]
+    )
+    assert two["train"]["num-examples"] == one["train"]["num-examples"] == 88  # the whole partition
+    assert two["train"]["train_steps"] == one["train"]["train_steps"]
+    assert two["train"]["train_loss"] == pytest.approx(one["train"]["train_loss"], rel=1e-5)
+    assert two["weights_l1"] == pytest.approx(one["weights_l1"], rel=1e-5)
+    assert two["weights_l1"] != pytest.approx(two["start_l1"], rel=1e-3)  # it did train
+    for key in ("eval_loss", "eval_accuracy", "eval_f1", "num-examples"):
+        assert two["evaluate"][key] == pytest.approx(one["evaluate"][key], rel=1e-5), key
+
+
+def server_command(tmp_path, model_dir, csv, port, *flags):
+    return [
+        sys.executable, str(ROOT / "scripts" / "server.py"),
+        "--model_name_or_path", str(model_dir), "--dataset", str(csv), "--max_length", "32",
+        "--test_size", "40", "--num_rounds", "2", "--learning_rate", "5e-3",
+        "--output_dir", str(tmp_path / "run"), "--port", str(port), *flags,
+    ]  # fmt: skip
+
+
+def client_command(port, partition_id, work_dir, launcher=(sys.executable,)):
+    return [
+        *launcher, str(ROOT / "scripts" / "client.py"), "--superlink", f"127.0.0.1:{port}",
+        "--partition_id", str(partition_id), "--num_partitions", "2",
+        "--superlink_timeout", "10", "--work_dir", str(work_dir),
+    ]  # fmt: skip
+
+
+def wait_for_exit(proc: ManagedProcess, timeout: float) -> int:
+    proc.process.wait(timeout=timeout)
+    return proc.process.returncode
+
+
+def test_server_with_two_rank_and_plain_clients(tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes):
+    port = free_port()
+    accelerate_launch = (ACCELERATE, "launch", "--config_file", str(MULTI_CPU))
+    with (
+        ManagedProcess(
+            server_command(tmp_path, tiny_model_dir, reviews_csv, port), tmp_path / "server.log"
+        ) as server,
+        ManagedProcess(
+            client_command(port, 0, tmp_path / "c0", accelerate_launch), tmp_path / "c0.log"
+        ) as ddp_client,
+        ManagedProcess(client_command(port, 1, tmp_path / "c1"), tmp_path / "c1.log") as plain_client,
+    ):
+        assert wait_for_exit(server, 300) == 0, server.tail(40)
+        # The server stopped its SuperLink: clients leave within --superlink_timeout.
+        assert wait_for_exit(ddp_client, 60) == 0, ddp_client.tail(40)
+        assert wait_for_exit(plain_client, 60) == 0, plain_client.tail(40)
+
+    output_dir = tmp_path / "run"
+    assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
+    history = checkpoint.read_history(output_dir)
+    assert history["status"] == "completed"
+    for record in history["rounds"][1:]:
+        assert record["clients"]["train_succeeded"] == 2
+        assert sorted(c["partition-id"] for c in record["client_results"]["train"]) == [0, 1]
+    AutoModelForSequenceClassification.from_pretrained(output_dir / "round-2")
+    server_log = (tmp_path / "server.log").read_text()
+    assert "round 2/2 | clients 2/2" in server_log
+    assert "Client connected" in (tmp_path / "c0.log").read_text()
+    shutil.rmtree(output_dir / ".flwr", ignore_errors=True)

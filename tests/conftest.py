@@ -101,3 +101,34 @@ def build_tiny_model(path, num_labels: int = 2, seed: int = 0):
 def tiny_model_dir(tmp_path_factory):
     """Folder with a tiny randomly initialised BERT classifier (2 labels) and its tokenizer."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def processes_of(tmp_path) -> list:
+    """Processes that belong to one test: its temporary folder is in their command line or cwd.
+
+    Every process a test starts (and every Flower or Ray process those start) runs in or names
+    the test's folder, so concurrent runs elsewhere on the machine are never counted.
+    """
+    import psutil
+
+    marker = str(tmp_path)
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        if proc.pid == os.getpid():
+            continue
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if marker in cmdline or (proc.info["cwd"] or "").startswith(marker):
+            found.append(proc)
+    return found
+
+
+@pytest.fixture
+def no_leftover_processes(tmp_path):
+    """Fail the test if any process it started is still running shortly after it ends."""
+    import time
+
+    yield
+    deadline = time.monotonic() + 20
+    while (left := [p for p in processes_of(tmp_path) if p.is_running()]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind: {[' '.join(p.cmdline()) for p in left]}"

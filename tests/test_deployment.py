@@ -3,10 +3,8 @@
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 from conftest import build_tiny_model
 from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -19,33 +17,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 MULTI_CPU = ROOT / "accelerate_configs" / "multi_cpu.yaml"
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-OURS = (
-    "flower-superlink",
-    "flower-supernode",
-    "flower-superexec",
-    "flwr-serverapp",
-    "scripts/client.py",
-    "scripts/server.py",
-)
-
-
-def our_processes() -> set[int]:
-    found = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(name in cmdline for name in OURS):
-            found.add(proc.pid)
-    return found
-
-
-@pytest.fixture
-def no_leftover_processes():
-    before = our_processes()
-    yield
-    deadline = time.monotonic() + 20
-    while (left := our_processes() - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes left behind: {[' '.join(psutil.Process(p).cmdline()) for p in left]}"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import tomli_w
 from safetensors import safe_open
@@ -65,24 +64,6 @@ def tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *flags):
             *flags,
         ]
     )  # fmt: skip
-
-
-def flower_processes() -> list[psutil.Process]:
-    names = ("flower-superlink", "flwr-simulation", "flower-superexec", "raylet", "gcs_server")
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if any(name in cmdline for name in names):
-            found.append(proc)
-    return found
-
-
-@pytest.fixture
-def no_leftover_processes():
-    before = {p.pid for p in flower_processes()}
-    yield
-    left = [p for p in flower_processes() if p.pid not in before and p.is_running()]
-    assert not left, f"processes left behind: {[' '.join(p.cmdline()) for p in left]}"
 
 
 def test_saved_rounds_are_the_weighted_average_of_replies(

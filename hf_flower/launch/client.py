@@ -44,7 +44,6 @@ class ClientOptions:
     work_dir: Path
     root_certificates: str | None = None
     auth_private_key: str | None = None
-    auth_public_key: str | None = None
     superlink_timeout: float = 120.0
     poll_interval: float = 0.2
     poll_retry_seconds: float = 5.0
@@ -174,7 +173,9 @@ def run_client(options: ClientOptions) -> int:
     env = flower_env(options.work_dir / ".flwr")
     log_path = options.work_dir / "supernode.log"
     try:
-        with ManagedProcess(supernode_command(options, runtime_port), log_path, env=env) as supernode:
+        with ManagedProcess(
+            supernode_command(options, runtime_port), log_path, env=env, cwd=str(options.work_dir)
+        ) as supernode:
             supernode.wait_for_port(runtime_port)
             # Bounded retries, so the loop keeps checking whether the SuperLink is still there.
             poller = _runtime_client(runtime_address, "SuperExec", max_time=options.poll_retry_seconds)

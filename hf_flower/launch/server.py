@@ -104,7 +104,10 @@ def run_server(run_args: RunArguments, options: ServerOptions, app_dir: Path = P
         nullcontext()
         if options.superlink
         else ManagedProcess(
-            superlink_command(options, port), output_dir / LOGS_DIRNAME / "superlink.log", env=env
+            superlink_command(options, port),
+            output_dir / LOGS_DIRNAME / "superlink.log",
+            env=env,
+            cwd=str(flwr_home),
         )
     )
     with superlink as process:

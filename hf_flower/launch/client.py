@@ -93,10 +93,6 @@ def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
         command += ["--insecure"]
     if options.auth_private_key:
         command += ["--auth-supernode-private-key", options.auth_private_key]
-        command += [
-            "--auth-supernode-public-key",
-            options.auth_public_key or f"{options.auth_private_key}.pub",
-        ]
     return command
 
 

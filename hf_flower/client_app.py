@@ -238,6 +238,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             "eval_loss": float(results["eval_loss"]),
             "eval_accuracy": float(results["eval_accuracy"]),
             "eval_f1": float(results["eval_f1"]),
+            "eval_runtime": float(results["eval_runtime"]),
             NUM_EXAMPLES_KEY: len(client.eval),
         }
         return _reply(msg, context, None, metrics)

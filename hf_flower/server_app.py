@@ -117,9 +117,14 @@ class TrackingGrid(Grid):
         return good
 
     def _check_replies(self, kind, server_round, messages, replies, stats) -> list[Message]:
+        # An error the SuperLink makes for an unreachable node is not sent by that node: name the
+        # node through the instruction it answers (the grid set each instruction's message_id).
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         good = []
+        answered = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            answered.add(node)
             if reply.has_error():
                 failure = f"node {node}: {reply.error.reason}"
             elif kind == MessageType.TRAIN:
@@ -134,7 +139,6 @@ class TrackingGrid(Grid):
                 continue
             stats.failures.append(f"round {server_round} {kind}: {failure}")
             log(WARNING, "Round %s %s: %s", server_round, kind, failure)
-        answered = {r.metadata.src_node_id for r in replies}
         for message in messages:
             if message.metadata.dst_node_id not in answered:
                 failure = f"node {message.metadata.dst_node_id}: no reply within the round timeout"

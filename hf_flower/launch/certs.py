@@ -57,6 +57,15 @@ def subject_alt_names(hosts: list[str] | tuple[str, ...]) -> x509.SubjectAlterna
     return x509.SubjectAlternativeName(entries)
 
 
+def _key_usage(**enabled: bool) -> x509.KeyUsage:
+    """A KeyUsage extension with only the named usages on."""
+    usages = (
+        "digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+        "key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only",
+    )  # fmt: skip
+    return x509.KeyUsage(**{usage: enabled.get(usage, False) for usage in usages})
+
+
 def make_ca(common_name: str = "hf-flower CA", days: int = DEFAULT_DAYS) -> CertAndKey:
     """A self-signed certificate authority: its certificate and private key."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_SIZE)
@@ -72,17 +81,7 @@ def make_ca(common_name: str = "hf-flower CA", days: int = DEFAULT_DAYS) -> Cert
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(digital_signature=True, key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -113,17 +112,7 @@ def make_server_cert(
         .add_extension(subject_alt_names(hosts), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(digital_signature=True, key_encipherment=True),
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)

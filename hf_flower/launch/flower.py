@@ -41,16 +41,6 @@ def write_connection(flwr_home: Path, address: str, root_certificates: str | Non
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
 
-def simulation_config(run_args: RunArguments) -> str:
-    """`flwr run --federation-config`: virtual SuperNodes and what each may use."""
-    federation = run_args.federation
-    return (
-        f'num-supernodes={federation.num_clients} backend="ray" '
-        f"client-resources-num-cpus={federation.client_num_cpus} "
-        f"client-resources-num-gpus={float(federation.client_num_gpus)}"
-    )
-
-
 def flower_env(flwr_home: Path) -> dict[str, str]:
     """Environment of Flower's processes: our FLWR_HOME, and this Python's scripts first on PATH
     (the SuperLink starts `flower-superexec` and `flwr-simulation` by name)."""

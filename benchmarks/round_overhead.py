@@ -1,7 +1,7 @@
 """Round overhead of a loopback deployment: our long-lived clients (A) against Flower's default (B).
 
 Both modes run the same server (`scripts/server.py`: a SuperLink and our ServerApp) with the same
-settings and two clients on this machine:
+settings, and two clients on this machine:
 
   A  2 x `scripts/client.py --partition_id i --num_partitions 2`: a SuperNode with
      `--isolation process` and one long-lived process that keeps torch, the model and the
@@ -10,18 +10,23 @@ settings and two clients on this machine:
      default isolation: a fresh `flwr-clientapp` process per message, which imports torch and
      transformers and builds the model and the data again each time (our ClientApp from the FAB).
 
-For every round, from the round records the ServerApp saves (history.json):
+Per round, from the round records the ServerApp saves (history.json), in seconds:
 
-  round       `seconds` of the record: from the end of the previous round to the end of this
-              round's central evaluation
-  train       local training: max over clients of Trainer's `train_runtime`
-  client_eval federated evaluation: max over clients of Trainer's `eval_runtime`
-  central     the server's central evaluation: `central.eval_runtime`
-  overhead    round - train - client_eval - central: everything that is not model work
-              (Flower's polling and message passing, weight conversion, process start-up, ...)
+  round        the record's `seconds`: end of the previous round to end of this round's central
+               evaluation (the round's checkpoint save, 0.1-0.2 s, falls between rounds)
+  train        local training: max over clients of Trainer's `train_runtime`
+  client_eval  federated evaluation: max over clients of Trainer's `eval_runtime`
+  central      the server's central evaluation: `central.eval_runtime`
+  overhead     round - train - client_eval - central: all that is not model work (Flower's
+               polling and message passing, weight conversion, process start-up, ...)
 
-Round 1 carries the warm-up (first model load, first compilation of kernels) and is reported on
-its own; the summary averages rounds 2..N. Command (the numbers in benchmarks/README.md):
+Round 1 carries the warm-up and is reported on its own; the summary averages rounds 2..N. Flower's
+processes run with FLWR_LOG_LEVEL=DEBUG only so that their logs carry timestamps: the script reads
+them to split the overhead into phases along the slowest client ("where the time goes"). Each client
+gets OMP_NUM_THREADS=1 (one core each, as in simulation with `client-resources.num-cpus = 1`);
+`--client_threads 0` leaves torch's default (all cores per client).
+
+Command (the numbers in benchmarks/README.md):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/round_overhead.py --num_rounds 3 \\
         --output benchmarks/results/round_overhead.json
@@ -33,18 +38,20 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hf_flower import checkpoint  # noqa: E402
-from hf_flower.launch.flower import flower_env, flower_executable  # noqa: E402
+from hf_flower.launch.flower import LOGS_DIRNAME, flower_env, flower_executable  # noqa: E402
 from hf_flower.launch.processes import LOOPBACK, ManagedProcess, free_port  # noqa: E402
 
 MODES = {
@@ -62,16 +69,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_rounds", type=int, default=3)
     parser.add_argument("--max_train_samples", type=int, default=None, help="default: the config's")
     parser.add_argument("--max_test_samples", type=int, default=None, help="default: the config's")
-    parser.add_argument("--modes", default="AB", help="which modes to run, in order (default AB)")
+    parser.add_argument(
+        "--client_threads", type=int, default=1, help="OMP_NUM_THREADS of each client (0: unset)"
+    )
+    parser.add_argument("--modes", default="AB", help="which modes to run, in this order (default AB)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "round_overhead.json"))
     parser.add_argument(
-        "--work_dir", default=None, help="keep runs and logs here (default: a temporary folder, deleted)"
+        "--work_dir", default=None, help="keep runs and logs here (default: a temp dir, deleted)"
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per mode")
     args = parser.parse_args(argv)
     if args.num_rounds < 2:
         parser.error("--num_rounds must be at least 2 (round 1 is warm-up).")
-    if set(args.modes) - set(MODES):
+    if not args.modes or set(args.modes) - set(MODES):
         parser.error(f"--modes takes letters from {''.join(MODES)}.")
     return args
 
@@ -101,7 +111,7 @@ def long_lived_client(superlink: str, partition_id: int, work_dir: Path) -> list
 
 
 def reference_supernode(superlink: str, partition_id: int, work_dir: Path) -> list[str]:
-    """Mode B: Flower's SuperNode with its default isolation, nothing of ours but the FAB."""
+    """Mode B: Flower's SuperNode with its default isolation; nothing of ours but the FAB."""
     return [
         flower_executable("flower-supernode"), "--insecure", "--superlink", superlink,
         "--host", LOOPBACK, "--port", str(free_port()),
@@ -109,11 +119,19 @@ def reference_supernode(superlink: str, partition_id: int, work_dir: Path) -> li
     ]  # fmt: skip
 
 
+def client_env(work_dir: Path, threads: int) -> dict[str, str]:
+    """Flower's scripts first on PATH, the client's own FLWR_HOME, and its share of the cores."""
+    env = flower_env(work_dir / ".flwr")
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 # ----------------------------------------------------------------------------- one mode
 
 
 def run_mode(mode: str, args: argparse.Namespace, work_dir: Path) -> dict:
-    """Serve `num_rounds` rounds to two clients of `mode`; the round records and wall time."""
+    """Serve `num_rounds` rounds to two clients of `mode`: per-round times and phases."""
     work_dir.mkdir(parents=True)
     port = free_port()
     superlink = f"{LOOPBACK}:{port}"
@@ -129,34 +147,35 @@ def run_mode(mode: str, args: argparse.Namespace, work_dir: Path) -> dict:
             for i in range(NUM_CLIENTS):
                 client_dir = work_dir / f"client-{i}"
                 client_dir.mkdir()
-                clients.append(
-                    ManagedProcess(
-                        client(superlink, i, client_dir),
-                        client_dir / "client.log",
-                        env=flower_env(client_dir / ".flwr"),
-                        cwd=str(client_dir),
-                    ).__enter__()
+                process = ManagedProcess(
+                    client(superlink, i, client_dir),
+                    client_dir / "client.log",
+                    env=client_env(client_dir, args.client_threads),
+                    cwd=str(client_dir),
                 )
+                clients.append(process.__enter__())
             wait_for_server(server, clients, started + args.timeout)
         finally:
-            for proc in clients:
-                proc.stop()
+            for process in clients:
+                process.stop()
         if server.process.returncode != 0:
             raise RuntimeError(
                 f"mode {mode}: the server exited with {server.process.returncode}:\n{server.tail()}"
             )
     wall = time.monotonic() - started
-    history = checkpoint.read_history(output_dir)
-    rounds = [round_times(record) for record in history["rounds"] if record["round"] >= 1]
+    records = [r for r in checkpoint.read_history(output_dir)["rounds"] if r["round"] >= 1]
+    rounds = [round_times(record) for record in records]
+    for row, phases in zip(rounds, timeline(work_dir, mode, records)):
+        row["phases"] = phases
     return {"mode": mode, "description": MODES[mode], "wall_seconds": round(wall, 1), "rounds": rounds}
 
 
 def wait_for_server(server: ManagedProcess, clients: list[ManagedProcess], deadline: float) -> None:
     """Until the server has served every round; fail early, with its log, if a client dies."""
     while server.running():
-        for proc in clients:
-            if not proc.running():
-                raise RuntimeError(f"a client exited during the run:\n{proc.tail()}")
+        for process in clients:
+            if not process.running():
+                raise RuntimeError(f"a client exited during the run:\n{process.tail()}")
         if time.monotonic() > deadline:
             raise TimeoutError(f"the run took longer than --timeout:\n{server.tail()}")
         time.sleep(1)
@@ -180,22 +199,148 @@ def round_times(record: dict) -> dict:
 
 
 def summarize(rounds: list[dict]) -> dict:
-    """Round 1 on its own; the mean of rounds 2..N."""
+    """Round 1 on its own; the mean of rounds 2..N (times and phases)."""
     steady = rounds[1:]
     mean = {key: round(statistics.fmean(r[key] for r in steady), 2) for key in COLUMNS}
     mean["overhead_pct_of_train"] = round(100 * mean["overhead"] / mean["train"], 1)
+    if all(r.get("phases") for r in steady):
+        mean["phases"] = {
+            k: round(statistics.fmean(r["phases"][k] for r in steady), 2) for k in steady[0]["phases"]
+        }
     return {"round_1": rounds[0], "mean_rounds_2_to_n": mean}
 
 
-def print_mode(result: dict) -> None:
+# ----------------------------------------------------------------------------- where the time goes
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+LOG_LINE = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}):\s*(.*)$")
+ROUND_END = re.compile(r"^round (\d+)/\d+ \| clients")  # our ServerApp's line once a round is saved
+SERVER_MARKS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
+RECEIVING = re.compile(r"^Receiving: (\w+) message")
+CLIENT_MARKS = {  # SuperNode log lines, in the order they happen for one message
+    "Received successfully": "received",  # the whole message is in the SuperNode
+    "Runtime.ConfirmMessageReceived": "confirmed",  # ... and in the ClientApp's process
+    "Runtime.PushMessages": "pushed",  # the ClientApp hands its reply to the SuperNode
+    "Sent successfully": "sent",  # the reply is in the SuperLink
+}
+EXCHANGES = (("train", "train_runtime"), ("evaluate", "eval_runtime"))
+
+
+def log_events(path: Path) -> list[tuple[float, str]]:
+    """(timestamp, text) of every timestamped Flower log line (FLWR_LOG_LEVEL=DEBUG adds them)."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        if match := LOG_LINE.match(ANSI.sub("", line)):
+            events.append((datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp(), match[2].strip()))
+    return events
+
+
+def server_marks(run_log: Path) -> dict[int, dict[str, float]]:
+    """When each round started and ended, and when the strategy configured/aggregated each step."""
+    rounds: dict[int, dict[str, float]] = {}
+    current = None
+    for stamp, text in log_events(run_log):
+        if match := ROUND_END.match(text):
+            done = int(match[1])
+            rounds.setdefault(done, {})["end"] = stamp
+            current = done + 1
+            rounds[current] = {"start": stamp}
+        elif current is not None:
+            mark = text.split(":", 1)[0]
+            if mark in SERVER_MARKS:
+                rounds[current].setdefault(mark, stamp)
+    return rounds
+
+
+def client_messages(supernode_log: Path) -> dict[str, list[dict[str, float]]]:
+    """Per message kind, in order, when each stage of one message happened on this SuperNode."""
+    messages: dict[str, list[dict[str, float]]] = {"train": [], "evaluate": []}
+    last = None
+    for stamp, text in log_events(supernode_log):
+        if match := RECEIVING.match(text):
+            last = {"receiving": stamp}
+            messages.setdefault(match[1], []).append(last)
+        elif last is not None:
+            for prefix, key in CLIENT_MARKS.items():
+                if text.startswith(prefix):
+                    last.setdefault(key, stamp)
+    return messages
+
+
+def timeline(work_dir: Path, mode: str, records: list[dict]) -> list[dict]:
+    """Phases of every round along the slowest client; {} for a round whose logs lack a mark."""
+    server = server_marks(work_dir / "run" / LOGS_DIRNAME / "run.log")
+    supernode_log = "supernode.log" if mode == "A" else "client.log"
+    clients = {i: client_messages(work_dir / f"client-{i}" / supernode_log) for i in range(NUM_CLIENTS)}
+    phases = []
+    for record in records:
+        try:
+            phases.append(round_phases(record, server[record["round"]], clients))
+        except (KeyError, IndexError):
+            phases.append({})
+    return phases
+
+
+def round_phases(record: dict, marks: dict, clients: dict) -> dict[str, float]:
+    """Round seconds along the critical path, model work left out; they add up to its overhead."""
+    n = record["round"]
+    phases = {"server: start of round to train messages built": marks["configure_train"] - marks["start"]}
+    for kind, runtime_key in EXCHANGES:
+        begin, end = marks[f"configure_{kind}"], marks[f"aggregate_{kind}"]
+        runtimes = {c["partition-id"]: c[runtime_key] for c in record["client_results"][kind]}
+        # The client whose reply reached the SuperLink last is the one the server waited for.
+        slowest, msg = max(
+            ((i, c[kind][n - 1]) for i, c in clients.items()), key=lambda item: item[1]["sent"]
+        )
+        phases.update(
+            {
+                f"{kind}: ServerApp -> SuperLink -> SuperNode pull (3 s poll)": msg["receiving"] - begin,
+                f"{kind}: message download SuperLink -> SuperNode": msg["received"] - msg["receiving"],
+                f"{kind}: SuperNode -> ClientApp (start, pull)": msg["confirmed"] - msg["received"],
+                f"{kind}: ClientApp besides Trainer": msg["pushed"] - msg["confirmed"] - runtimes[slowest],
+                f"{kind}: reply ClientApp -> SuperNode -> SuperLink": msg["sent"] - msg["pushed"],
+                f"{kind}: replies SuperLink -> ServerApp (3 s poll)": end - msg["sent"],
+            }
+        )
+        if kind == "train":
+            phases["aggregate train, configure evaluate"] = marks["configure_evaluate"] - end
+    phases["central evaluation besides Trainer, save round"] = (
+        marks["end"] - marks["aggregate_evaluate"] - record["central"]["eval_runtime"]
+    )
+    return {k: round(v, 2) for k, v in phases.items()}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def print_times(result: dict) -> None:
     print(f"\nMode {result['mode']}: {result['description']} (wall {result['wall_seconds']:.1f} s)")
-    header = f"{'round':>12} " + " ".join(f"{c:>12}" for c in COLUMNS) + f" {'overhead %':>11}"
-    print(header)
-    rows = [(str(r["round_num"]), r) for r in result["rounds"]]
+    print(f"{'':>10} " + " ".join(f"{c:>11}" for c in COLUMNS) + f" {'overhead %':>11}")
+    rows = [(f"round {r['round_num']}", r) for r in result["rounds"]]
     rows.append(("mean 2..N", result["summary"]["mean_rounds_2_to_n"]))
     for label, row in rows:
-        values = " ".join(f"{row[c]:>12.2f}" for c in COLUMNS)
-        print(f"{label:>12} {values} {row['overhead_pct_of_train']:>10.1f}%")
+        values = " ".join(f"{row[c]:>11.2f}" for c in COLUMNS)
+        print(f"{label:>10} {values} {row['overhead_pct_of_train']:>10.1f}%")
+
+
+def print_phases(results: dict) -> None:
+    """Overhead phases per mode: round 1, and the mean of rounds 2..N."""
+    columns = {}
+    for mode, result in results.items():
+        columns[f"{mode} round 1"] = result["rounds"][0].get("phases") or {}
+        columns[f"{mode} mean 2..N"] = result["summary"]["mean_rounds_2_to_n"].get("phases") or {}
+    names = next((list(p) for p in columns.values() if p), [])
+    if not names:
+        print("\nNo phase breakdown: a Flower log lacked a timestamped mark.")
+        return
+    width = max(len(n) for n in names)
+    print("\nWhere the overhead goes (seconds, along the slowest client):")
+    print(f"{'':<{width}} " + " ".join(f"{c:>13}" for c in columns))
+    for name in [*names, "total"]:
+        cells = [
+            p.get(name, sum(p.values()) if name == "total" and p else float("nan")) for p in columns.values()
+        ]
+        print(f"{name:<{width}} " + " ".join(f"{v:>13.2f}" for v in cells))
 
 
 def machine() -> dict:
@@ -203,8 +348,17 @@ def machine() -> dict:
     import torch
     import transformers
 
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor(),
+    )
     return {
         "cpus": os.cpu_count(),
+        "cpu_model": cpu,
         "gpu": torch.cuda.is_available(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -214,9 +368,28 @@ def machine() -> dict:
     }
 
 
+def compare(results: dict) -> dict:
+    """The verdicts: mode A against the target, and B's overhead over A's."""
+    verdict = {}
+    if "A" in results:
+        pct = results["A"]["summary"]["mean_rounds_2_to_n"]["overhead_pct_of_train"]
+        verdict["a_overhead_pct_of_train"] = pct
+        verdict["a_meets_target"] = pct <= TARGET_PCT
+        print(f"\nMode A overhead: {pct:.1f}% of local training time (target <= {TARGET_PCT:.0f}%: "
+              f"{'met' if pct <= TARGET_PCT else 'missed'})")  # fmt: skip
+    if {"A", "B"} <= results.keys():
+        a, b = (results[m]["summary"]["mean_rounds_2_to_n"]["overhead"] for m in "AB")
+        verdict["overhead_ratio_b_over_a"] = round(b / a, 2) if a > 0 else None
+        print(
+            f"Overhead B/A, mean of rounds 2..N: {b:.2f} s / {a:.2f} s = {verdict['overhead_ratio_b_over_a']}"
+        )
+    return verdict
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # every process below inherits it
+    os.environ["HF_HUB_OFFLINE"] = "1"  # every process below inherits these
+    os.environ["FLWR_LOG_LEVEL"] = "DEBUG"  # timestamps in Flower's logs, for the phases
     work_root = Path(args.work_dir or tempfile.mkdtemp(prefix="round-overhead-")).resolve()
     results = {}
     try:
@@ -224,28 +397,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Mode {mode}: {MODES[mode]} ...", flush=True)
             result = run_mode(mode, args, work_root / mode)
             result["summary"] = summarize(result["rounds"])
-            print_mode(result)
+            print_times(result)
             results[mode] = result
     finally:
         if args.work_dir is None:
             shutil.rmtree(work_root, ignore_errors=True)
+    print_phases(results)
     report = {
-        "command": " ".join(["HF_HUB_OFFLINE=1", Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["HF_HUB_OFFLINE=1", sys.executable, *sys.argv]),
         "machine": machine(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("output", "work_dir")},
         "target_overhead_pct_of_train": TARGET_PCT,
+        **compare(results),
         "modes": results,
     }
-    if {"A", "B"} <= results.keys():
-        a, b = (results[m]["summary"]["mean_rounds_2_to_n"]["overhead"] for m in "AB")
-        report["overhead_ratio_b_over_a"] = round(b / a, 2) if a > 0 else None
-        print(
-            f"\nOverhead B/A (mean of rounds 2..N): {b:.2f} s / {a:.2f} s = {report['overhead_ratio_b_over_a']}"
-        )
-    if "A" in results:
-        pct = results["A"]["summary"]["mean_rounds_2_to_n"]["overhead_pct_of_train"]
-        verdict = "meets" if pct <= TARGET_PCT else "misses"
-        print(f"Mode A overhead: {pct:.1f}% of local training time ({verdict} the {TARGET_PCT:.0f}% target)")
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")

@@ -63,7 +63,7 @@ def test_evaluate_reports_loss_accuracy_f1(run_config):
         instruction(get_weights(task.model), MessageType.EVALUATE), context(run_config)
     )
     metrics = reply.content["metrics"]
-    assert set(metrics) == {"eval_loss", "eval_accuracy", "eval_f1", "num-examples"}
+    assert set(metrics) == {"eval_loss", "eval_accuracy", "eval_f1", "eval_runtime", "num-examples"}
     assert 0 <= metrics["eval_accuracy"] <= 1
 
 

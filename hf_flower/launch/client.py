@@ -158,6 +158,7 @@ def run_client(options: ClientOptions) -> int:
     """Serve the federation until the run ends, the SuperLink is gone too long, or a signal."""
     if not distributed.is_main_process():
         follower_loop()
+        distributed.shutdown()
         return 0
 
     def stop(signum, _frame):
@@ -203,3 +204,4 @@ def run_client(options: ClientOptions) -> int:
         return 0
     finally:
         distributed.send_stop()
+        distributed.shutdown()

@@ -81,6 +81,17 @@ def send_stop() -> None:
         _broadcast_bytes(json.dumps({"kind": STOP}).encode())
 
 
+def shutdown() -> None:
+    """All ranks: leave together and close the process group before the interpreter exits.
+
+    A rank that exits with its gloo group still open can abort in C++ ("terminate called without
+    an active exception") while the other rank is still in the last broadcast.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def receive_job() -> tuple[Message, Context] | None:
     """Other ranks: wait for rank 0's next job; None when it says stop."""
     header = json.loads(_broadcast_bytes(None))

@@ -30,6 +30,7 @@ def main(run_config_path: str, output_path: str) -> None:
     if not distributed.is_main_process():
         while (job := distributed.receive_job()) is not None:
             client_app.app(message=job[0], context=job[1])
+        distributed.shutdown()
         return
     context = Context(
         run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
@@ -50,6 +51,7 @@ def main(run_config_path: str, output_path: str) -> None:
                 sum(t.double().abs().sum() for t in start.to_torch_state_dict().values())
             )
     distributed.send_stop()
+    distributed.shutdown()
     with open(output_path, "w") as f:
         json.dump(results, f)
 

@@ -57,7 +57,6 @@ class RoundStats:
     clients: dict[str, list] = dataclasses.field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
-    started: float = dataclasses.field(default_factory=time.time)
 
 
 class TrackingGrid(Grid):
@@ -212,7 +211,7 @@ class RoundCheckpointer:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         set_weights(self.model, arrays)
         central = {k: float(v) for k, v in self.trainer.evaluate().items() if isinstance(v, (int, float))}
-        stats = self.grid.rounds.get(server_round, RoundStats(started=self.round_started))
+        stats = self.grid.rounds.get(server_round, RoundStats())
         record = {
             "round": server_round,
             "seconds": round(time.time() - self.round_started, 2),

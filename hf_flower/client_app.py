@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.common.constant import ErrorCode
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from . import data as data_lib
@@ -34,10 +35,6 @@ from .metrics import make_compute_metrics
 from .modeling import load_model, load_tokenizer
 from .strategies import strategy_class
 from .weights import get_weights, set_weights
-
-# Flower's error code for an exception raised inside a ClientApp.
-CLIENT_APP_RAISED_EXCEPTION = 1
-
 
 # Client-side halves of Flower's differential-privacy wrappers, by strategy name.
 CLIENT_SIDE_DP_MODS = {
@@ -197,7 +194,7 @@ def _error_reply(msg: Message, context: Context, stage: str, err: Exception) -> 
         f"client partition {partition} failed during {stage} of round {server_round}: "
         f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
     )
-    return Message(Error(code=CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
 def receive_global_model(msg: Message, context: Context) -> tuple[ClientTask, data_lib.ClientData]:

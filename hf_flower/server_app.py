@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
@@ -24,7 +24,10 @@ from . import checkpoint, progress
 from . import data as data_lib
 from .arguments import RunArguments, from_run_config, to_run_config
 from .constants import (
+    ARRAYS_HELD_KEY,
+    ARRAYS_ID_KEY,
     ARRAYS_KEY,
+    ARRAYS_NOT_HELD_CODE,
     CLIENT_KEY,
     CONFIG_KEY,
     NUM_EXAMPLES_KEY,
@@ -64,6 +67,12 @@ class TrackingGrid(Grid):
 
     Training replies are checked against the model's own state_dict (names, shapes, finite values)
     before the strategy sees them; a bad reply counts as that client's failure.
+
+    Weights a node already holds do not travel again: a long-lived client (`scripts/client.py`)
+    keeps the last weights it received and says so in its reply, and the next message to it that
+    carries the same weights (the evaluate message of round N and the train message of round N+1
+    both carry aggregate N) names them by id instead. A node that no longer holds them answers
+    `ARRAYS_NOT_HELD_CODE` and gets the full message.
     """
 
     def __init__(self, grid: Grid, reference_state_dict: dict, min_train_clients: int):
@@ -71,6 +80,8 @@ class TrackingGrid(Grid):
         self._reference = reference_state_dict
         self._min_train_clients = min_train_clients
         self.rounds: dict[int, RoundStats] = {}
+        # node id -> object id of the weights that node said it holds.
+        self._held: dict[int, str] = {}
 
     # Plain delegation of the Grid interface.
     def set_run(self, run):
@@ -102,10 +113,11 @@ class TrackingGrid(Grid):
         server_round = int(messages[0].content[CONFIG_KEY][SERVER_ROUND_KEY])
         stats = self.rounds.setdefault(server_round, RoundStats())
         stats.sampled[kind] = len(messages)
-        stats.bytes_sent += sum(_message_nbytes(m) for m in messages)
-        replies = self._push_and_pull(messages, timeout)
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        sent, replies = self._push_and_pull(messages, deadline)
+        stats.bytes_sent += sum(_message_nbytes(m) for m in sent)
         stats.bytes_received += sum(_message_nbytes(r) for r in replies if r.has_content())
-        good = self._check_replies(kind, server_round, messages, replies, stats)
+        good = self._check_replies(kind, server_round, sent, replies, stats)
         stats.succeeded[kind] = len(good)
         if good:
             stats.metrics[kind] = dict(aggregate_metricrecords([r.content for r in good], NUM_EXAMPLES_KEY))
@@ -117,21 +129,66 @@ class TrackingGrid(Grid):
             )
         return good
 
-    def _push_and_pull(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """Flower's `send_and_receive`, polling for replies every `REPLY_POLL_SECONDS`.
+    def _outgoing(self, message: Message, by_reference: bool) -> Message:
+        """`message` with its weights named by id, and left out if its node holds them already.
 
-        Flower's own loop sleeps 3 s between pulls: on average 1.5 s lost twice a round.
+        The strategy gives every node the same `RecordDict`, so each gets its own copy here.
         """
-        pending = set(self._grid.push_messages(messages))
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        arrays = message.content.array_records.get(ARRAYS_KEY)
+        if arrays is None:
+            return message
+        node = message.metadata.dst_node_id
+        arrays_id = arrays.object_id  # Flower computes it once per record and caches it
+        content = RecordDict(dict(message.content))
+        content[CONFIG_KEY] = ConfigRecord({**message.content[CONFIG_KEY], ARRAYS_ID_KEY: arrays_id})
+        if by_reference and self._held.get(node) == arrays_id:
+            del content[ARRAYS_KEY]
+        return Message(
+            content=content,
+            dst_node_id=node,
+            message_type=message.metadata.message_type,
+            group_id=message.metadata.group_id,
+            ttl=message.metadata.ttl,
+            dst_task_id=message.metadata.dst_task_id,
+        )
+
+    def _push_and_pull(self, messages: list[Message], deadline: float) -> tuple[list[Message], list[Message]]:
+        """Push `messages`, then pull their replies every `REPLY_POLL_SECONDS` until all are in.
+
+        Returns the messages as sent and the replies. A node that answers it no longer holds the
+        weights it was sent by id gets them in full at once. (Flower's own `send_and_receive`
+        sleeps 3 s between pulls: on average 1.5 s lost twice a round.)
+        """
+        sent: dict[str, Message] = {}
+        originals: dict[str, Message] = {}
+
+        def push(batch: list[Message], by_reference: bool) -> None:
+            outgoing = [self._outgoing(m, by_reference) for m in batch]
+            for message_id, message, original in zip(self._grid.push_messages(outgoing), outgoing, batch):
+                if message_id:
+                    sent[message_id], originals[message_id] = message, original
+
+        push(messages, by_reference=True)
+        pending = set(sent)
         replies: list[Message] = []
         while pending and time.monotonic() < deadline:
-            pulled = list(self._grid.pull_messages(pending))
-            replies.extend(pulled)
-            pending.difference_update(reply.metadata.reply_to_message_id for reply in pulled)
+            resend = []
+            for reply in self._grid.pull_messages(pending):
+                answered = reply.metadata.reply_to_message_id
+                pending.discard(answered)
+                if _is_not_held(reply):
+                    del sent[answered]
+                    resend.append(originals[answered])
+                else:
+                    replies.append(reply)
+            if resend:
+                log(INFO, "Resending the weights to %s node(s) that no longer hold them", len(resend))
+                known = set(sent)
+                push(resend, by_reference=False)
+                pending.update(set(sent) - known)
             if pending:
                 time.sleep(REPLY_POLL_SECONDS)
-        return replies
+        return list(sent.values()), replies
 
     def _check_replies(self, kind, server_round, messages, replies, stats) -> list[Message]:
         # An error the SuperLink makes for an unreachable node is not sent by that node: name the
@@ -142,6 +199,7 @@ class TrackingGrid(Grid):
         for reply in replies:
             node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
+            self._remember_held(node, reply)
             if reply.has_error():
                 failure = f"node {node}: {reply.error.reason}"
             elif kind == MessageType.TRAIN:
@@ -158,10 +216,22 @@ class TrackingGrid(Grid):
             log(WARNING, "Round %s %s: %s", server_round, kind, failure)
         for message in messages:
             if message.metadata.dst_node_id not in answered:
+                self._held.pop(message.metadata.dst_node_id, None)
                 failure = f"node {message.metadata.dst_node_id}: no reply within the round timeout"
                 stats.failures.append(f"round {server_round} {kind}: {failure}")
                 log(WARNING, "Round %s %s: %s", server_round, kind, failure)
         return good
+
+    def _remember_held(self, node: int, reply: Message) -> None:
+        client = reply.content.config_records.get(CLIENT_KEY) if reply.has_content() else None
+        if client is not None and ARRAYS_HELD_KEY in client:
+            self._held[node] = str(client[ARRAYS_HELD_KEY])
+        else:
+            self._held.pop(node, None)
+
+
+def _is_not_held(reply: Message) -> bool:
+    return reply.has_error() and reply.error.code == ARRAYS_NOT_HELD_CODE
 
 
 def _message_nbytes(message: Message) -> int:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.common.constant import SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
 from flwr.supercore.constant import TaskType
@@ -28,6 +28,14 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from .. import client_app
+from ..constants import (
+    ARRAYS_HELD_KEY,
+    ARRAYS_ID_KEY,
+    ARRAYS_KEY,
+    ARRAYS_NOT_HELD_CODE,
+    CLIENT_KEY,
+    CONFIG_KEY,
+)
 from . import distributed
 from .processes import LOOPBACK, ManagedProcess, free_port, port_is_open
 from .simulation import flower_env, flower_executable
@@ -73,6 +81,36 @@ class SuperLinkWatch:
 
 class Stop(Exception):
     """Raised by the signal handler so the loop unwinds through its `finally` blocks."""
+
+
+class HeldWeights:
+    """The weights of the last message that carried them, so the server can send their id alone.
+
+    The evaluate message of round N and the train message of round N+1 carry the same aggregate:
+    a client that says it holds them (`announce`) saves one full download per round.
+    """
+
+    def __init__(self):
+        self.arrays_id: str | None = None
+        self.arrays = None
+
+    def complete(self, message: Message) -> bool:
+        """Fill in the weights a message names by id; False if they are not the ones held."""
+        config = message.content.config_records.get(CONFIG_KEY) if message.has_content() else None
+        if config is None or ARRAYS_ID_KEY not in config:
+            return True
+        if ARRAYS_KEY in message.content.array_records:
+            self.arrays_id, self.arrays = str(config[ARRAYS_ID_KEY]), message.content[ARRAYS_KEY]
+            return True
+        if config[ARRAYS_ID_KEY] != self.arrays_id:
+            return False
+        message.content[ARRAYS_KEY] = self.arrays
+        return True
+
+    def announce(self, reply: Message) -> None:
+        """Tell the server, in the reply, which weights this client holds."""
+        if self.arrays_id and reply.has_content() and CLIENT_KEY in reply.content.config_records:
+            reply.content[CLIENT_KEY][ARRAYS_HELD_KEY] = self.arrays_id
 
 
 def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
@@ -123,7 +161,7 @@ def _runtime_client(
     )
 
 
-def handle_task(runtime_address: str, token: str) -> None:
+def handle_task(runtime_address: str, token: str, held: HeldWeights) -> None:
     """Run the ClientApp for one task, as `flwr-clientapp` would, in this process."""
     task_client = _runtime_client(runtime_address, "flwr-clientapp", token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(task_client))
@@ -132,7 +170,12 @@ def handle_task(runtime_address: str, token: str) -> None:
     status, details = SubStatus.FAILED, "hf-flower client failed"
     try:
         message, context, _, _ = pull_task_input(task_client)
-        reply = run_everywhere(message, context)
+        if held.complete(message):
+            reply = run_everywhere(message, context)
+            held.announce(reply)
+        else:
+            reason = "this client no longer holds the weights the server named; send them in full"
+            reply = Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
         push_message(task_client, reply, context)
         status, details = SubStatus.COMPLETED, ""
     finally:
@@ -178,6 +221,7 @@ def run_client(options: ClientOptions) -> int:
             poller = _runtime_client(runtime_address, "SuperExec", max_time=options.poll_retry_seconds)
             print(f"Client connected to {options.superlink} (SuperNode log: {log_path})", flush=True)
             watch = SuperLinkWatch(options.superlink, options.superlink_timeout)
+            held = HeldWeights()
             while supernode.running() and watch.alive():
                 try:
                     response = poller.AcquireTask(
@@ -188,7 +232,7 @@ def run_client(options: ClientOptions) -> int:
                     time.sleep(options.poll_interval)
                     continue
                 if response.HasField("task") and response.token:
-                    handle_task(runtime_address, response.token)
+                    handle_task(runtime_address, response.token, held)
                 else:
                     time.sleep(options.poll_interval)
             if supernode.running():

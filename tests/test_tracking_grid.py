@@ -1,0 +1,141 @@
+"""`TrackingGrid` with long-lived clients: weights a node already holds travel by id only."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from hf_flower.constants import (
+    ARRAYS_KEY,
+    ARRAYS_NOT_HELD_CODE,
+    CLIENT_KEY,
+    CONFIG_KEY,
+    NUM_EXAMPLES_KEY,
+    SERVER_ROUND_KEY,
+)
+from hf_flower.launch.client import HeldWeights
+from hf_flower.server_app import TrackingGrid
+from hf_flower.weights import get_weights
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """What a running ServerApp process has set before any message is built."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class FakeNode:
+    """A long-lived client: the `HeldWeights` of `scripts/client.py` in front of a trivial app."""
+
+    def __init__(self):
+        self.held = HeldWeights()
+        self.received = []  # the weights the app itself saw, message by message
+
+    def answer(self, message: Message) -> Message:
+        if not self.held.complete(message):
+            return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason="not held"), reply_to=message)
+        arrays = message.content[ARRAYS_KEY]
+        self.received.append(arrays)
+        content = RecordDict(
+            {
+                "metrics": MetricRecord({NUM_EXAMPLES_KEY: 1}),
+                CLIENT_KEY: ConfigRecord({"partition-id": 0}),
+            }
+        )
+        if message.metadata.message_type == MessageType.TRAIN:
+            content[ARRAYS_KEY] = arrays
+        reply = Message(content, reply_to=message)
+        self.held.announce(reply)
+        return reply
+
+
+class FakeGrid:
+    """Delivers every pushed message at once to its node and keeps the reply for the next pull."""
+
+    def __init__(self, nodes: dict[int, FakeNode]):
+        self.nodes = nodes
+        self.replies: dict[str, Message] = {}
+        self.pushed: list[Message] = []
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grids do
+            self.pushed.append(message)
+            # The node gets its own copy, as it would over the wire.
+            delivered = Message(metadata=message.metadata, content=RecordDict(dict(message.content)))
+            node = self.nodes[message.metadata.dst_node_id]
+            self.replies[message.metadata.message_id] = node.answer(delivered)
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def send(grid: TrackingGrid, kind: str, arrays: ArrayRecord, server_round: int, nodes=(1, 2)):
+    content = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({SERVER_ROUND_KEY: server_round})})
+    messages = [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
+    return grid.send_and_receive(messages, timeout=5)
+
+
+def weights(seed: int) -> tuple[dict, ArrayRecord]:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 3)
+    return model.state_dict(), get_weights(model)
+
+
+def test_weights_a_node_holds_travel_by_id():
+    reference, initial = weights(0)
+    _, aggregate = weights(1)
+    nodes = {1: FakeNode(), 2: FakeNode()}
+    fake = FakeGrid(nodes)
+    grid = TrackingGrid(fake, reference, min_train_clients=2)
+
+    assert len(send(grid, MessageType.TRAIN, initial, 1)) == 2
+    assert len(send(grid, MessageType.EVALUATE, aggregate, 1)) == 2
+    full = grid.rounds[1].bytes_sent
+    assert full == 4 * sum(len(a.data) for a in initial.values())  # 2 nodes x (train + evaluate)
+
+    # Round 2 trains from the aggregate both nodes just evaluated: only its id travels.
+    assert len(send(grid, MessageType.TRAIN, aggregate, 2)) == 2
+    assert grid.rounds[2].bytes_sent == 0
+    assert all(ARRAYS_KEY not in m.content.array_records for m in fake.pushed[-2:])
+    for node in nodes.values():
+        got = node.received[-1]
+        assert list(got) == list(aggregate)
+        for key in aggregate:
+            np.testing.assert_array_equal(got[key].numpy(), aggregate[key].numpy())
+
+
+def test_a_node_that_lost_its_weights_gets_them_in_full():
+    reference, initial = weights(0)
+    nodes = {1: FakeNode(), 2: FakeNode()}
+    grid = TrackingGrid(FakeGrid(nodes), reference, min_train_clients=2)
+    send(grid, MessageType.EVALUATE, initial, 1)
+
+    nodes[2].held = HeldWeights()  # node 2 restarted under the same node id
+    replies = send(grid, MessageType.TRAIN, initial, 2)
+
+    assert len(replies) == 2 and grid.rounds[2].failures == []
+    one_copy = sum(len(a.data) for a in initial.values())
+    assert grid.rounds[2].bytes_sent == one_copy  # node 1 by id, node 2 in full
+    np.testing.assert_array_equal(nodes[2].received[-1]["weight"].numpy(), reference["weight"].numpy())
+
+
+def test_clients_that_hold_nothing_always_get_full_weights():
+    """Simulation and Flower's default isolation never announce weights: nothing changes for them."""
+    reference, initial = weights(0)
+
+    class PlainNode(FakeNode):
+        def answer(self, message):
+            reply = super().answer(message)
+            reply.content[CLIENT_KEY] = ConfigRecord({"partition-id": 0})
+            return reply
+
+    grid = TrackingGrid(FakeGrid({1: PlainNode(), 2: PlainNode()}), reference, min_train_clients=2)
+    send(grid, MessageType.EVALUATE, initial, 1)
+    send(grid, MessageType.TRAIN, initial, 2)
+    assert grid.rounds[2].bytes_sent == 2 * sum(len(a.data) for a in initial.values())

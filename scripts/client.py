@@ -39,6 +39,7 @@ class ClientArguments:
         auth_private_key: Private key of this SuperNode (its `.pub` beside it), when the server
             enforces SuperNode authentication.
         superlink_timeout: Seconds to keep trying when the SuperLink cannot be reached, then exit.
+        pull_interval: Seconds between the SuperNode's requests for work (Flower's default is 3).
         work_dir: Folder for this client's logs.
     """
 
@@ -51,9 +52,14 @@ class ClientArguments:
     superlink_timeout: float = field(
         default=120.0, metadata={"help": "Seconds without a SuperLink before exiting."}
     )
+    pull_interval: float = field(
+        default=0.5, metadata={"help": "Seconds between the SuperNode's requests for work."}
+    )
     work_dir: str | None = field(default=None, metadata={"help": "Folder for the client's logs."})
 
     def node_config(self) -> dict:
+        if self.pull_interval <= 0:
+            raise ValueError(f"--pull_interval must be positive, got {self.pull_interval}.")
         if self.data_path is not None:
             if self.partition_id is not None:
                 raise ValueError("Give either --data_path or --partition_id/--num_partitions, not both.")
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             root_certificates=args.root_certificates,
             auth_private_key=args.auth_private_key,
             superlink_timeout=args.superlink_timeout,
+            pull_interval=args.pull_interval,
         )
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +37,9 @@ from ..constants import (
     CLIENT_KEY,
     CONFIG_KEY,
 )
-from . import distributed
+from . import distributed, supernode
 from .processes import LOOPBACK, ManagedProcess, free_port, port_is_open
-from .simulation import flower_env, flower_executable
+from .simulation import flower_env
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class ClientOptions:
     root_certificates: str | None = None
     auth_private_key: str | None = None
     superlink_timeout: float = 120.0
+    # The SuperNode's wait between requests for work (`supernode.py`); Flower's own is 3 s.
+    pull_interval: float = 0.5
     poll_interval: float = 0.2
     poll_retry_seconds: float = 5.0
 
@@ -117,7 +120,7 @@ def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
     """`flower-supernode` with process isolation, its runtime API on a free loopback port."""
     node_config = " ".join(f"{k}={_toml_value(v)}" for k, v in options.node_config.items())
     command = [
-        flower_executable("flower-supernode"),
+        sys.executable, "-m", supernode.__name__, supernode.PULL_INTERVAL_FLAG, str(options.pull_interval),
         "--superlink", options.superlink,
         "--isolation", "process",
         "--host", LOOPBACK,

@@ -72,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--client_threads", type=int, default=1, help="OMP_NUM_THREADS of each client (0: unset)"
     )
+    parser.add_argument(
+        "--transfer_dtype", default=None, help="precision of the weights on the wire (default: float32)"
+    )
     parser.add_argument("--modes", default="AB", help="which modes to run, in this order (default AB)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "round_overhead.json"))
     parser.add_argument(
@@ -95,7 +98,7 @@ def server_command(args: argparse.Namespace, port: int, output_dir: Path) -> lis
         "--num_rounds", str(args.num_rounds), "--output_dir", str(output_dir),
         "--host", LOOPBACK, "--port", str(port),
     ]  # fmt: skip
-    for flag in ("max_train_samples", "max_test_samples"):
+    for flag in ("max_train_samples", "max_test_samples", "transfer_dtype"):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
     return command

@@ -200,6 +200,6 @@ class RoundPusher:
                 status = getattr(getattr(err, "response", None), "status_code", None)
                 if delay is None or status in PERMANENT_STATUSES:
                     raise
-                log(WARNING, "Uploading %s failed (attempt %s: %s); retrying in %.0f s", what, attempt,
+                log(WARNING, "Uploading %s failed (attempt %s: %s); retrying in %.1f s", what, attempt,
                     f"{type(err).__name__}: {err}".splitlines()[0], delay)  # fmt: skip
                 time.sleep(delay)

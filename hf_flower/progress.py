@@ -42,5 +42,7 @@ def format_summary(history: dict, output_dir: str) -> str:
     if pushed:
         lines.append(f"hub: rounds {pushed['pushed']} pushed to {pushed['repo_id']}")
         if pushed.get("failed"):
-            lines.append(f"hub: pushing rounds {sorted(int(k) for k in pushed['failed'])} FAILED (kept locally)")
+            lines.append(
+                f"hub: pushing rounds {sorted(int(k) for k in pushed['failed'])} FAILED (kept locally)"
+            )
     return "\n".join(lines)

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.hf-flower-installed
 
-.PHONY: install demo test clean
+.PHONY: install demo example-card test clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ install: $(STAMP)
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/simulate.py --config configs/quickstart.yaml --overwrite_output_dir
+
+# model_cards/example/: the card (and plot) of the quickstart's last round, from a real run.
+example-card: install
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/simulate.py --config configs/quickstart.yaml --overwrite_output_dir \
+		--hub_model_id your-username/all-MiniLM-L6-v2-imdb-federated
+	mkdir -p model_cards/example
+	cp outputs/quickstart/round-3/README.md outputs/quickstart/round-3/metrics.png model_cards/example/
 
 test: install
 	$(BIN)/python -m pytest

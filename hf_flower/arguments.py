@@ -45,6 +45,18 @@ RUN_CONFIG_TRAINING_FIELDS = (
 )
 # Never written to a run config or a log: secrets come from the environment or `hf auth login`.
 SECRET_TRAINING_FIELDS = ("hub_token",)
+# TrainingArguments' own Hub settings are not flags: clients never push (their output_dir is
+# scratch), the server pushes each round with `HubArguments`, whose flags take these names.
+HUB_TRAINING_FIELDS = (
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_private_repo",
+    "hub_always_push",
+    "hub_revision",
+    *SECRET_TRAINING_FIELDS,
+)
+HUB_STRATEGIES = ("every_round", "end")
 
 
 @dataclass
@@ -167,6 +179,8 @@ class FederationArguments:
             with fewer successful training replies than `min_train_clients` stops the run.
         round_timeout: Seconds the server waits for the replies of one round.
         overwrite_output_dir: Replace the rounds already in `output_dir`.
+        resume: Continue the run in `output_dir` from its latest complete round (weights, round
+            number, strategy state and history) up to `num_rounds`.
         client_num_cpus / client_num_gpus: Resources of one virtual client in simulation.
     """
 
@@ -184,6 +198,9 @@ class FederationArguments:
     min_available_clients: int = field(default=2, metadata={"help": "Clients to wait for before round 1."})
     round_timeout: float = field(default=3600.0, metadata={"help": "Seconds to wait for a round's replies."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace rounds already saved."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue the run in output_dir from its latest complete round."}
+    )
     client_num_cpus: int = field(default=1, metadata={"help": "CPU cores per virtual client (simulation)."})
     client_num_gpus: float = field(default=0.0, metadata={"help": "GPUs per virtual client (simulation)."})
 
@@ -207,10 +224,67 @@ class FederationArguments:
         for name in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}.")
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError(
+                "--resume continues the rounds in output_dir and --overwrite_output_dir deletes them: "
+                "pass only one."
+            )
 
 
-ARGUMENT_GROUPS = (ModelArguments, DataArguments, FederationArguments, TrainingArguments)
-RUN_CONFIG_PREFIXES = {ModelArguments: "model", DataArguments: "data", FederationArguments: "federation"}
+@dataclass
+class HubArguments:
+    """Pushing every saved round to the Hugging Face Hub (the server does it, in the background).
+
+    The token is never an argument: it comes from the `HF_TOKEN` environment variable or the
+    login saved by `hf auth login`, and it is checked before round 1.
+
+    Args:
+        push_to_hub: Push rounds to `hub_model_id`: round N to branch `round-N`, and `main` moved
+            to the latest round.
+        hub_model_id: `OWNER/NAME` of the model repo (created when missing). A bare `NAME` goes
+            under the token's user.
+        hub_private: Create the repo private (an existing repo keeps its visibility).
+        hub_strategy: `every_round` (push each round as it is saved) or `end` (push the last
+            round once training ends).
+        hub_allow_push_failure: Exit 0 even when an upload failed after its retries (the
+            failure is still reported; the rounds are always kept locally).
+        hub_license: License in the model card's metadata (a Hub license id such as
+            `apache-2.0`); that of the base model and data is yours to check. Omitted when unset.
+    """
+
+    push_to_hub: bool = field(default=False, metadata={"help": "Push every round to the Hub."})
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "OWNER/NAME of the Hub model repo (created when missing)."}
+    )
+    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    hub_strategy: str = field(
+        default="every_round",
+        metadata={"help": "When rounds are pushed.", "choices": HUB_STRATEGIES},
+    )
+    hub_allow_push_failure: bool = field(
+        default=False, metadata={"help": "Exit 0 even if an upload to the Hub failed."}
+    )
+    hub_license: str | None = field(
+        default=None, metadata={"help": "License id for the model card (e.g. apache-2.0)."}
+    )
+
+    def __post_init__(self):
+        if self.hub_strategy not in HUB_STRATEGIES:
+            raise ValueError(
+                f"Unknown hub_strategy {self.hub_strategy!r}; choose one of {list(HUB_STRATEGIES)}."
+            )
+        self.hub_model_id = self.hub_model_id or None
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id OWNER/NAME (the model repo to push to).")
+
+
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, FederationArguments, TrainingArguments, HubArguments)
+RUN_CONFIG_PREFIXES = {
+    ModelArguments: "model",
+    DataArguments: "data",
+    FederationArguments: "federation",
+    HubArguments: "hub",
+}
 
 
 @dataclass
@@ -221,6 +295,7 @@ class RunArguments:
     data: DataArguments
     federation: FederationArguments
     training: TrainingArguments
+    hub: HubArguments = field(default_factory=HubArguments)
 
 
 class HfFlowerParser(HfArgumentParser):
@@ -231,11 +306,33 @@ class HfFlowerParser(HfArgumentParser):
     """
 
     def __init__(self, extra_groups: tuple = ()):
+        self._group_fields: dict[type, list[str]] = {}
         super().__init__(ARGUMENT_GROUPS + tuple(extra_groups))
         self.set_defaults(output_dir=DEFAULT_OUTPUT_DIR)
 
+    def _add_dataclass_arguments(self, dtype) -> None:
+        """Add a group's flags, leaving out TrainingArguments' Hub fields (`HubArguments` owns them)."""
+        skip = set(HUB_TRAINING_FIELDS) if issubclass(dtype, TrainingArguments) else set()
+        names = [f.name for f in dataclasses.fields(dtype) if f.init and f.name not in skip]
+        self._group_fields[dtype] = names
+        if not skip:
+            return super()._add_dataclass_arguments(dtype)
+        hints = typing.get_type_hints(dtype)
+        for f in dataclasses.fields(dtype):
+            if f.name in names:
+                f.type = hints[f.name]
+                self._parse_dataclass_field(self, f)
+
     def parse_args_and_config(self, args: list[str] | None = None) -> tuple:
         args = list(sys.argv[1:] if args is None else args)
+        secret = [
+            arg for arg in args if arg.split("=")[0] in {f"--{name}" for name in SECRET_TRAINING_FIELDS}
+        ]
+        if secret:
+            raise ValueError(
+                f"{secret[0].split('=')[0]}: tokens never go on the command line (shell history, process "
+                "lists). Set HF_TOKEN in the environment or run `hf auth login`."
+            )
         if "--config" in args:
             index = args.index("--config")
             if index + 1 >= len(args):
@@ -243,7 +340,15 @@ class HfFlowerParser(HfArgumentParser):
             config_path = args[index + 1]
             del args[index : index + 2]
             self.set_defaults(**load_yaml_config(config_path, self.dataclass_types))
-        return self.parse_args_into_dataclasses(args=args)
+        namespace, unknown = self.parse_known_args(args=args)
+        if unknown:
+            raise ValueError(f"Unknown arguments {unknown}; see --help for the flags.")
+        # Each group gets the flags it added (HfArgumentParser would also hand TrainingArguments
+        # the Hub flags of `HubArguments`, which share their names).
+        return tuple(
+            dtype(**{name: getattr(namespace, name) for name in self._group_fields[dtype]})
+            for dtype in self.dataclass_types
+        )
 
 
 def load_yaml_config(path: str | Path, groups) -> dict[str, Any]:
@@ -254,26 +359,31 @@ def load_yaml_config(path: str | Path, groups) -> dict[str, Any]:
     config = yaml.safe_load(path.read_text()) or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a mapping of argument names to values.")
-    known = {f.name for group in groups for f in dataclasses.fields(group)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ValueError(
-            f"Unknown keys in {path}: {unknown}. Use the names of the command-line flags "
-            "without the leading dashes (see `--help`)."
-        )
+    known = {
+        f.name
+        for group in groups
+        for f in dataclasses.fields(group)
+        if not (issubclass(group, TrainingArguments) and f.name in HUB_TRAINING_FIELDS)
+    }
     secret = sorted(set(config) & set(SECRET_TRAINING_FIELDS))
     if secret:
         raise ValueError(
             f"{path} sets {secret}: tokens never belong in config files. Set HF_TOKEN in the "
             "environment or run `hf auth login`."
         )
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown keys in {path}: {unknown}. Use the names of the command-line flags "
+            "without the leading dashes (see `--help`)."
+        )
     return config
 
 
 def parse_args(args: list[str] | None = None) -> RunArguments:
     """Parse the command line (and its `--config` YAML) into a `RunArguments`."""
-    model, data, federation, training = HfFlowerParser().parse_args_and_config(args)
-    return finalize(RunArguments(model, data, federation, training))
+    model, data, federation, training, hub = HfFlowerParser().parse_args_and_config(args)
+    return finalize(RunArguments(model, data, federation, training, hub))
 
 
 def finalize(run_args: RunArguments) -> RunArguments:
@@ -329,14 +439,14 @@ def training_overrides(training: TrainingArguments) -> dict[str, Any]:
     return {
         name: value
         for name, value in current.items()
-        if value != defaults.get(name) and name not in SECRET_TRAINING_FIELDS and not name.startswith("_")
+        if value != defaults.get(name) and name not in HUB_TRAINING_FIELDS and not name.startswith("_")
     }
 
 
 def to_run_config(run_args: RunArguments) -> dict[str, bool | int | float | str]:
     """Flatten all groups into Flower's run config (`group.kebab-name = value`)."""
     config: dict[str, Any] = {}
-    for group in (run_args.model, run_args.data, run_args.federation):
+    for group in (run_args.model, run_args.data, run_args.federation, run_args.hub):
         prefix = RUN_CONFIG_PREFIXES[type(group)]
         for f in dataclasses.fields(group):
             config[f"{prefix}.{_kebab(f.name)}"] = _encode(getattr(group, f.name))
@@ -370,11 +480,10 @@ def from_run_config(run_config: dict[str, Any]) -> RunArguments:
     unknown = sorted(set(training_kwargs) - set(annotations))
     if unknown:
         raise ValueError(f"training.extra names fields TrainingArguments does not have: {unknown}.")
-    model, data, federation = groups
+    model, data, federation, hub = groups
     training_kwargs["num_train_epochs"] = federation.local_epochs
-    return RunArguments(
-        model, data, federation, TrainingArguments(**join_launched_processes(training_kwargs))
-    )
+    training = TrainingArguments(**join_launched_processes(training_kwargs))
+    return RunArguments(model, data, federation, training, hub)
 
 
 def join_launched_processes(training_kwargs: dict) -> dict:

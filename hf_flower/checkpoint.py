@@ -6,9 +6,11 @@ module owns that layout; nothing else reads or writes it by hand:
 ```
 <output_dir>/
   round-0/  round-1/ ...   config.json, model.safetensors (or adapter_model.safetensors),
-                           tokenizer files, metrics.json (+ README.md model card)
+                           tokenizer files, metrics.json, README.md (model card) + metrics.png,
+                           strategy_state.safetensors (the strategy's own state, for --resume)
   history.json             {"status": "running"|"completed"|"failed", "error": str|null,
                             "rounds": [<metrics dict of each round, in order>], ...}
+  runs/                    TensorBoard event files of the server's per-round metrics
 ```
 
 A round is written into a hidden temporary folder (`.round-N.tmp-<pid>-<random>`) and renamed to
@@ -30,6 +32,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
 ROUND_PREFIX = "round-"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"
@@ -39,6 +45,12 @@ WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+PLOT_FILE = "metrics.png"
+# The strategy's state after the round (e.g. FedAdam's moments): tensors + JSON metadata, no pickle.
+STRATEGY_STATE_FILE = "strategy_state.safetensors"
+STRATEGY_STATE_METADATA_KEY = "hf_flower.strategy_state"
+TENSORBOARD_DIR = "runs"
 
 HISTORY_STATUSES = ("running", "completed", "failed")
 
@@ -65,17 +77,26 @@ def round_dir(output_dir: str | os.PathLike, round_num: int) -> Path:
     return Path(output_dir) / f"{ROUND_PREFIX}{_check_round_num(round_num)}"
 
 
-def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
+def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: bool = False) -> Path:
     """Create `output_dir`, check it is writable and free of an earlier run, and return it.
 
     Leftovers of a crashed run (hidden temporary round folders and history files) are always
     removed. Rounds or a history.json of an earlier run make this refuse, so a new run never
-    mixes its rounds with old ones; with `overwrite=True` they are deleted instead. Nothing else
-    in the folder is touched, so a user's own files next to the rounds survive.
+    mixes its rounds with old ones; with `overwrite=True` they are deleted instead. With
+    `resume=True` they are kept and continued: the folder must then hold at least one complete
+    round, checked before anything is removed. Nothing else in the folder is touched, so a
+    user's own files next to the rounds survive.
     """
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"output_dir {path} exists and is not a folder; choose another --output_dir")
+    if resume and overwrite:
+        raise OutputDirError("--resume keeps the rounds in output_dir, --overwrite_output_dir deletes them")
+    if resume and latest_round(path) is None:
+        raise OutputDirError(
+            f"--resume: output_dir {path} holds no complete round to continue from; check --output_dir, "
+            "or drop --resume to start a new run there"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         # Really write: permission bits, read-only mounts and ACLs all show up here, and root
@@ -92,6 +113,8 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
     _remove_leftovers(path)
 
     ours = _own_entries(path)
+    if resume:
+        return path
     if ours and not overwrite:
         raise OutputDirError(
             f"output_dir {path} already holds {', '.join(p.name for p in ours)} from an earlier run; "
@@ -232,6 +255,29 @@ def write_history(output_dir: str | os.PathLike, history: Mapping[str, Any]) -> 
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(output_dir)
+
+
+def write_strategy_state(folder: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping) -> Path:
+    """Save a strategy's state into a round folder: arrays as safetensors, the rest as JSON metadata.
+
+    `tensors` maps names to numpy arrays; `metadata` is any JSON-able dict (strategy name, scalar
+    state). Safetensors holds only plain arrays, so loading it can never run code.
+    """
+    path = Path(folder) / STRATEGY_STATE_FILE
+    arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
+    save_file(arrays, path, metadata={STRATEGY_STATE_METADATA_KEY: _dumps(metadata, what="strategy state")})
+    return path
+
+
+def read_strategy_state(folder: str | os.PathLike) -> tuple[dict, dict] | None:
+    """The `(tensors, metadata)` saved by `write_strategy_state`, or None when the round has none."""
+    path = Path(folder) / STRATEGY_STATE_FILE
+    if not path.is_file():
+        return None
+    with safe_open(path, "np") as f:
+        metadata = json.loads((f.metadata() or {}).get(STRATEGY_STATE_METADATA_KEY, "{}"))
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    return tensors, metadata
 
 
 def read_history(output_dir: str | os.PathLike) -> dict:

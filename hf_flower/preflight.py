@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import checkpoint
+from . import checkpoint, hub, resume
 from . import data as data_lib
 from .arguments import RunArguments
 from .modeling import check_num_labels, load_model_config
@@ -21,17 +21,24 @@ def check_federation(run_args: RunArguments) -> None:
 
 
 def check_run(run_args: RunArguments, prepare_output: bool = False) -> list[str]:
-    """Validate model, data, partitions, strategy and output folder; return the label names.
+    """Validate model, data, partitions, strategy, Hub access and output folder; return the label names.
 
     With `prepare_output`, also create `output_dir` (refusing one that already holds rounds unless
-    `overwrite_output_dir`).
+    `overwrite_output_dir`; with `resume`, checking that its rounds belong to this model and
+    labels before anything in it is touched).
     """
     check_federation(run_args)
     build_strategy(run_args.federation)
-    if prepare_output:
-        checkpoint.prepare_output_dir(run_args.training.output_dir, run_args.federation.overwrite_output_dir)
-    load_model_config(run_args.model)
+    if run_args.hub.push_to_hub:
+        hub.check_push_access(run_args.hub.hub_model_id)
+    output_dir, federation = run_args.training.output_dir, run_args.federation
+    if prepare_output and not federation.resume:
+        checkpoint.prepare_output_dir(output_dir, federation.overwrite_output_dir)
+    model_config = load_model_config(run_args.model)
     label_names = data_lib.load_label_names(run_args.data)
     check_num_labels(run_args.model, label_names)
+    if prepare_output and federation.resume:
+        resume.check_resumable(output_dir, federation.num_rounds, model_config, label_names)
+        checkpoint.prepare_output_dir(output_dir, overwrite=False, resume=True)
     data_lib.partition_sizes(run_args.data, run_args.federation.num_clients, run_args.training.seed)
     return label_names

@@ -38,4 +38,11 @@ def format_summary(history: dict, output_dir: str) -> str:
             accuracy = _metric(best_record.get("central", {}).get("eval_accuracy"))
             lines.append(f"best round: {best} (central_acc {accuracy}) -> {output_dir}/round-{best}")
         lines.append(f"last round: {last} -> {output_dir}/round-{last}")
+    pushed = history.get("hub")
+    if pushed:
+        lines.append(f"hub: rounds {pushed['pushed']} pushed to {pushed['repo_id']}")
+        if pushed.get("failed"):
+            lines.append(
+                f"hub: pushing rounds {sorted(int(k) for k in pushed['failed'])} FAILED (kept locally)"
+            )
     return "\n".join(lines)

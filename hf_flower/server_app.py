@@ -2,8 +2,11 @@
 
 Flower's `strategy.start` drives the rounds. We add two things around it without touching the
 strategy: a `TrackingGrid` that sees every message of a round (clients, failures, bytes) and
-checks replies before aggregation, and an `evaluate_fn` that, at the end of every round (after any
-differential-privacy noise), evaluates the aggregate on the server's test split and saves it.
+checks replies before aggregation, and an `evaluate_fn` (`RoundCheckpointer`) that, at the end of
+every round (after any differential-privacy noise), evaluates the aggregate on the server's test
+split and saves it. `RoundCheckpointer` is the one place a round is written: the folder (weights,
+tokenizer, strategy state, model card and plot), history.json, TensorBoard, and the Hub push.
+With `--resume`, the strategy continues after the latest saved round (`ResumedStrategy`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import dataclasses
 import tempfile
 import time
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
@@ -20,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from . import checkpoint, progress
+from . import checkpoint, hub, model_card, progress, resume
 from . import data as data_lib
 from .arguments import RunArguments, from_run_config, to_run_config
 from .constants import (
@@ -37,7 +40,8 @@ from .constants import (
 from .metrics import make_compute_metrics
 from .modeling import load_model, load_tokenizer
 from .preflight import check_run
-from .strategies import build_strategy
+from .strategies import ResumedStrategy, build_strategy, get_strategy_state, set_strategy_state
+from .tracking import RoundTracker
 from .weights import arrays_nbytes, get_weights, set_weights, validate_arrays
 
 app = ServerApp()
@@ -47,6 +51,10 @@ REPLY_POLL_SECONDS = 0.2
 
 class RoundFailedError(RuntimeError):
     """Too few clients succeeded in a round to continue."""
+
+
+class HubPushError(RuntimeError):
+    """Rounds were trained and saved, but pushing some of them to the Hub failed."""
 
 
 @dataclasses.dataclass
@@ -250,20 +258,42 @@ def _client_summary(reply: Message) -> dict:
 
 
 class RoundCheckpointer:
-    """`evaluate_fn` of `strategy.start`: central evaluation, then the round saved on disk."""
+    """`evaluate_fn` of `strategy.start`: central evaluation, then the round saved, logged and pushed.
 
-    def __init__(self, run_args: RunArguments, model, tokenizer, label_names, test_set, grid: TrackingGrid):
+    `resume_point` is the round a resumed run continues from: `strategy.start` counts from 0
+    again, so its round `r` is round `resume_point.round + r`, and its round 0 (the weights of the
+    resumed round, already saved) is not saved again.
+    """
+
+    def __init__(
+        self,
+        run_args: RunArguments,
+        model,
+        tokenizer,
+        label_names,
+        test_set,
+        grid: TrackingGrid,
+        strategy=None,
+        resume_point: resume.ResumePoint | None = None,
+        pusher: hub.RoundPusher | None = None,
+    ):
         self.run_args = run_args
         self.model = model
         self.tokenizer = tokenizer
+        self.label_names = label_names
         self.grid = grid
+        self.strategy = strategy
+        self.pusher = pusher
+        self.first_round = resume_point.round if resume_point else 0
         self.history = {
             "status": "running",
             "error": None,
             "num_rounds": run_args.federation.num_rounds,
             "run_config": to_run_config(run_args),
-            "rounds": [],
+            "rounds": list(resume_point.rounds) if resume_point else [],
         }
+        if resume_point:
+            self.history["resumed_after"] = resume_point.round
         eval_args = dataclasses.replace(
             run_args.training, output_dir=tempfile.mkdtemp(prefix="hf-flower-server-"), report_to="none"
         )
@@ -276,9 +306,13 @@ class RoundCheckpointer:
             eval_dataset=test_set,
         )
         self.output_dir = run_args.training.output_dir
+        self.tracker = RoundTracker(self.output_dir, run_args.training.report_to)
         self.round_started = time.time()
 
-    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        server_round += self.first_round
+        if self.first_round and server_round == self.first_round:
+            return None  # the resumed round: evaluated and saved by the interrupted run
         set_weights(self.model, arrays)
         central = {k: float(v) for k, v in self.trainer.evaluate().items() if isinstance(v, (int, float))}
         stats = self.grid.rounds.get(server_round, RoundStats())
@@ -299,23 +333,60 @@ class RoundCheckpointer:
             "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received,
         }
-        checkpoint.save_round(self.output_dir, server_round, self._write_model, record)
-        self.history["rounds"].append(record)
+        rounds = [*self.history["rounds"], record]
+        folder = checkpoint.save_round(
+            self.output_dir, server_round, lambda folder: self._write_round(folder, rounds), record
+        )
+        self.history["rounds"] = rounds
         checkpoint.write_history(self.output_dir, self.history)
+        self.tracker.log_round(record)
+        if self.pusher is not None and self.run_args.hub.hub_strategy == "every_round":
+            self.pusher.submit(server_round, folder)
         log(INFO, "%s", progress.format_round(record, self.run_args.federation.num_rounds))
         self.round_started = time.time()
         return MetricRecord({k: v for k, v in central.items() if k.startswith("eval_")})
 
-    def _write_model(self, folder) -> None:
+    def _write_round(self, folder, rounds: list[dict]) -> None:
+        """Everything of a round but metrics.json, inside `save_round`'s atomic folder."""
         self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
+        if self.strategy is not None:
+            checkpoint.write_strategy_state(folder, *get_strategy_state(self.strategy))
+        model_card.write_card(folder, self.run_args, self.label_names, rounds)
 
-    def finish(self, error: BaseException | None) -> None:
-        """Record how the run ended, and the best round, in history.json."""
+    def finish(self, error: BaseException | None) -> HubPushError | None:
+        """Wait for the last uploads; record how the run ended, and the best round, in history.json.
+
+        Returns the error to raise when pushes failed and the user did not allow it.
+        """
+        push_error = None
+        rounds = self.history["rounds"]
+        if self.pusher is not None:
+            if self.run_args.hub.hub_strategy == "end" and error is None and rounds:
+                last = rounds[-1]["round"]
+                self.pusher.submit(last, checkpoint.round_dir(self.output_dir, last))
+            failures = self.pusher.wait()
+            self.history["hub"] = {
+                "repo_id": self.pusher.repo_id,
+                "pushed": sorted(self.pusher.pushed),
+                "failed": {str(k): v for k, v in sorted(failures.items())},
+            }
+            if failures:
+                push_error = HubPushError(
+                    f"pushing round(s) {sorted(failures)} to {self.pusher.repo_id} failed (the rounds are "
+                    f"kept in {self.output_dir}; push them with scripts/push.py): "
+                    + "; ".join(f"round {k}: {v}" for k, v in sorted(failures.items()))
+                )
+                log(ERROR, "%s", push_error)
+                if self.run_args.hub.hub_allow_push_failure:
+                    push_error = None
+        error = error or push_error
         self.history["status"] = "failed" if error else "completed"
         self.history["error"] = f"{type(error).__name__}: {error}" if error else None
         self.history["best_round"] = checkpoint.best_round(self.history)
         checkpoint.write_history(self.output_dir, self.history)
+        self.tracker.close()
+        return push_error
 
 
 @app.main()
@@ -331,13 +402,31 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(federation)
     initial_arrays = get_weights(model)
     tracking_grid = TrackingGrid(grid, model.state_dict(), federation.min_train_clients)
-    checkpointer = RoundCheckpointer(run_args, model, tokenizer, label_names, test_set, tracking_grid)
+    resume_point = None
+    if federation.resume:
+        resume_point = resume.find_resume_point(run_args.training.output_dir)
+        initial_arrays = resume.load_round_arrays(resume_point.folder, model)
+        state = checkpoint.read_strategy_state(resume_point.folder)
+        if state is not None:
+            set_strategy_state(strategy, *state)
+        log(INFO, "Resuming after round %s from %s", resume_point.round, resume_point.folder)
+    pusher = None
+    if run_args.hub.push_to_hub:
+        repo_id = hub.check_push_access(run_args.hub.hub_model_id)
+        hub.create_repo(repo_id, private=run_args.hub.hub_private)
+        pusher = hub.RoundPusher(repo_id)
+    checkpointer = RoundCheckpointer(
+        run_args, model, tokenizer, label_names, test_set, tracking_grid, strategy, resume_point, pusher
+    )
+    done = resume_point.round if resume_point else 0
+    # Flower counts rounds from 1: a resumed run runs the remaining rounds, renumbered.
+    runner = ResumedStrategy(strategy, done) if resume_point else strategy
     error = None
     try:
-        strategy.start(
+        runner.start(
             grid=tracking_grid,
             initial_arrays=initial_arrays,
-            num_rounds=federation.num_rounds,
+            num_rounds=federation.num_rounds - done,
             timeout=federation.round_timeout,
             evaluate_fn=checkpointer,
         )
@@ -345,4 +434,6 @@ def main(grid: Grid, context: Context) -> None:
         error = err
         raise
     finally:
-        checkpointer.finish(error)
+        push_error = checkpointer.finish(error)
+    if push_error is not None:
+        raise push_error

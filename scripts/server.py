@@ -14,18 +14,18 @@ With TLS and SuperNode authentication (see `scripts/make_certs.py`):
 import sys
 
 from hf_flower.arguments import HfFlowerParser, RunArguments, finalize
+from hf_flower.hub import HubError
 from hf_flower.launch.server import ServerOptions, run_server
 from hf_flower.preflight import check_run
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        model, data, federation, training, server = HfFlowerParser((ServerOptions,)).parse_args_and_config(
-            argv
-        )
-        run_args = finalize(RunArguments(model, data, federation, training))
+        parser = HfFlowerParser((ServerOptions,))
+        model, data, federation, training, hub, server = parser.parse_args_and_config(argv)
+        run_args = finalize(RunArguments(model, data, federation, training, hub))
         check_run(run_args, prepare_output=True)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, HubError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return run_server(run_args, server)

@@ -17,6 +17,7 @@ With the Hugging Face Hub (the setup of Flower's Hugging Face quickstart):
 import sys
 
 from hf_flower.arguments import parse_args
+from hf_flower.hub import HubError
 from hf_flower.launch.simulation import run_simulation
 from hf_flower.preflight import check_run
 
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_args = parse_args(argv)
         check_run(run_args, prepare_output=True)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, HubError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

@@ -94,9 +94,25 @@ def test_run_config_round_trip():
     assert back.training.to_dict() == run_args.training.to_dict()
 
 
-def test_run_config_never_carries_a_token():
-    run_args = parse_args(["--output_dir", "out", "--hub_token", "hf_secret"])
-    assert "hf_secret" not in str(to_run_config(run_args))
+def test_token_is_refused_on_the_command_line():
+    for argv in (["--hub_token", "hf_secret"], ["--hub_token=hf_secret"]):
+        with pytest.raises(ValueError, match="HF_TOKEN"):
+            parse_args(["--output_dir", "out", *argv])
+
+
+def test_hub_flags_go_to_the_server_never_to_the_clients_trainer():
+    run_args = parse_args(
+        ["--output_dir", "out", "--push_to_hub", "--hub_model_id", "alice/fed", "--hub_strategy", "end"]
+    )
+    assert run_args.hub.push_to_hub and run_args.hub.hub_model_id == "alice/fed"
+    assert run_args.hub.hub_strategy == "end"
+    assert run_args.training.push_to_hub is False
+    back = from_run_config(to_run_config(run_args))
+    assert back.hub == run_args.hub and back.training.push_to_hub is False
+    with pytest.raises(ValueError, match="needs --hub_model_id"):
+        parse_args(["--output_dir", "out", "--push_to_hub"])
+    with pytest.raises(ValueError, match="only one"):
+        parse_args(["--output_dir", "out", "--resume", "--overwrite_output_dir"])
 
 
 def test_pyproject_run_config_is_the_quickstart():

@@ -1,0 +1,352 @@
+"""Pushing rounds to the Hub, against `fake_hub.FakeHub` on loopback (the real Hub is unreachable here).
+
+huggingface_hub reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` when it is imported, and this process
+imported it offline (conftest), so every Hub client here is a subprocess (scripts/simulate.py,
+scripts/push.py, a `from_pretrained` check) whose environment points at the fake Hub; the token
+travels only in its `HF_TOKEN`. One 2-round simulation that pushes is shared by the module.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from conftest import processes_of
+from fake_hub import FakeHub
+from huggingface_hub import ModelCard
+
+from hf_flower import checkpoint
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "hf_fake_alice_token"
+REPO_ID = "alice/tiny-federated"
+
+
+def tiny_flags(tmp_path, tiny_model_dir, reviews_csv, *flags) -> list[str]:
+    return [
+        "--model_name_or_path", str(tiny_model_dir),
+        "--dataset", str(reviews_csv),
+        "--max_length", "32",
+        "--test_size", "40",
+        "--client_eval_size", "0.2",
+        "--num_clients", "2",
+        "--num_rounds", "2",
+        "--per_device_train_batch_size", "16",
+        "--learning_rate", "5e-3",
+        "--output_dir", str(tmp_path / "run"),
+        *flags,
+    ]  # fmt: skip
+
+
+def hub_env(hub: FakeHub, token: str | None = TOKEN) -> dict:
+    """This process's environment, online against the fake Hub, with `token` as HF_TOKEN."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "HF_ENDPOINT": hub.endpoint,
+            "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0",
+            # Plain LFS uploads: the fake Hub does not speak Xet storage.
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_FLOWER_HUB_RETRY_DELAYS": "0.2,0.2",
+        }
+    )
+    env.pop("HF_TOKEN", None)
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+
+def run_script(script: str, argv: list[str], env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / script), *argv],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_no_leftovers(tmp_path, wait: float = 20.0):
+    """As conftest's `no_leftover_processes`, for runs a module-scoped fixture starts."""
+    deadline = time.monotonic() + wait
+    while (left := [p for p in processes_of(tmp_path) if p.is_running()]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes left behind: {[' '.join(p.cmdline()) for p in left]}"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def fake_hub():
+    with FakeHub() as hub:
+        hub.add_user(TOKEN, "alice", orgs=("alice-lab",))
+        hub.add_user("hf_fake_reader", "rita", role="read")
+        hub.add_repo("bob/his-model")
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def pushed_run(fake_hub, tmp_path_factory, tiny_model_dir, reviews_csv):
+    """A 2-round simulation that pushes every round to REPO_ID on the fake Hub."""
+    tmp_path = tmp_path_factory.mktemp("pushed")
+    argv = tiny_flags(tmp_path, tiny_model_dir, reviews_csv, "--push_to_hub", "--hub_model_id", REPO_ID)
+    result = run_script("simulate.py", argv, hub_env(fake_hub))
+    assert_no_leftovers(tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path / "run", result
+
+
+def test_every_round_loads_back_by_revision(pushed_run, fake_hub, tmp_path):
+    output_dir, result = pushed_run
+    assert f"hub: rounds [0, 1, 2] pushed to {REPO_ID}" in result.stdout
+    assert TOKEN not in result.stdout + result.stderr
+    assert TOKEN not in json.dumps(checkpoint.read_history(output_dir))
+    repo = fake_hub.repos[REPO_ID]
+    assert {"main", "round-0", "round-1", "round-2"} <= set(repo.branches)
+    # main is round 2, file for file; the strategy state (for --resume) stays local.
+    assert repo.files("main")["model.safetensors"].sha256 == sha256(
+        output_dir / "round-2" / "model.safetensors"
+    )
+    assert {"README.md", "metrics.png", "config.json", "metrics.json"} <= set(repo.files("round-1"))
+    assert checkpoint.STRATEGY_STATE_FILE not in repo.files("round-1")
+
+    check = textwrap.dedent(
+        f"""
+        import json, sys, torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        out = {{}}
+        for revision, folder in (("round-1", "round-1"), ("round-2", "round-2"), (None, "round-2")):
+            kwargs = {{"revision": revision}} if revision else {{}}
+            hub_model = AutoModelForSequenceClassification.from_pretrained("{REPO_ID}", **kwargs)
+            AutoTokenizer.from_pretrained("{REPO_ID}", **kwargs)
+            local = AutoModelForSequenceClassification.from_pretrained(sys.argv[1] + "/" + folder)
+            hub_sd, local_sd = hub_model.state_dict(), local.state_dict()
+            out[revision or "main"] = hub_sd.keys() == local_sd.keys() and all(
+                torch.equal(hub_sd[k], local_sd[k]) for k in local_sd)
+        print(json.dumps(out))
+        """
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", check, str(output_dir)],
+        env=hub_env(fake_hub, token=None),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.strip().splitlines()[-1]) == {
+        "round-1": True,
+        "round-2": True,
+        "main": True,
+    }
+    # round-1 and round-2 differ, so the revisions really are different rounds.
+    assert (
+        repo.files("round-1")["model.safetensors"].sha256 != repo.files("round-2")["model.safetensors"].sha256
+    )
+
+
+def test_round_card_metadata_table_and_plot(pushed_run):
+    output_dir, _ = pushed_run
+    history = checkpoint.read_history(output_dir)
+    card = ModelCard.load(output_dir / "round-2" / checkpoint.CARD_FILE)
+    data = card.data
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "text-classification"
+    assert {"federated-learning", "flower"} <= set(data.tags)
+    assert data.model_name == REPO_ID
+    accuracy = next(r for r in data.eval_results if r.metric_type == "accuracy")
+    assert accuracy.metric_value == pytest.approx(history["rounds"][2]["central"]["eval_accuracy"])
+    assert accuracy.task_type == "text-classification"
+    # The per-round table (rounds 0..2), the linked plot beside the card, and how to load a round.
+    for record in history["rounds"]:
+        assert f"\n| {record['round']} | " in card.text
+    assert f"{record['central']['eval_accuracy']:.4f}" in card.text
+    assert f"]({checkpoint.PLOT_FILE})" in card.text
+    assert (output_dir / "round-2" / checkpoint.PLOT_FILE).read_bytes().startswith(b"\x89PNG")
+    assert 'revision="round-2"' in card.text
+    assert "FedAvg" in card.text and "| clients | 2 |" in card.text
+    # Round 1's card covers rounds 0 and 1 only.
+    assert "\n| 2 | " not in ModelCard.load(output_dir / "round-1" / checkpoint.CARD_FILE).text
+
+
+def test_tensorboard_and_plot_script(pushed_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output_dir, _ = pushed_run
+    events = EventAccumulator(str(output_dir / checkpoint.TENSORBOARD_DIR))
+    events.Reload()
+    assert [s.step for s in events.Scalars("central/eval_accuracy")] == [0, 1, 2]
+    assert [s.step for s in events.Scalars("train/train_loss")] == [1, 2]
+    assert [s.step for s in events.Scalars("evaluate/eval_accuracy")] == [1, 2]
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import plot
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert plot.main([str(output_dir), "--out", str(tmp_path / "plot.png")]) == 0
+    assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_push_script_pushes_a_finished_run(pushed_run, fake_hub):
+    output_dir, _ = pushed_run
+    result = run_script(
+        "push.py",
+        [str(output_dir), "--hub_model_id", "alice-lab/later", "--rounds", "1", "2"],
+        hub_env(fake_hub),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    repo = fake_hub.repos["alice-lab/later"]
+    assert "round-0" not in repo.branches
+    for name, folder in (("round-1", "round-1"), ("round-2", "round-2"), ("main", "round-2")):
+        assert repo.files(name)["model.safetensors"].sha256 == sha256(
+            output_dir / folder / "model.safetensors"
+        )
+
+
+def test_push_script_refuses_a_round_without_weights(pushed_run, tmp_path, capsys):
+    import shutil
+
+    output_dir, _ = pushed_run
+    copy = tmp_path / "run"
+    shutil.copytree(output_dir / "round-1", copy / "round-1")
+    (copy / "round-1" / checkpoint.WEIGHTS_FILE).unlink()
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import push
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert push.main([str(copy), "--hub_model_id", REPO_ID]) == 2
+    err = capsys.readouterr().err
+    assert "round-1 is incomplete" in err and checkpoint.WEIGHTS_FILE in err
+    assert (copy / "round-1" / checkpoint.CONFIG_FILE).is_file()  # nothing local removed
+
+
+def test_a_repo_of_someone_else_stops_the_run_before_training(
+    fake_hub, tmp_path, tiny_model_dir, reviews_csv
+):
+    # An earlier run's round in output_dir must survive: nothing local is touched.
+    earlier = tmp_path / "run" / "round-0"
+    earlier.mkdir(parents=True)
+    (earlier / "config.json").write_text("{}")
+    argv = ["--overwrite_output_dir", "--push_to_hub", "--hub_model_id", "bob/his-model"]
+    result = run_script(
+        "simulate.py", tiny_flags(tmp_path, tiny_model_dir, reviews_csv, *argv), hub_env(fake_hub)
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert (
+        "'bob' is not you or one of your organisations, so the token of 'alice' cannot push there"
+        in result.stderr
+    )
+    assert "Use --hub_model_id alice/his-model" in result.stderr
+    assert "Simulating" not in result.stdout  # no Flower process was started
+    assert (earlier / "config.json").is_file()
+
+
+def test_bad_repo_ids_and_tokens_are_refused_with_the_fix(fake_hub):
+    """The checks `check_run` makes before round 1, one process for all cases."""
+    cases = [
+        ("not a valid/id!", TOKEN, "is not a valid Hub repo id"),
+        ("alice/x", None, "needs a Hugging Face token and none was found. Set HF_TOKEN"),
+        ("alice/x", "hf_wrong_token", "rejected the Hugging Face token (401"),
+        ("rita/model", "hf_fake_reader", "is read-only; pushing needs a write token"),
+        ("tiny", TOKEN, None),  # a bare name goes under the token's user
+    ]
+    code = textwrap.dedent(
+        """
+        import json, os, sys
+        from hf_flower import hub
+        for repo_id, token in json.loads(sys.argv[1]):
+            os.environ.pop("HF_TOKEN", None)
+            if token:
+                os.environ["HF_TOKEN"] = token
+            try:
+                print(json.dumps(hub.check_push_access(repo_id)))
+            except hub.HubError as err:
+                print(json.dumps(str(err)))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([[repo, token] for repo, token, _ in cases])],
+        env=hub_env(fake_hub, token=None),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    for (_, token, message), answer in zip(cases, answers, strict=True):
+        assert message in answer if message else answer == "alice/tiny"
+        assert not token or token not in answer  # the token is never echoed
+
+
+def test_a_repo_of_someone_else_is_refused_by_the_hub_too(fake_hub, tiny_model_dir):
+    """Past our own owner check (e.g. a stale org membership), the Hub's 403 fails the push, unretried."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from hf_flower import hub
+        try:
+            hub.create_repo("bob/new-model", private=False)
+        except hub.HubError as err:
+            print("create:", err)
+        pusher = hub.RoundPusher("bob/his-model", delays=(30.0,))
+        print("push ok:", pusher.push(1, sys.argv[1]))
+        print("failure:", pusher.failures[1])
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_model_dir)],
+        env=hub_env(fake_hub),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "create: Creating or opening the Hub repo bob/new-model failed" in result.stdout
+    assert "403" in result.stdout and "push ok: False" in result.stdout
+    assert "retrying" not in result.stderr  # a 403 is not retried (the 30 s pause would show)
+    assert "bob/new-model" not in fake_hub.repos
+
+
+def test_failed_uploads_keep_training_and_fail_the_run(fake_hub, tmp_path, tiny_model_dir, reviews_csv):
+    """The Hub answers the token check, then every upload gets 503: training goes on, rounds stay local."""
+    fake_hub.fail_writes = True
+    try:
+        result = run_script(
+            "simulate.py",
+            tiny_flags(
+                tmp_path,
+                tiny_model_dir,
+                reviews_csv,
+                "--num_rounds",
+                "1",
+                "--push_to_hub",
+                "--hub_model_id",
+                "alice/down",
+            ),  # fmt: skip
+            hub_env(fake_hub),
+        )
+    finally:
+        fake_hub.fail_writes = False
+    assert_no_leftovers(tmp_path)
+    output_dir = tmp_path / "run"
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert checkpoint.list_rounds(output_dir) == [0, 1]
+    history = checkpoint.read_history(output_dir)
+    assert history["status"] == "failed"
+    assert history["error"].startswith("HubPushError: pushing round(s) [0, 1] to alice/down failed")
+    assert "503" in history["error"]
+    assert history["hub"]["pushed"] == [] and sorted(history["hub"]["failed"]) == ["0", "1"]
+    assert [r["round"] for r in history["rounds"]] == [0, 1]  # every round trained and saved
+    assert "pushing rounds [0, 1] FAILED (kept locally)" in result.stdout

@@ -5,8 +5,8 @@ from __future__ import annotations
 from . import checkpoint
 from . import data as data_lib
 from .arguments import RunArguments
-from .modeling import check_num_labels, load_model_config
-from .strategies import build_strategy
+from .modeling import check_num_labels, check_trainable, load_model_config
+from .strategies import build_strategy, strategy_class
 
 
 def check_federation(run_args: RunArguments) -> None:
@@ -20,6 +20,17 @@ def check_federation(run_args: RunArguments) -> None:
             )
 
 
+def check_transfer(run_args: RunArguments) -> None:
+    """Client-side clipping (Flower's DP mods) reads the weights with numpy, which has no bfloat16."""
+    federation = run_args.federation
+    client_side_dp = strategy_class(federation.strategy).__name__.startswith("DifferentialPrivacyClientSide")
+    if client_side_dp and federation.transfer_dtype == "bfloat16":
+        raise ValueError(
+            f"{federation.strategy} clips updates on the client with numpy, which has no bfloat16: "
+            "use --transfer_dtype float16 or float32 with it."
+        )
+
+
 def check_run(run_args: RunArguments, prepare_output: bool = False) -> list[str]:
     """Validate model, data, partitions, strategy and output folder; return the label names.
 
@@ -28,10 +39,12 @@ def check_run(run_args: RunArguments, prepare_output: bool = False) -> list[str]
     """
     check_federation(run_args)
     build_strategy(run_args.federation)
+    check_transfer(run_args)
     if prepare_output:
         checkpoint.prepare_output_dir(run_args.training.output_dir, run_args.federation.overwrite_output_dir)
     load_model_config(run_args.model)
     label_names = data_lib.load_label_names(run_args.data)
     check_num_labels(run_args.model, label_names)
+    check_trainable(run_args.model, run_args.peft, len(label_names))
     data_lib.partition_sizes(run_args.data, run_args.federation.num_clients, run_args.training.seed)
     return label_names

@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from . import checkpoint, progress
+from . import adapters, checkpoint, progress
 from . import data as data_lib
 from .arguments import RunArguments, from_run_config, to_run_config
 from .constants import (
@@ -35,7 +35,15 @@ from .metrics import make_compute_metrics
 from .modeling import load_model, load_tokenizer
 from .preflight import check_run
 from .strategies import build_strategy
-from .weights import arrays_nbytes, get_weights, set_weights, validate_arrays
+from .weights import (
+    arrays_nbytes,
+    cast_arrays,
+    get_weights,
+    set_weights,
+    to_float32_arrays,
+    trainable_state_dict,
+    validate_arrays,
+)
 
 app = ServerApp()
 # How often the server asks the SuperLink for replies while a round runs.
@@ -62,14 +70,19 @@ class RoundStats:
 class TrackingGrid(Grid):
     """A `Grid` that records each round's replies and refuses rounds with too few good replies.
 
-    Training replies are checked against the model's own state_dict (names, shapes, finite values)
-    before the strategy sees them; a bad reply counts as that client's failure.
+    It is also where weights cross the wire: outgoing weights are cast to `transfer_dtype`, and
+    training replies are checked against the model's trainable part (names, shapes, finite
+    values), then upcast to float32, before the strategy sees them, so strategies always average
+    float32. A bad reply counts as that client's failure.
     """
 
-    def __init__(self, grid: Grid, reference_state_dict: dict, min_train_clients: int):
+    def __init__(
+        self, grid: Grid, reference_state_dict: dict, min_train_clients: int, transfer_dtype: str = "float32"
+    ):
         self._grid = grid
         self._reference = reference_state_dict
         self._min_train_clients = min_train_clients
+        self._transfer_dtype = transfer_dtype
         self.rounds: dict[int, RoundStats] = {}
 
     # Plain delegation of the Grid interface.
@@ -102,6 +115,7 @@ class TrackingGrid(Grid):
         server_round = int(messages[0].content[CONFIG_KEY][SERVER_ROUND_KEY])
         stats = self.rounds.setdefault(server_round, RoundStats())
         stats.sampled[kind] = len(messages)
+        self._cast_outgoing(messages)
         stats.bytes_sent += sum(_message_nbytes(m) for m in messages)
         replies = self._push_and_pull(messages, timeout)
         stats.bytes_received += sum(_message_nbytes(r) for r in replies if r.has_content())
@@ -116,6 +130,18 @@ class TrackingGrid(Grid):
                 f"than min_train_clients={self._min_train_clients}.\n" + "\n".join(stats.failures)
             )
         return good
+
+    def _cast_outgoing(self, messages: list[Message]) -> None:
+        """Weights in `transfer_dtype` for the wire; messages sharing one record share its cast."""
+        if self._transfer_dtype == "float32":
+            return
+        cast: dict[int, ArrayRecord] = {}
+        for message in messages:
+            arrays = message.content.array_records.get(ARRAYS_KEY)
+            if arrays is not None:
+                if id(arrays) not in cast:
+                    cast[id(arrays)] = cast_arrays(arrays, self._transfer_dtype)
+                message.content[ARRAYS_KEY] = cast[id(arrays)]
 
     def _push_and_pull(self, messages: list[Message], timeout: float | None) -> list[Message]:
         """Flower's `send_and_receive`, polling for replies every `REPLY_POLL_SECONDS`.
@@ -147,6 +173,7 @@ class TrackingGrid(Grid):
             elif kind == MessageType.TRAIN:
                 try:
                     validate_arrays(reply.content[ARRAYS_KEY], self._reference)
+                    reply.content[ARRAYS_KEY] = to_float32_arrays(reply.content[ARRAYS_KEY])
                     good.append(reply)
                     continue
                 except (KeyError, ValueError) as err:
@@ -237,8 +264,7 @@ class RoundCheckpointer:
         return MetricRecord({k: v for k, v in central.items() if k.startswith("eval_")})
 
     def _write_model(self, folder) -> None:
-        self.model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
+        adapters.save_model(self.model, self.tokenizer, folder, self.run_args.peft.save_merged)
 
     def finish(self, error: BaseException | None) -> None:
         """Record how the run ended, and the best round, in history.json."""
@@ -255,12 +281,15 @@ def main(grid: Grid, context: Context) -> None:
     label_names = check_run(run_args, prepare_output=True)
     set_seed(run_args.training.seed)
     tokenizer = load_tokenizer(run_args.model)
-    model = load_model(run_args.model, label_names)
+    model = load_model(run_args.model, label_names, run_args.peft)
     test_set = data_lib.central_test_set(run_args.data, tokenizer, run_args.training.seed)
     federation = run_args.federation
     strategy = build_strategy(federation)
-    initial_arrays = get_weights(model)
-    tracking_grid = TrackingGrid(grid, model.state_dict(), federation.min_train_clients)
+    # The trainable part only, in float32: what the strategy averages (the frozen rest never moves).
+    initial_arrays = get_weights(model, "float32")
+    tracking_grid = TrackingGrid(
+        grid, trainable_state_dict(model), federation.min_train_clients, federation.transfer_dtype
+    )
     checkpointer = RoundCheckpointer(run_args, model, tokenizer, label_names, test_set, tracking_grid)
     error = None
     try:

@@ -219,6 +219,24 @@ def decode_arrays(arrays: Mapping[str, Array]) -> dict[str, torch.Tensor]:
         }
 
 
+def cast_arrays(arrays: ArrayRecord, dtype: str | torch.dtype) -> ArrayRecord:
+    """``arrays`` with floating-point entries re-encoded in ``dtype`` (others passed through).
+
+    What the server sends under `--transfer_dtype`: its strategy holds float32 arrays.
+    """
+    dtype = transfer_dtype(dtype)
+    out = ArrayRecord()
+    with _readonly_views():
+        for name, array in arrays.items():
+            view = _decode(name, array)
+            out[name] = (
+                _tensor_to_array(name, view, dtype)
+                if view.dtype.is_floating_point and view.dtype != dtype
+                else array
+            )
+    return out
+
+
 def to_float32_arrays(arrays: ArrayRecord) -> ArrayRecord:
     """``arrays`` with float16/bfloat16 entries as float32 `.npy`, for averaging on the server.
 

@@ -20,10 +20,8 @@ from hf_flower.preflight import check_run
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        model, data, federation, training, server = HfFlowerParser((ServerOptions,)).parse_args_and_config(
-            argv
-        )
-        run_args = finalize(RunArguments(model, data, federation, training))
+        *groups, server = HfFlowerParser((ServerOptions,)).parse_args_and_config(argv)
+        run_args = finalize(RunArguments(*groups))
         check_run(run_args, prepare_output=True)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -97,7 +97,8 @@ def state_dict_to_arrays(
     With ``dtype`` (a `TRANSFER_DTYPES` name or torch dtype), floating-point tensors are cast
     to it for the wire; integer and bool tensors keep theirs. Without it every dtype is kept.
     Each tensor is moved to CPU and serialised with one copy (`.npy` bytes, or raw bytes for
-    bfloat16), several times faster than ``ArrayRecord(state_dict)``.
+    bfloat16): about the cost of copying the weights into new memory
+    (`benchmarks/weights_conversion.py`).
     """
     dtype = transfer_dtype(dtype)
     record = ArrayRecord()

@@ -46,6 +46,10 @@ RUNS = {
     "dirichlet-lora-r8": DIRICHLET + LORA,
     "dirichlet-full-bf16": DIRICHLET + BF16,
     "central-dirichlet": DIRICHLET,
+    # LoRA tuning (IID): a larger step, and the pooler (frozen otherwise) trained in full too.
+    "iid-lora-r8-lr2e-3": LORA + ["--learning_rate", "2e-3"],
+    "iid-lora-r8-lr5e-3": LORA + ["--learning_rate", "5e-3"],
+    "iid-lora-r8-lr5e-3-pooler": LORA + ["--learning_rate", "5e-3", "--modules_to_save", "classifier", "pooler"],
 }
 
 

@@ -49,7 +49,8 @@ RUNS = {
     # LoRA tuning (IID): a larger step, and the pooler (frozen otherwise) trained in full too.
     "iid-lora-r8-lr2e-3": LORA + ["--learning_rate", "2e-3"],
     "iid-lora-r8-lr5e-3": LORA + ["--learning_rate", "5e-3"],
-    "iid-lora-r8-lr5e-3-pooler": LORA + ["--learning_rate", "5e-3", "--modules_to_save", "classifier", "pooler"],
+    "iid-lora-r8-lr5e-3-pooler": LORA
+    + ["--learning_rate", "5e-3", "--modules_to_save", "classifier", "pooler"],
 }
 
 

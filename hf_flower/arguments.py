@@ -23,6 +23,9 @@ from transformers import HfArgumentParser, TrainingArguments
 OFFLINE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 OFFLINE_DATASET = "offline-imdb"
 PARTITIONERS = ("iid", "dirichlet")
+PEFT_METHODS = ("none", "lora")
+# hf_flower.weights.TRANSFER_DTYPES, named here so parsing arguments needs no torch.
+TRANSFER_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEFAULT_OUTPUT_DIR = "outputs/hf-flower"
 
 # TrainingArguments that get their own run-config key (`training.<kebab-name>`), so they can be
@@ -70,6 +73,9 @@ class ModelArguments:
         revision: Hub revision (branch, tag or commit) of the model.
         num_labels: Number of classes. Taken from the data when unset; an error when it disagrees.
         trust_remote_code: Allow custom modelling code from the Hub.
+        freeze_modules: Modules whose parameters do not train, by (dotted) name or name suffix,
+            e.g. `embeddings` or `encoder.layer.0`. Frozen weights never travel between server
+            and clients. Comma-separated or space-separated.
     """
 
     model_name_or_path: str = field(
@@ -85,10 +91,15 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modelling code from the Hub."}
     )
+    freeze_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules that do not train (and never travel), e.g. `embeddings encoder.layer.0`."},
+    )
 
     def __post_init__(self):
         if self.num_labels is not None and self.num_labels < 2:
             raise ValueError(f"num_labels must be at least 2 for classification, got {self.num_labels}.")
+        self.freeze_modules = split_names(self.freeze_modules)
 
 
 @dataclass
@@ -182,6 +193,10 @@ class FederationArguments:
         resume: Continue the run in `output_dir` from its latest complete round (weights, round
             number, strategy state and history) up to `num_rounds`.
         client_num_cpus / client_num_gpus: Resources of one virtual client in simulation.
+        transfer_dtype: Precision of the weights on the wire, both directions: `float32`,
+            `float16` (half the bytes; values beyond 65504 are refused) or `bfloat16` (half the
+            bytes, float32's range). The server averages in float32 and saves rounds in the
+            model's own dtype.
     """
 
     num_rounds: int = field(default=3, metadata={"help": "Aggregation rounds."})
@@ -203,8 +218,16 @@ class FederationArguments:
     )
     client_num_cpus: int = field(default=1, metadata={"help": "CPU cores per virtual client (simulation)."})
     client_num_gpus: float = field(default=0.0, metadata={"help": "GPUs per virtual client (simulation)."})
+    transfer_dtype: str = field(
+        default="float32",
+        metadata={"help": "Precision of the weights on the wire.", "choices": TRANSFER_DTYPE_NAMES},
+    )
 
     def __post_init__(self):
+        if self.transfer_dtype not in TRANSFER_DTYPE_NAMES:
+            raise ValueError(
+                f"Unknown transfer_dtype {self.transfer_dtype!r}; choose one of {list(TRANSFER_DTYPE_NAMES)}."
+            )
         if isinstance(self.strategy_kwargs, str):
             try:
                 self.strategy_kwargs = json.loads(self.strategy_kwargs) if self.strategy_kwargs else {}
@@ -278,11 +301,84 @@ class HubArguments:
             raise ValueError("--push_to_hub needs --hub_model_id OWNER/NAME (the model repo to push to).")
 
 
-ARGUMENT_GROUPS = (ModelArguments, DataArguments, FederationArguments, TrainingArguments, HubArguments)
+@dataclass
+class PeftArguments:
+    """Parameter-efficient fine-tuning: train small adapters instead of the whole model.
+
+    With `peft: lora`, every client trains LoRA adapters (`peft.LoraConfig`) plus the modules in
+    `modules_to_save`; only those travel and are averaged, and each round is saved as a PEFT
+    adapter folder (`adapter_model.safetensors`, `adapter_config.json`).
+
+    Args:
+        peft: `none` (train every weight, the default) or `lora`.
+        lora_r: Rank of the LoRA update matrices.
+        lora_alpha: LoRA scaling numerator (the update is scaled by `lora_alpha / lora_r`).
+        lora_dropout: Dropout on the LoRA branch.
+        lora_target_modules: Modules that get adapters, by name suffix (`query value`). Default:
+            peft's choice for the model type (`query`, `value` for BERT; `q_lin`, `v_lin` for
+            DistilBERT).
+        modules_to_save: Modules trained in full beside the adapters. Default: the modules that
+            `from_pretrained` initialised fresh, i.e. the classification head (`classifier`;
+            `pre_classifier` and `classifier` for DistilBERT).
+        save_merged: Also save each round's model with the adapters merged in, in `round-N/merged/`
+            (a plain `from_pretrained` folder; needs no peft to load).
+    """
+
+    peft: str = field(default="none", metadata={"help": "Adapter method.", "choices": PEFT_METHODS})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules that get LoRA adapters; default: peft's for the model type."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules trained in full; default: the freshly initialised head."}
+    )
+    save_merged: bool = field(
+        default=False, metadata={"help": "Also save each round with adapters merged, in round-N/merged/."}
+    )
+
+    def __post_init__(self):
+        if self.peft not in PEFT_METHODS:
+            raise ValueError(
+                f"Unknown peft method {self.peft!r}; choose one of {list(PEFT_METHODS)} "
+                "(`none` trains the whole model)."
+            )
+        if self.lora_r < 1:
+            raise ValueError(f"lora_r must be at least 1, got {self.lora_r}.")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha}.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        self.lora_target_modules = split_names(self.lora_target_modules)
+        self.modules_to_save = split_names(self.modules_to_save)
+        if self.save_merged and self.peft == "none":
+            raise ValueError("save_merged needs adapters to merge: add --peft lora, or drop --save_merged.")
+
+
+def split_names(names: list[str] | str | None) -> list[str] | None:
+    """Module names given as a list, space- or comma-separated; None (or empty) stays None."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    split = [part.strip() for name in names for part in name.split(",") if part.strip()]
+    return split or None
+
+
+ARGUMENT_GROUPS = (
+    ModelArguments,
+    DataArguments,
+    FederationArguments,
+    TrainingArguments,
+    PeftArguments,
+    HubArguments,
+)
 RUN_CONFIG_PREFIXES = {
     ModelArguments: "model",
     DataArguments: "data",
     FederationArguments: "federation",
+    PeftArguments: "adapter",
     HubArguments: "hub",
 }
 
@@ -295,11 +391,12 @@ class RunArguments:
     data: DataArguments
     federation: FederationArguments
     training: TrainingArguments
+    peft: PeftArguments = field(default_factory=PeftArguments)
     hub: HubArguments = field(default_factory=HubArguments)
 
 
 class HfFlowerParser(HfArgumentParser):
-    """`HfArgumentParser` over the four groups, with `--config FILE.yaml` for defaults.
+    """`HfArgumentParser` over the argument groups, with `--config FILE.yaml` for defaults.
 
     As in trl's `TrlParser`: values in the YAML file become defaults, flags on the command line
     override them, and a key that no group knows is an error that names it.
@@ -382,8 +479,7 @@ def load_yaml_config(path: str | Path, groups) -> dict[str, Any]:
 
 def parse_args(args: list[str] | None = None) -> RunArguments:
     """Parse the command line (and its `--config` YAML) into a `RunArguments`."""
-    model, data, federation, training, hub = HfFlowerParser().parse_args_and_config(args)
-    return finalize(RunArguments(model, data, federation, training, hub))
+    return finalize(RunArguments(*HfFlowerParser().parse_args_and_config(args)))
 
 
 def finalize(run_args: RunArguments) -> RunArguments:
@@ -446,7 +542,7 @@ def training_overrides(training: TrainingArguments) -> dict[str, Any]:
 def to_run_config(run_args: RunArguments) -> dict[str, bool | int | float | str]:
     """Flatten all groups into Flower's run config (`group.kebab-name = value`)."""
     config: dict[str, Any] = {}
-    for group in (run_args.model, run_args.data, run_args.federation, run_args.hub):
+    for group in (run_args.model, run_args.data, run_args.federation, run_args.peft, run_args.hub):
         prefix = RUN_CONFIG_PREFIXES[type(group)]
         for f in dataclasses.fields(group):
             config[f"{prefix}.{_kebab(f.name)}"] = _encode(getattr(group, f.name))
@@ -480,10 +576,10 @@ def from_run_config(run_config: dict[str, Any]) -> RunArguments:
     unknown = sorted(set(training_kwargs) - set(annotations))
     if unknown:
         raise ValueError(f"training.extra names fields TrainingArguments does not have: {unknown}.")
-    model, data, federation, hub = groups
+    model, data, federation, peft, hub = groups
     training_kwargs["num_train_epochs"] = federation.local_epochs
     training = TrainingArguments(**join_launched_processes(training_kwargs))
-    return RunArguments(model, data, federation, training, hub)
+    return RunArguments(model, data, federation, training, peft, hub)
 
 
 def join_launched_processes(training_kwargs: dict) -> dict:

@@ -5,9 +5,10 @@ module owns that layout; nothing else reads or writes it by hand:
 
 ```
 <output_dir>/
-  round-0/  round-1/ ...   config.json, model.safetensors (or adapter_model.safetensors),
-                           tokenizer files, metrics.json, README.md (model card) + metrics.png,
-                           strategy_state.safetensors (the strategy's own state, for --resume)
+  round-0/  round-1/ ...   config.json, model.safetensors (or adapter_config.json,
+                           adapter_model.safetensors [, merged/]), tokenizer files, metrics.json,
+                           README.md (model card) + metrics.png, strategy_state.safetensors
+                           (the strategy's own state, for --resume)
   history.json             {"status": "running"|"completed"|"failed", "error": str|null,
                             "rounds": [<metrics dict of each round, in order>], ...}
   runs/                    TensorBoard event files of the server's per-round metrics
@@ -51,6 +52,9 @@ PLOT_FILE = "metrics.png"
 STRATEGY_STATE_FILE = "strategy_state.safetensors"
 STRATEGY_STATE_METADATA_KEY = "hf_flower.strategy_state"
 TENSORBOARD_DIR = "runs"
+# An adapter round holds no config.json: with one, `from_pretrained` would look for full weights
+# in the folder instead of loading the base model that adapter_config.json names.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 HISTORY_STATUSES = ("running", "completed", "failed")
 
@@ -154,7 +158,8 @@ def save_round(
         if not _has_round_files(tmp):
             raise OutputDirError(
                 f"write_files saved {sorted(p.name for p in tmp.iterdir()) or 'nothing'} for round "
-                f"{round_num}, without {CONFIG_FILE} and {WEIGHTS_FILE}; it must save the model into "
+                f"{round_num}, without {CONFIG_FILE} and {WEIGHTS_FILE} (or {ADAPTER_CONFIG_FILE} and "
+                f"{ADAPTER_WEIGHTS_FILE}); it must save the model into "
                 "the folder it is given, e.g. `lambda d: model.save_pretrained(d)`"
             )
         (tmp / METRICS_FILE).write_text(metrics_text, encoding="utf-8")
@@ -186,8 +191,9 @@ def save_round(
 def is_complete_round(path: str | os.PathLike) -> bool:
     """Whether `path` is a `round-N` folder with a config, weights and metrics.json.
 
-    Weights are model.safetensors, its sharded index, or adapter_model.safetensors (adapter
-    rounds). Only names `round-N` count, so temporary and set-aside folders never do.
+    Weights are config.json with model.safetensors or its sharded index, or an adapter's
+    adapter_config.json with adapter_model.safetensors. Only names `round-N` count, so
+    temporary and set-aside folders never do.
     """
     path = Path(path)
     return bool(_ROUND_RE.match(path.name)) and _has_round_files(path) and (path / METRICS_FILE).is_file()
@@ -329,8 +335,14 @@ def _unique_suffix() -> str:
 
 
 def _has_round_files(path: Path) -> bool:
-    """Whether `path` holds a config and weights that `from_pretrained` can load."""
-    weights = (WEIGHTS_FILE, WEIGHTS_INDEX_FILE, ADAPTER_WEIGHTS_FILE)
+    """Whether `path` holds a config and weights that `from_pretrained` can load.
+
+    A full model (config.json + model.safetensors or its shard index) or a PEFT adapter
+    (adapter_config.json + adapter_model.safetensors).
+    """
+    if (path / ADAPTER_CONFIG_FILE).is_file() and (path / ADAPTER_WEIGHTS_FILE).is_file():
+        return True
+    weights = (WEIGHTS_FILE, WEIGHTS_INDEX_FILE)
     return (path / CONFIG_FILE).is_file() and any((path / name).is_file() for name in weights)
 
 

@@ -80,7 +80,7 @@ def load_task(run_config: tuple) -> ClientTask:
     set_seed(run_args.training.seed)
     tokenizer = load_tokenizer(run_args.model)
     label_names = data_lib.load_label_names(run_args.data)
-    model = load_model(run_args.model, label_names)
+    model = load_model(run_args.model, label_names, run_args.peft)
     return ClientTask(run_args, tokenizer, model, label_names)
 
 
@@ -220,7 +220,8 @@ def train(msg: Message, context: Context) -> Message:
             "train_steps": int(output.global_step),
             NUM_EXAMPLES_KEY: len(client.train),
         }
-        return _reply(msg, context, get_weights(task.model), metrics)
+        arrays = get_weights(task.model, task.run_args.federation.transfer_dtype)
+        return _reply(msg, context, arrays, metrics)
     except Exception as err:  # noqa: BLE001 - every failure goes back to the server, named
         return _error_reply(msg, context, "training", err)
 

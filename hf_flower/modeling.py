@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 
+import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from .arguments import OFFLINE_MODEL, ModelArguments
+from . import adapters
+from .arguments import OFFLINE_MODEL, ModelArguments, PeftArguments
 
 
 class ModelError(ValueError):
@@ -65,20 +67,30 @@ def load_tokenizer(model_args: ModelArguments):
         raise _wrap_load_error(name, err) from None
 
 
-def load_model(model_args: ModelArguments, label_names: list[str]) -> PreTrainedModel:
-    """A sequence classifier with one output per class and readable `id2label` names.
+def _label_kwargs(label_names: list[str]) -> dict:
+    id2label = dict(enumerate(label_names))
+    return {
+        "num_labels": len(label_names),
+        "id2label": id2label,
+        "label2id": {v: k for k, v in id2label.items()},
+    }
 
+
+def load_model(
+    model_args: ModelArguments, label_names: list[str], peft_args: PeftArguments | None = None
+) -> PreTrainedModel:
+    """A sequence classifier with one output per class and readable `id2label` names, ready to train.
+
+    `--freeze_modules` and `--peft` decide which weights train (`adapters.prepare_trainable`).
     A checkpoint whose head has another number of labels is an error, not a silent re-init.
     """
     check_num_labels(model_args, label_names)
     name = model_args.model_name_or_path
-    id2label = dict(enumerate(label_names))
     try:
-        return AutoModelForSequenceClassification.from_pretrained(
+        model, info = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_path(name),
-            num_labels=len(label_names),
-            id2label=id2label,
-            label2id={label: i for i, label in id2label.items()},
+            output_loading_info=True,
+            **_label_kwargs(label_names),
             **_hub_kwargs(model_args),
         )
     except RuntimeError as err:  # size mismatch of an existing classification head
@@ -88,3 +100,24 @@ def load_model(model_args: ModelArguments, label_names: list[str]) -> PreTrained
         ) from None
     except (OSError, ValueError) as err:
         raise _wrap_load_error(name, err) from None
+    fresh = adapters.fresh_modules_of(info["missing_keys"])
+    return adapters.prepare_trainable(model, model_args, peft_args or PeftArguments(), fresh)
+
+
+def check_trainable(model_args: ModelArguments, peft_args: PeftArguments, num_labels: int) -> None:
+    """Check `--freeze_modules` and the LoRA module names on an empty model, in about a second.
+
+    The model is built on the meta device from its config alone: no weights are read.
+    """
+    if not model_args.freeze_modules and peft_args.peft == "none":
+        return
+    config = load_model_config(model_args)
+    config.num_labels = num_labels
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(
+            config, trust_remote_code=model_args.trust_remote_code
+        )
+    for name in model_args.freeze_modules or ():
+        adapters.find_modules(skeleton, name, "freeze_modules")
+    if peft_args.peft != "none":
+        adapters.lora_config(skeleton, model_args, peft_args)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from . import checkpoint, hub, resume
 from . import data as data_lib
 from .arguments import RunArguments
-from .modeling import check_num_labels, load_model_config
-from .strategies import build_strategy
+from .modeling import check_num_labels, check_trainable, load_model_config
+from .strategies import build_strategy, strategy_class
 
 
 def check_federation(run_args: RunArguments) -> None:
@@ -20,6 +20,17 @@ def check_federation(run_args: RunArguments) -> None:
             )
 
 
+def check_transfer(run_args: RunArguments) -> None:
+    """Client-side clipping (Flower's DP mods) reads the weights with numpy, which has no bfloat16."""
+    federation = run_args.federation
+    client_side_dp = strategy_class(federation.strategy).__name__.startswith("DifferentialPrivacyClientSide")
+    if client_side_dp and federation.transfer_dtype == "bfloat16":
+        raise ValueError(
+            f"{federation.strategy} clips updates on the client with numpy, which has no bfloat16: "
+            "use --transfer_dtype float16 or float32 with it."
+        )
+
+
 def check_run(run_args: RunArguments, prepare_output: bool = False) -> list[str]:
     """Validate model, data, partitions, strategy, Hub access and output folder; return the label names.
 
@@ -29,6 +40,7 @@ def check_run(run_args: RunArguments, prepare_output: bool = False) -> list[str]
     """
     check_federation(run_args)
     build_strategy(run_args.federation)
+    check_transfer(run_args)
     if run_args.hub.push_to_hub:
         hub.check_push_access(run_args.hub.hub_model_id)
     output_dir, federation = run_args.training.output_dir, run_args.federation
@@ -37,6 +49,7 @@ def check_run(run_args: RunArguments, prepare_output: bool = False) -> list[str]
     model_config = load_model_config(run_args.model)
     label_names = data_lib.load_label_names(run_args.data)
     check_num_labels(run_args.model, label_names)
+    check_trainable(run_args.model, run_args.peft, len(label_names))
     if prepare_output and federation.resume:
         resume.check_resumable(output_dir, federation.num_rounds, model_config, label_names)
         checkpoint.prepare_output_dir(output_dir, overwrite=False, resume=True)

@@ -63,6 +63,11 @@ def check_resumable(
     `OutputDirError` naming the difference and the fix.
     """
     point = find_resume_point(output_dir)
+    if not (point.folder / checkpoint.CONFIG_FILE).is_file():
+        raise OutputDirError(
+            f"--resume: {point.folder} is an adapter round (--peft); resuming adapter runs is not "
+            "supported yet. Start a new run, or resume a full fine-tuning run."
+        )
     if point.round >= num_rounds:
         raise OutputDirError(
             f"--resume: output_dir {output_dir} already holds round {point.round} and --num_rounds is "
@@ -90,18 +95,22 @@ def check_resumable(
     return point.round
 
 
-def load_round_arrays(folder: Path, reference_model):
-    """The weights saved in a round folder as an `ArrayRecord`, checked against `reference_model`."""
+def load_round_arrays(folder: Path, model):
+    """Load the weights saved in a round folder into `model`; return what the strategy starts from.
+
+    The saved weights are checked against the whole model first (a foreign folder changes
+    nothing); the return value is the model's trainable part in float32, as for round 0.
+    """
     from transformers import AutoModelForSequenceClassification
 
-    from .weights import get_weights, validate_arrays
+    from .weights import get_weights, state_dict_to_arrays, validate_arrays
 
-    saved = AutoModelForSequenceClassification.from_pretrained(folder)
-    arrays = get_weights(saved)
+    saved = AutoModelForSequenceClassification.from_pretrained(folder).state_dict()
     try:
-        validate_arrays(arrays, reference_model.state_dict())
+        validate_arrays(state_dict_to_arrays(saved), model.state_dict())
     except ValueError as err:
         raise OutputDirError(
             f"--resume: the weights in {folder} do not fit this run's model: {err}"
         ) from None
-    return arrays
+    model.load_state_dict(saved)
+    return get_weights(model, "float32")

@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from . import checkpoint, hub, model_card, progress, resume
+from . import adapters, checkpoint, hub, model_card, progress, resume
 from . import data as data_lib
 from .arguments import RunArguments, from_run_config, to_run_config
 from .constants import (
@@ -42,7 +42,15 @@ from .modeling import load_model, load_tokenizer
 from .preflight import check_run
 from .strategies import ResumedStrategy, build_strategy, get_strategy_state, set_strategy_state
 from .tracking import RoundTracker
-from .weights import arrays_nbytes, get_weights, set_weights, validate_arrays
+from .weights import (
+    arrays_nbytes,
+    cast_arrays,
+    get_weights,
+    set_weights,
+    to_float32_arrays,
+    trainable_state_dict,
+    validate_arrays,
+)
 
 app = ServerApp()
 # How often the server asks the SuperLink for replies while a round runs.
@@ -73,8 +81,9 @@ class RoundStats:
 class TrackingGrid(Grid):
     """A `Grid` that records each round's replies and refuses rounds with too few good replies.
 
-    Training replies are checked against the model's own state_dict (names, shapes, finite values)
-    before the strategy sees them; a bad reply counts as that client's failure.
+    Training replies are checked against the model's trainable part (names, shapes, finite values),
+    then upcast to float32, before the strategy sees them, so strategies always average float32; a
+    bad reply counts as that client's failure. Outgoing weights are cast to `transfer_dtype`.
 
     Weights a node already holds do not travel again: a long-lived client (`scripts/client.py`)
     keeps the last weights it received and says so in its reply, and the next message to it that
@@ -83,10 +92,13 @@ class TrackingGrid(Grid):
     `ARRAYS_NOT_HELD_CODE` and gets the full message.
     """
 
-    def __init__(self, grid: Grid, reference_state_dict: dict, min_train_clients: int):
+    def __init__(
+        self, grid: Grid, reference_state_dict: dict, min_train_clients: int, transfer_dtype: str = "float32"
+    ):
         self._grid = grid
         self._reference = reference_state_dict
         self._min_train_clients = min_train_clients
+        self._transfer_dtype = transfer_dtype
         self.rounds: dict[int, RoundStats] = {}
         # node id -> object id of the weights that node said it holds.
         self._held: dict[int, str] = {}
@@ -121,6 +133,7 @@ class TrackingGrid(Grid):
         server_round = int(messages[0].content[CONFIG_KEY][SERVER_ROUND_KEY])
         stats = self.rounds.setdefault(server_round, RoundStats())
         stats.sampled[kind] = len(messages)
+        self._cast_outgoing(messages)
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         sent, replies = self._push_and_pull(messages, deadline)
         stats.bytes_sent += sum(_message_nbytes(m) for m in sent)
@@ -136,6 +149,18 @@ class TrackingGrid(Grid):
                 f"than min_train_clients={self._min_train_clients}.\n" + "\n".join(stats.failures)
             )
         return good
+
+    def _cast_outgoing(self, messages: list[Message]) -> None:
+        """Weights in `transfer_dtype` for the wire; messages sharing one record share its cast."""
+        if self._transfer_dtype == "float32":
+            return
+        cast: dict[int, ArrayRecord] = {}
+        for message in messages:
+            arrays = message.content.array_records.get(ARRAYS_KEY)
+            if arrays is not None:
+                if id(arrays) not in cast:
+                    cast[id(arrays)] = cast_arrays(arrays, self._transfer_dtype)
+                message.content[ARRAYS_KEY] = cast[id(arrays)]
 
     def _outgoing(self, message: Message, by_reference: bool) -> Message:
         """`message` with its weights named by id, and left out if its node holds them already.
@@ -213,6 +238,7 @@ class TrackingGrid(Grid):
             elif kind == MessageType.TRAIN:
                 try:
                     validate_arrays(reply.content[ARRAYS_KEY], self._reference)
+                    reply.content[ARRAYS_KEY] = to_float32_arrays(reply.content[ARRAYS_KEY])
                     good.append(reply)
                     continue
                 except (KeyError, ValueError) as err:
@@ -348,8 +374,7 @@ class RoundCheckpointer:
 
     def _write_round(self, folder, rounds: list[dict]) -> None:
         """Everything of a round but metrics.json, inside `save_round`'s atomic folder."""
-        self.model.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
+        adapters.save_model(self.model, self.tokenizer, folder, self.run_args.peft.save_merged)
         if self.strategy is not None:
             checkpoint.write_strategy_state(folder, *get_strategy_state(self.strategy))
         model_card.write_card(folder, self.run_args, self.label_names, rounds)
@@ -396,12 +421,15 @@ def main(grid: Grid, context: Context) -> None:
     label_names = check_run(run_args, prepare_output=True)
     set_seed(run_args.training.seed)
     tokenizer = load_tokenizer(run_args.model)
-    model = load_model(run_args.model, label_names)
+    model = load_model(run_args.model, label_names, run_args.peft)
     test_set = data_lib.central_test_set(run_args.data, tokenizer, run_args.training.seed)
     federation = run_args.federation
     strategy = build_strategy(federation)
-    initial_arrays = get_weights(model)
-    tracking_grid = TrackingGrid(grid, model.state_dict(), federation.min_train_clients)
+    # The trainable part only, in float32: what the strategy averages (the frozen rest never moves).
+    initial_arrays = get_weights(model, "float32")
+    tracking_grid = TrackingGrid(
+        grid, trainable_state_dict(model), federation.min_train_clients, federation.transfer_dtype
+    )
     resume_point = None
     if federation.resume:
         resume_point = resume.find_resume_point(run_args.training.output_dir)

@@ -21,9 +21,8 @@ from hf_flower.preflight import check_run
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        parser = HfFlowerParser((ServerOptions,))
-        model, data, federation, training, hub, server = parser.parse_args_and_config(argv)
-        run_args = finalize(RunArguments(model, data, federation, training, hub))
+        *groups, server = HfFlowerParser((ServerOptions,)).parse_args_and_config(argv)
+        run_args = finalize(RunArguments(*groups))
         check_run(run_args, prepare_output=True)
     except (ValueError, OSError, HubError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.clientapp import ClientApp
-from safetensors.numpy import save_file
+from safetensors.torch import save_file
 
 from hf_flower import client_app as hf_client
+from hf_flower.weights import decode_arrays
 
 PLAN = json.loads((Path(__file__).parent / "plan.json").read_text())
 
@@ -54,7 +55,7 @@ def record(msg, context, call_next):
         arrays: ArrayRecord = reply.content["arrays"]
         num_examples = reply.content["metrics"]["num-examples"]
         save_file(
-            {key: np.ascontiguousarray(array.numpy()) for key, array in arrays.items()},
+            decode_arrays(arrays),  # as sent: bfloat16 too, which numpy cannot hold
             folder / f"partition-{context.node_config['partition-id']}.safetensors",
             metadata={"num_examples": str(num_examples)},
         )

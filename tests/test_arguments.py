@@ -1,5 +1,6 @@
 """Argument groups: YAML + flags, Flower run config round trip, and the errors of bad values."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,31 @@ def test_pyproject_run_config_is_the_quickstart():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     app_config = flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
     assert app_config == to_run_config(parse_args(["--config", QUICKSTART]))
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("peft: qlora\n", "Unknown peft method 'qlora'; choose one of ['none', 'lora']"),
+        (
+            "transfer_dtype: fp8\n",
+            "Unknown transfer_dtype 'fp8'; choose one of ['float32', 'float16', 'bfloat16']",
+        ),
+        ("peft: lora\nlora_r: 0\n", "lora_r must be at least 1"),
+    ],
+)
+def test_bad_adapter_and_transfer_settings_are_named(tmp_path, yaml_text, message):
+    config = write_yaml(tmp_path, yaml_text + "output_dir: out\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(["--config", config])
+
+
+def test_module_lists_take_commas_or_spaces_and_survive_the_run_config():
+    run_args = parse_args(
+        ["--output_dir", "out", "--peft", "lora", "--lora_target_modules", "query,value", "dense",
+         "--freeze_modules", "embeddings", "--transfer_dtype", "bfloat16"]
+    )  # fmt: skip
+    assert run_args.peft.lora_target_modules == ["query", "value", "dense"]
+    back = from_run_config(to_run_config(run_args))
+    assert back.peft == run_args.peft and back.model.freeze_modules == ["embeddings"]
+    assert back.federation.transfer_dtype == "bfloat16"

@@ -101,3 +101,39 @@ def test_client_side_dp_clips_the_update(run_config):
     after = reply.content["arrays"].to_torch_state_dict()
     update_norm = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
     assert update_norm <= 0.01 + 1e-6
+
+
+@pytest.mark.parametrize(
+    "flags, travels",
+    [
+        (["--peft", "lora", "--transfer_dtype", "bfloat16"], lambda n: ".lora_" in n or ".modules_to_save." in n),
+        (["--freeze_modules", "embeddings,encoder.layer.0", "--transfer_dtype", "float16"],
+         lambda n: ".embeddings." not in n and ".layer.0." not in n),
+    ],
+)  # fmt: skip
+def test_only_the_trainable_part_travels_in_the_transfer_dtype(
+    tmp_path, tiny_model_dir, reviews_csv, flags, travels
+):
+    run_args = parse_args(
+        [
+            "--model_name_or_path", str(tiny_model_dir), "--dataset", str(reviews_csv),
+            "--max_length", "32", "--test_size", "40", "--max_steps", "2", "--learning_rate", "1e-2",
+            "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "run"), *flags,
+        ]
+    )  # fmt: skip
+    run_config = to_run_config(run_args)
+    task = client_app.load_task(client_app._frozen(run_config))
+    frozen = {n: p.detach().clone() for n, p in task.model.named_parameters() if not p.requires_grad}
+    assert frozen  # something is frozen
+    start = get_weights(task.model, run_args.federation.transfer_dtype)
+
+    reply = client_app.train(instruction(start), context(run_config))
+
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    arrays = reply.content["arrays"]
+    trainable = [n for n, p in task.model.named_parameters() if p.requires_grad]
+    assert list(arrays) == trainable and all(travels(n) for n in arrays)
+    assert {a.dtype for a in arrays.values()} == {run_args.federation.transfer_dtype}
+    for name, p in task.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name  # frozen weights never change

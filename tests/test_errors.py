@@ -59,8 +59,23 @@ def run_and_expect(capsys, argv, message):
         (["--strategy", "FedXgbBagging"], "Unknown strategy 'FedXgbBagging'"),
         (["--min_available_clients", "3"], "min_available_clients=3 exceeds num_clients=2"),
         (["--num_rounds", "0"], "num_rounds must be at least 1"),
+        (
+            ["--peft", "lora", "--lora_target_modules", "qry"],
+            "--lora_target_modules 'qry' matches no module of BertForSequenceClassification; its linear "
+            "layers are: classifier, dense, key, query, value",
+        ),
+        (["--peft", "lora", "--modules_to_save", "head"], "--modules_to_save 'head' matches no module"),
+        (["--freeze_modules", "embedings"], "--freeze_modules 'embedings' matches no module"),
+        (["--save_merged"], "save_merged needs adapters to merge: add --peft lora"),
+        (
+            [
+                "--strategy", "DifferentialPrivacyClientSideFixedClipping", "--transfer_dtype", "bfloat16",
+                "--strategy_kwargs", '{"noise_multiplier": 0.1, "clipping_norm": 1.0, "num_sampled_clients": 2}',
+            ],
+            "use --transfer_dtype float16 or float32",
+        ),
     ],
-)
+)  # fmt: skip
 def test_bad_input_is_named_before_training(capsys, base_flags, flags, message):
     run_and_expect(capsys, base_flags + flags, message)
 

@@ -145,3 +145,48 @@ def test_nan_update_is_rejected_and_round_continues_above_minimum(
     assert len(metrics["failures"]) == 1
     assert "partition 2" in metrics["failures"][0] and "NaN" in metrics["failures"][0]
     assert sorted(c["partition-id"] for c in metrics["client_results"]["train"]) == [0, 1]
+
+
+def test_lora_rounds_are_peft_folders_and_only_adapters_travel(
+    tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes
+):
+    import torch
+    from peft import AutoPeftModelForSequenceClassification, PeftModel
+
+    run_args = tiny_run_args(
+        tmp_path, tiny_model_dir, reviews_csv,
+        "--num_rounds", "1", "--peft", "lora", "--lora_r", "4", "--transfer_dtype", "bfloat16", "--save_merged",
+    )  # fmt: skip
+    record_dir = tmp_path / "replies"
+    app_dir = make_app(tmp_path, run_args, {"record_dir": str(record_dir)})
+
+    assert run_simulation(run_args, app_dir=app_dir) == 0
+
+    output_dir = Path(run_args.training.output_dir)
+    assert checkpoint.list_rounds(output_dir) == [0, 1]
+    round_1 = output_dir / "round-1"
+    assert (round_1 / "adapter_model.safetensors").is_file() and not (round_1 / "config.json").exists()
+    adapter_config = json.loads((round_1 / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir)  # as the user named it
+
+    # Replies held the adapters and the head only, as raw bfloat16.
+    (reply,) = (record_dir / "round-1").glob("partition-0.safetensors")
+    with safe_open(reply, "pt") as f:
+        keys = list(f.keys())
+        assert all(".lora_" in k or ".modules_to_save." in k for k in keys)
+    metrics = checkpoint.read_round_metrics(output_dir, 1)
+    full_bytes = 4 * sum(
+        p.numel() for p in AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).parameters()
+    )
+    assert metrics["bytes_received"] < 2 * full_bytes * 0.5  # two replies, each far below fp32
+
+    inputs = {"input_ids": torch.tensor([[2, 5, 6, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    auto = AutoPeftModelForSequenceClassification.from_pretrained(round_1).eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir)
+    manual = PeftModel.from_pretrained(base, round_1).eval()
+    merged = AutoModelForSequenceClassification.from_pretrained(round_1 / "merged").eval()
+    with torch.no_grad():
+        expected = auto(**inputs).logits
+        torch.testing.assert_close(manual(**inputs).logits, expected)
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
+    assert merged.config.id2label == {0: "0", 1: "1"}

@@ -1,4 +1,4 @@
-"""Tests for hf_flower.weights: state_dict <-> ArrayRecord, validation and dtypes."""
+"""Tests for hf_flower.weights: state_dict <-> ArrayRecord, the trainable part, validation and dtypes."""
 
 import io
 
@@ -11,13 +11,17 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from hf_flower.weights import (
     NUMPY_STYPE,
+    TORCH_RAW_STYPE,
+    TRANSFER_DTYPES,
     NonFiniteWeightsError,
     WeightsMismatchError,
     arrays_nbytes,
     arrays_to_state_dict,
+    decode_arrays,
     get_weights,
     set_weights,
     state_dict_to_arrays,
+    to_float32_arrays,
     validate_arrays,
 )
 
@@ -145,10 +149,110 @@ def test_values_are_cast_to_the_reference_dtype():
     assert back["w"].tolist() == [0.5, 1.0, -2.0]
 
 
-def test_bfloat16_is_refused_with_a_clear_error():
-    match = r"h\.weight: bfloat16 transfer is not supported yet.*float32"
-    with pytest.raises(TypeError, match=match):
-        state_dict_to_arrays({"h.weight": torch.zeros(2, dtype=torch.bfloat16)})
+def test_bfloat16_round_trip_is_bit_exact():
+    g = torch.Generator().manual_seed(0)
+    # Every finite bf16 bit pattern once, plus signed zeros, subnormals and a random matrix.
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    finite = bits[torch.isfinite(bits)]
+    state_dict = {
+        "all": finite,
+        "m": torch.randn(7, 5, generator=g).bfloat16(),
+        "s": torch.tensor(1.5).bfloat16(),
+    }
+
+    arrays = state_dict_to_arrays(state_dict)
+    assert arrays["m"].stype == TORCH_RAW_STYPE and arrays["m"].dtype == "bfloat16"
+    assert len(arrays["all"].data) == 2 * finite.numel()  # the raw payload, nothing else
+    back = arrays_to_state_dict(arrays, state_dict)
+    for name, tensor in state_dict.items():
+        assert back[name].dtype == torch.bfloat16
+        assert torch.equal(back[name].view(torch.int16), tensor.view(torch.int16)), name  # bits
+    assert_state_dicts_equal(decode_arrays(arrays), state_dict)
+
+
+def test_bfloat16_arrays_are_not_misread_by_flowers_numpy_reader():
+    arrays = state_dict_to_arrays({"w": torch.ones(3)}, "bfloat16")
+    with pytest.raises(TypeError, match="Unsupported serialization type"):
+        arrays["w"].numpy()
+
+
+@pytest.mark.parametrize("dtype, itemsize", [("float32", 4), ("float16", 2), ("bfloat16", 2)])
+def test_transfer_dtype_casts_floats_only_and_loads_back_into_the_model_dtype(dtype, itemsize):
+    reference = {"w": torch.linspace(-1, 1, 1000), "ids": torch.arange(4)}
+    arrays = state_dict_to_arrays(reference, dtype)
+    assert arrays["ids"].dtype == "int64"
+    assert len(arrays["w"].data) - 1000 * itemsize < 256  # at most an .npy header more
+    back = arrays_to_state_dict(arrays, reference)
+    assert back["w"].dtype == torch.float32 and torch.equal(back["ids"], reference["ids"])
+    expected = reference["w"].to(TRANSFER_DTYPES[dtype]).float()
+    assert torch.equal(back["w"], expected)  # exactly the wire value, upcast
+
+
+def test_half_precision_is_averaged_in_float32():
+    # Two float16 updates whose float16 average loses the low bits of the float32 one.
+    a, b = torch.full((4,), 1.0009765625), torch.full((4,), 1.0)
+    records = [to_float32_arrays(state_dict_to_arrays({"w": t}, "float16")) for t in (a, b)]
+    assert all(r["w"].dtype == "float32" for r in records)
+    averaged = fedavg(records, [1, 1])
+    assert averaged["w"].dtype == "float32"
+    assert float(averaged["w"].numpy()[0]) == pytest.approx(1.00048828125, abs=0)
+    bf16 = to_float32_arrays(state_dict_to_arrays({"w": a}, "bfloat16"))
+    assert bf16["w"].numpy().dtype == np.float32  # readable by Flower's strategies
+    kept = state_dict_to_arrays({"w": a})
+    assert to_float32_arrays(kept)["w"] is kept["w"]  # float32 passes through untouched
+
+
+def test_float16_overflow_is_refused_naming_the_fix():
+    with pytest.raises(ValueError, match=r"big: .*65504.*--transfer_dtype bfloat16"):
+        state_dict_to_arrays({"big": torch.tensor([1e6])}, "float16")
+
+
+def test_unknown_transfer_dtype_is_named():
+    with pytest.raises(ValueError, match=r"Unknown transfer dtype 'fp8'.*float32"):
+        state_dict_to_arrays({"w": torch.zeros(1)}, "fp8")
+
+
+def test_truncated_raw_bfloat16_is_refused():
+    arrays = state_dict_to_arrays({"w": torch.zeros(4, dtype=torch.bfloat16)})
+    raw = arrays["w"]
+    arrays["w"] = Array(dtype=raw.dtype, shape=raw.shape, stype=raw.stype, data=raw.data[:-2])
+    with pytest.raises(WeightsMismatchError, match=r"w: received 6 bytes .*expected 8"):
+        validate_arrays(arrays, {"w": torch.zeros(4)})
+
+
+# --- the trainable part ----------------------------------------------------------------------
+
+
+def test_frozen_weights_never_travel_and_stay_untouched():
+    model = make_tiny_bert(seed=0)
+    donor = make_tiny_bert(seed=1)
+    for m in (model, donor):
+        for p in m.bert.embeddings.parameters():
+            p.requires_grad_(False)
+    frozen_before = {k: v.clone() for k, v in model.bert.embeddings.state_dict().items()}
+
+    arrays = get_weights(donor)
+    trainable = [n for n, p in donor.named_parameters() if p.requires_grad]
+    assert list(arrays) == trainable and not any(".embeddings." in n for n in arrays)
+    full = sum(t.numel() * t.element_size() for t in donor.state_dict().values())
+    assert arrays_nbytes(arrays) < full * 0.9
+
+    set_weights(model, arrays)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, dict(donor.named_parameters())[name]), name
+    for name, value in model.bert.embeddings.state_dict().items():
+        assert torch.equal(value, frozen_before[name]), name  # the frozen part is our own
+
+
+def test_the_whole_model_does_not_fit_a_partly_frozen_one():
+    model = make_tiny_bert()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    with pytest.raises(
+        WeightsMismatchError,
+        match=r"unexpected key 'bert\.embeddings\.word_embeddings\.weight'.*--freeze_modules",
+    ):
+        set_weights(model, state_dict_to_arrays(make_tiny_bert().state_dict()))
 
 
 # --- set_weights -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from accelerate import PartialState
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 from ..constants import ARRAYS_KEY, CONFIG_KEY
-from ..weights import state_dict_to_arrays
+from ..weights import decode_arrays, state_dict_to_arrays
 
 # Idle ranks wait in a broadcast while the server waits for other clients: give them all day.
 COLLECTIVE_TIMEOUT = timedelta(hours=24)
@@ -59,7 +59,8 @@ def send_job(message: Message, context: Context) -> None:
     """Rank 0: broadcast one message and its context to every other rank."""
     if not is_distributed():
         return
-    weights = message.content[ARRAYS_KEY].to_torch_state_dict()
+    # As sent (bfloat16 included): the other ranks rebuild the very same message.
+    weights = decode_arrays(message.content[ARRAYS_KEY])
     header = {
         "kind": message.metadata.message_type,
         "group_id": message.metadata.group_id,

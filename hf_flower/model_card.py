@@ -102,10 +102,12 @@ def render_card(run_args: RunArguments, label_names: list[str], rounds: list[dic
         if isinstance(central.get(f"eval_{metric}"), (int, float))
     ]
     base_model = _hub_id(run_args.model.model_name_or_path)
+    adapter = run_args.peft.peft != "none"
     card_data = ModelCardData(
         base_model=base_model,
         datasets=[dataset_id] if dataset_id else None,
-        library_name="transformers",
+        # Adapter rounds load with peft (the Hub shows peft's snippet); full rounds with transformers.
+        library_name="peft" if adapter else "transformers",
         pipeline_tag="text-classification",
         license=run_args.hub.hub_license,
         tags=TAGS,
@@ -119,6 +121,8 @@ def render_card(run_args: RunArguments, label_names: list[str], rounds: list[dic
         card_data,
         template_path=str(TEMPLATE_PATH),
         model_id=model_id,
+        base_model=base_model or run_args.model.model_name_or_path,
+        adapter=adapter,
         base_model_text=base_model_text,
         labels=label_names,
         num_clients=run_args.federation.num_clients,

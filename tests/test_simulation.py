@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
@@ -190,3 +191,6 @@ def test_lora_rounds_are_peft_folders_and_only_adapters_travel(
         torch.testing.assert_close(manual(**inputs).logits, expected)
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
     assert merged.config.id2label == {0: "0", 1: "1"}
+    card = ModelCard.load(round_1 / "README.md")  # ours, written over the one peft saves
+    assert card.data.library_name == "peft"
+    assert "AutoPeftModelForSequenceClassification.from_pretrained" in card.text

@@ -103,6 +103,23 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
 
 
+def tiny_run_flags(output_dir, tiny_model_dir, reviews_csv, *flags) -> list[str]:
+    """Flags of a quick simulated run of the tiny model: 2 clients, 2 rounds; later flags override."""
+    return [
+        "--model_name_or_path", str(tiny_model_dir),
+        "--dataset", str(reviews_csv),
+        "--max_length", "32",
+        "--test_size", "40",
+        "--client_eval_size", "0.2",
+        "--num_clients", "2",
+        "--num_rounds", "2",
+        "--per_device_train_batch_size", "16",
+        "--learning_rate", "5e-3",
+        "--output_dir", str(output_dir),
+        *flags,
+    ]  # fmt: skip
+
+
 def processes_of(tmp_path) -> list:
     """Processes that belong to one test: its temporary folder is in their command line or cwd.
 

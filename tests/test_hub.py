@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import processes_of
+from conftest import processes_of, tiny_run_flags
 from fake_hub import FakeHub
 from huggingface_hub import ModelCard
 
@@ -29,19 +29,7 @@ REPO_ID = "alice/tiny-federated"
 
 
 def tiny_flags(tmp_path, tiny_model_dir, reviews_csv, *flags) -> list[str]:
-    return [
-        "--model_name_or_path", str(tiny_model_dir),
-        "--dataset", str(reviews_csv),
-        "--max_length", "32",
-        "--test_size", "40",
-        "--client_eval_size", "0.2",
-        "--num_clients", "2",
-        "--num_rounds", "2",
-        "--per_device_train_batch_size", "16",
-        "--learning_rate", "5e-3",
-        "--output_dir", str(tmp_path / "run"),
-        *flags,
-    ]  # fmt: skip
+    return tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, *flags)
 
 
 def hub_env(hub: FakeHub, token: str | None = TOKEN) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_run_flags
 from safetensors.numpy import load_file
 
 from hf_flower import checkpoint
@@ -25,20 +26,7 @@ STRATEGY = ["--strategy", "FedAdam", "--strategy_kwargs", '{"eta": 0.01, "eta_l"
 
 
 def flags(output_dir, tiny_model_dir, reviews_csv, *extra) -> list[str]:
-    return [
-        "--model_name_or_path", str(tiny_model_dir),
-        "--dataset", str(reviews_csv),
-        "--max_length", "32",
-        "--test_size", "40",
-        "--client_eval_size", "0.2",
-        "--num_clients", "2",
-        "--num_rounds", "4",
-        "--per_device_train_batch_size", "16",
-        "--learning_rate", "5e-3",
-        "--output_dir", str(output_dir),
-        *STRATEGY,
-        *extra,
-    ]  # fmt: skip
+    return tiny_run_flags(output_dir, tiny_model_dir, reviews_csv, "--num_rounds", "4", *STRATEGY, *extra)
 
 
 def learning_metrics(record: dict) -> dict:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
+from conftest import tiny_run_flags
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.numpy import load_file
@@ -50,21 +51,7 @@ def make_app(tmp_path: Path, run_args, plan: dict) -> Path:
 
 
 def tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *flags):
-    return parse_args(
-        [
-            "--model_name_or_path", str(tiny_model_dir),
-            "--dataset", str(reviews_csv),
-            "--max_length", "32",
-            "--test_size", "40",
-            "--client_eval_size", "0.2",
-            "--num_clients", "2",
-            "--num_rounds", "2",
-            "--per_device_train_batch_size", "16",
-            "--learning_rate", "5e-3",
-            "--output_dir", str(tmp_path / "run"),
-            *flags,
-        ]
-    )  # fmt: skip
+    return parse_args(tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, *flags))
 
 
 def test_saved_rounds_are_the_weighted_average_of_replies(

@@ -19,3 +19,6 @@ ARRAYS_ID_KEY = "arrays-id"
 ARRAYS_HELD_KEY = "arrays-held"
 # Error code of a client asked for weights by id that it does not hold: the server resends them.
 ARRAYS_NOT_HELD_CODE = 4601
+# Between the server and long-lived clients the weights travel as one flat array (`wire.py`).
+PACKED_ARRAYS_KEY = "packed-arrays"
+PACKED_LAYOUT_KEY = "packed-layout"

@@ -255,6 +255,54 @@ def to_float32_arrays(arrays: ArrayRecord) -> ArrayRecord:
     return out
 
 
+def pack_arrays(arrays: Mapping[str, Array]) -> tuple[Array, dict[str, list]] | None:
+    """All of ``arrays`` as one flat ``Array``, and the layout that splits it again.
+
+    Flower moves every ``Array`` of a message as its own objects (one more per 5 MB), each a
+    request on every hop: MiniLM's 105 tensors make 219 objects, one flat array 20. Returns None
+    when the arrays do not share one dtype (or are all scalars): send those as they are.
+    """
+    with _readonly_views():
+        views = {name: _decode(name, array) for name, array in arrays.items()}
+    if len({view.dtype for view in views.values()}) != 1 or all(v.dim() == 0 for v in views.values()):
+        return None
+    layout = {
+        "names": list(views),
+        "ndims": [view.dim() for view in views.values()],
+        "dims": [int(n) for view in views.values() for n in view.shape],
+    }
+    with _readonly_views():
+        flat = torch.cat([view.reshape(-1) for view in views.values()])
+    return _tensor_to_array("packed", flat, None), layout
+
+
+def unpack_arrays(packed: Array, layout: Mapping[str, list]) -> ArrayRecord:
+    """The arrays `pack_arrays` packed, as an ``ArrayRecord`` in their original order."""
+    names, ndims, dims = list(layout["names"]), list(layout["ndims"]), list(layout["dims"])
+    with _readonly_views():
+        flat = _decode("packed", packed)
+    shapes, start = [], 0
+    for ndim in ndims:
+        shapes.append(tuple(dims[start : start + ndim]))
+        start += ndim
+    if flat.dim() != 1 or len(names) != len(ndims) or start != len(dims):
+        raise WeightsMismatchError(
+            "Received packed weights with an inconsistent layout; the message is corrupt."
+        )
+    if sum(math.prod(shape) for shape in shapes) != flat.numel():
+        raise WeightsMismatchError(
+            f"Received {flat.numel()} packed values for a layout of "
+            f"{sum(math.prod(shape) for shape in shapes)}; the message is truncated or corrupt."
+        )
+    out, offset = ArrayRecord(), 0
+    with _readonly_views():
+        for name, shape in zip(names, shapes):
+            count = math.prod(shape)
+            out[name] = _tensor_to_array(name, flat[offset : offset + count].reshape(shape), None)
+            offset += count
+    return out
+
+
 def arrays_nbytes(arrays: Mapping[str, Array]) -> int:
     """Total bytes of serialised array data (what goes on the wire, ``.npy`` headers included).
 

@@ -117,9 +117,10 @@ def test_server_with_two_rank_and_plain_clients(tmp_path, tiny_model_dir, review
     for record in history["rounds"][1:]:
         assert record["clients"]["train_succeeded"] == 2
         assert sorted(c["partition-id"] for c in record["client_results"]["train"]) == [0, 1]
-    # Round 2 trains from the aggregate both clients just evaluated: it travels by id only.
+    # Round 2 trains from the aggregate both clients just evaluated: it travels by id only, so
+    # round 2 sends half of round 1 (less the .npy headers saved by packing the evaluate weights).
     round1, round2 = history["rounds"][1:]
-    assert round2["bytes_sent"] * 2 == round1["bytes_sent"]
+    assert round1["bytes_sent"] / 2 - 64 * 1024 < round2["bytes_sent"] < round1["bytes_sent"] / 2
     AutoModelForSequenceClassification.from_pretrained(output_dir / "round-2")
     server_log = (tmp_path / "server.log").read_text()
     assert "round 2/2 | clients 2/2" in server_log

@@ -3,20 +3,20 @@
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from hf_flower.constants import (
     ARRAYS_KEY,
-    ARRAYS_NOT_HELD_CODE,
     CLIENT_KEY,
     CONFIG_KEY,
     NUM_EXAMPLES_KEY,
+    PACKED_ARRAYS_KEY,
     SERVER_ROUND_KEY,
 )
-from hf_flower.launch.client import HeldWeights
+from hf_flower.launch.client import HeldWeights, serve
 from hf_flower.server_app import TrackingGrid
-from hf_flower.weights import get_weights
+from hf_flower.weights import get_weights, pack_arrays
 
 
 @pytest.fixture(autouse=True)
@@ -27,15 +27,18 @@ def server_identity(monkeypatch):
 
 
 class FakeNode:
-    """A long-lived client: the `HeldWeights` of `scripts/client.py` in front of a trivial app."""
+    """A long-lived client: `scripts/client.py`'s handling of a message around a trivial app."""
 
     def __init__(self):
         self.held = HeldWeights()
         self.received = []  # the weights the app itself saw, message by message
+        self.packed = []  # whether each message's weights travelled as one flat array
 
     def answer(self, message: Message) -> Message:
-        if not self.held.complete(message):
-            return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason="not held"), reply_to=message)
+        self.packed.append(PACKED_ARRAYS_KEY in message.content.array_records)
+        return serve(message, None, self.held, self.app)
+
+    def app(self, message: Message, context) -> Message:
         arrays = message.content[ARRAYS_KEY]
         self.received.append(arrays)
         content = RecordDict(
@@ -46,9 +49,7 @@ class FakeNode:
         )
         if message.metadata.message_type == MessageType.TRAIN:
             content[ARRAYS_KEY] = arrays
-        reply = Message(content, reply_to=message)
-        self.held.announce(reply)
-        return reply
+        return Message(content, reply_to=message)
 
 
 class FakeGrid:
@@ -87,7 +88,21 @@ def weights(seed: int) -> tuple[dict, ArrayRecord]:
     return model.state_dict(), get_weights(model)
 
 
-def test_weights_a_node_holds_travel_by_id():
+def nbytes(arrays: ArrayRecord) -> int:
+    return sum(len(a.data) for a in arrays.values())
+
+
+def packed_nbytes(arrays: ArrayRecord) -> int:
+    return len(pack_arrays(arrays)[0].data)
+
+
+def assert_same_arrays(got: ArrayRecord, expected: ArrayRecord) -> None:
+    assert list(got) == list(expected)
+    for key in expected:
+        np.testing.assert_array_equal(got[key].numpy(), expected[key].numpy())
+
+
+def test_weights_a_node_holds_travel_by_id_and_the_rest_packed():
     reference, initial = weights(0)
     _, aggregate = weights(1)
     nodes = {1: FakeNode(), 2: FakeNode()}
@@ -96,18 +111,25 @@ def test_weights_a_node_holds_travel_by_id():
 
     assert len(send(grid, MessageType.TRAIN, initial, 1)) == 2
     assert len(send(grid, MessageType.EVALUATE, aggregate, 1)) == 2
-    full = grid.rounds[1].bytes_sent
-    assert full == 4 * sum(len(a.data) for a in initial.values())  # 2 nodes x (train + evaluate)
+    # Round 1 trains before any node has said what it is: per-tensor; then one flat array.
+    assert grid.rounds[1].bytes_sent == 2 * nbytes(initial) + 2 * packed_nbytes(aggregate)
+    assert [node.packed for node in nodes.values()] == [[False, True], [False, True]]
 
     # Round 2 trains from the aggregate both nodes just evaluated: only its id travels.
     assert len(send(grid, MessageType.TRAIN, aggregate, 2)) == 2
     assert grid.rounds[2].bytes_sent == 0
-    assert all(ARRAYS_KEY not in m.content.array_records for m in fake.pushed[-2:])
+    assert all(not m.content.array_records for m in fake.pushed[-2:])
     for node in nodes.values():
-        got = node.received[-1]
-        assert list(got) == list(aggregate)
-        for key in aggregate:
-            np.testing.assert_array_equal(got[key].numpy(), aggregate[key].numpy())
+        assert_same_arrays(node.received[-2], aggregate)  # unpacked exactly
+        assert_same_arrays(node.received[-1], aggregate)  # filled in from what it held
+
+
+def test_packed_replies_reach_the_strategy_as_ordinary_records():
+    reference, initial = weights(0)
+    grid = TrackingGrid(FakeGrid({1: FakeNode(), 2: FakeNode()}), reference, min_train_clients=2)
+    for reply in send(grid, MessageType.TRAIN, initial, 1):
+        assert PACKED_ARRAYS_KEY not in reply.content.array_records
+        assert_same_arrays(reply.content[ARRAYS_KEY], initial)
 
 
 def test_a_node_that_lost_its_weights_gets_them_in_full():
@@ -120,22 +142,20 @@ def test_a_node_that_lost_its_weights_gets_them_in_full():
     replies = send(grid, MessageType.TRAIN, initial, 2)
 
     assert len(replies) == 2 and grid.rounds[2].failures == []
-    one_copy = sum(len(a.data) for a in initial.values())
-    assert grid.rounds[2].bytes_sent == one_copy  # node 1 by id, node 2 in full
-    np.testing.assert_array_equal(nodes[2].received[-1]["weight"].numpy(), reference["weight"].numpy())
+    assert grid.rounds[2].bytes_sent == packed_nbytes(initial)  # node 1 by id, node 2 in full
+    assert_same_arrays(nodes[2].received[-1], initial)
 
 
-def test_clients_that_hold_nothing_always_get_full_weights():
+def test_clients_that_say_nothing_always_get_full_per_tensor_weights():
     """Simulation and Flower's default isolation never announce weights: nothing changes for them."""
     reference, initial = weights(0)
 
     class PlainNode(FakeNode):
         def answer(self, message):
-            reply = super().answer(message)
-            reply.content[CLIENT_KEY] = ConfigRecord({"partition-id": 0})
-            return reply
+            self.packed.append(PACKED_ARRAYS_KEY in message.content.array_records)
+            return self.app(message, None)
 
     grid = TrackingGrid(FakeGrid({1: PlainNode(), 2: PlainNode()}), reference, min_train_clients=2)
     send(grid, MessageType.EVALUATE, initial, 1)
     send(grid, MessageType.TRAIN, initial, 2)
-    assert grid.rounds[2].bytes_sent == 2 * sum(len(a.data) for a in initial.values())
+    assert grid.rounds[2].bytes_sent == 2 * nbytes(initial)

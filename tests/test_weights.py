@@ -1,6 +1,7 @@
 """Tests for hf_flower.weights: state_dict <-> ArrayRecord, the trainable part, validation and dtypes."""
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -19,9 +20,11 @@ from hf_flower.weights import (
     arrays_to_state_dict,
     decode_arrays,
     get_weights,
+    pack_arrays,
     set_weights,
     state_dict_to_arrays,
     to_float32_arrays,
+    unpack_arrays,
     validate_arrays,
 )
 
@@ -386,3 +389,32 @@ def test_fortran_ordered_arrays_from_other_senders_decode():
     back = arrays_to_state_dict(arrays, {"w": torch.zeros(3, 4)})
     assert back["w"].is_contiguous()
     assert torch.equal(back["w"], torch.from_numpy(np.ascontiguousarray(data)))
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_packed_weights_unpack_to_exactly_what_was_packed(dtype):
+    arrays = get_weights(make_tiny_bert(), dtype)
+    packed, layout = pack_arrays(arrays)
+    assert packed.shape == (sum(math.prod(a.shape) for a in arrays.values()),)
+    unpacked = unpack_arrays(packed, layout)
+    assert list(unpacked) == list(arrays)
+    for name, array in arrays.items():
+        assert (unpacked[name].dtype, unpacked[name].shape, unpacked[name].stype) == (
+            array.dtype,
+            array.shape,
+            array.stype,
+        )
+        assert unpacked[name].data == array.data, name
+
+
+def test_mixed_dtypes_are_not_packed():
+    arrays = state_dict_to_arrays({"a": torch.ones(3), "b": torch.ones(2, dtype=torch.float16)})
+    assert pack_arrays(arrays) is None
+
+
+def test_packed_weights_with_a_wrong_layout_are_refused():
+    packed, layout = pack_arrays(state_dict_to_arrays({"a": torch.ones(3), "b": torch.ones(2, 2)}))
+    with pytest.raises(WeightsMismatchError, match="truncated or corrupt"):
+        unpack_arrays(packed, {**layout, "dims": [3, 2, 3]})
+    with pytest.raises(WeightsMismatchError, match="inconsistent layout"):
+        unpack_arrays(packed, {**layout, "ndims": [1]})

@@ -28,7 +28,7 @@ from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from .. import client_app
+from .. import client_app, wire
 from ..constants import (
     ARRAYS_HELD_KEY,
     ARRAYS_ID_KEY,
@@ -173,18 +173,28 @@ def handle_task(runtime_address: str, token: str, held: HeldWeights) -> None:
     status, details = SubStatus.FAILED, "hf-flower client failed"
     try:
         message, context, _, _ = pull_task_input(task_client)
-        if held.complete(message):
-            reply = run_everywhere(message, context)
-            held.announce(reply)
-        else:
-            reason = "this client no longer holds the weights the server named; send them in full"
-            reply = Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
+        reply = serve(message, context, held, run_everywhere)
         push_message(task_client, reply, context)
         status, details = SubStatus.COMPLETED, ""
     finally:
         push_task_output(task_client, context, status, details)
         heartbeat.stop()
         task_client.close()
+
+
+def serve(message: Message, context: Context, held: HeldWeights, run) -> Message:
+    """One message as this client handles it: its weights unpacked (`wire`) or filled in from
+    `held`, `run(message, context)`, and the reply packed and announcing the weights held."""
+    if message.has_content():
+        wire.unpack(message.content)
+    if not held.complete(message):
+        reason = "this client no longer holds the weights the server named; send them in full"
+        return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
+    reply = run(message, context)
+    if reply.has_content():
+        wire.pack(reply.content)
+    held.announce(reply)
+    return reply
 
 
 def run_everywhere(message: Message, context: Context) -> Message:

@@ -30,6 +30,8 @@ Command (the numbers in benchmarks/README.md):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/round_overhead.py --num_rounds 3 \\
         --output benchmarks/results/round_overhead.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/round_overhead.py --num_rounds 3 --modes A \\
+        --transfer_dtype bfloat16 --output benchmarks/results/round_overhead_bf16.json
 """
 
 from __future__ import annotations

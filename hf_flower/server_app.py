@@ -33,6 +33,7 @@ from .constants import (
     ARRAYS_NOT_HELD_CODE,
     CLIENT_KEY,
     CONFIG_KEY,
+    METRICS_KEY,
     NUM_EXAMPLES_KEY,
     PARTITION_ID_KEY,
     SERVER_ROUND_KEY,
@@ -40,9 +41,16 @@ from .constants import (
 from .metrics import make_compute_metrics
 from .modeling import load_model, load_tokenizer
 from .preflight import check_run
-from .strategies import ResumedStrategy, build_strategy, get_strategy_state, set_strategy_state
+from .strategies import (
+    ResumedStrategy,
+    averages_replies,
+    build_strategy,
+    get_strategy_state,
+    set_strategy_state,
+)
 from .tracking import RoundTracker
 from .weights import (
+    RunningMean,
     arrays_nbytes,
     cast_arrays,
     get_weights,
@@ -91,12 +99,22 @@ class TrackingGrid(Grid):
     both carry aggregate N) names them by id instead. A node that no longer holds them answers
     `ARRAYS_NOT_HELD_CODE` and gets the full message. Weights that do travel to such a client go
     as one flat array (`wire.pack`), far fewer objects for Flower to move.
+
+    With `average_on_arrival` (strategies that start from FedAvg's weighted mean), training
+    replies are folded into a running mean as they arrive and the strategy gets one reply holding
+    it: the server's memory stays one model however many clients a round samples.
     """
 
     def __init__(
-        self, grid: Grid, reference_state_dict: dict, min_train_clients: int, transfer_dtype: str = "float32"
+        self,
+        grid: Grid,
+        reference_state_dict: dict,
+        min_train_clients: int,
+        transfer_dtype: str = "float32",
+        average_on_arrival: bool = False,
     ):
         self._grid = grid
+        self._average_on_arrival = average_on_arrival
         self._reference = reference_state_dict
         self._min_train_clients = min_train_clients
         self._transfer_dtype = transfer_dtype
@@ -135,11 +153,34 @@ class TrackingGrid(Grid):
         stats = self.rounds.setdefault(server_round, RoundStats())
         stats.sampled[kind] = len(messages)
         self._cast_outgoing(messages)
+        average = RunningMean() if kind == MessageType.TRAIN and self._average_on_arrival else None
+        rejected: dict[str, str] = {}
+
+        def receive(reply: Message) -> None:
+            """Each reply as it arrives: its bytes counted; a training reply checked, then folded
+            into the running mean (it keeps its metrics) or upcast to float32 for the strategy."""
+            if reply.has_error():
+                return
+            stats.bytes_received += _message_nbytes(reply)
+            if kind != MessageType.TRAIN:
+                return
+            try:
+                wire.unpack(reply.content)
+                validate_arrays(reply.content[ARRAYS_KEY], self._reference)
+                weight = float(reply.content[METRICS_KEY][NUM_EXAMPLES_KEY])
+            except (KeyError, ValueError) as err:
+                rejected[reply.metadata.reply_to_message_id] = f"its update was rejected: {err}"
+                return
+            if average is not None:
+                average.add(reply.content[ARRAYS_KEY], weight)
+                del reply.content[ARRAYS_KEY]
+            else:
+                reply.content[ARRAYS_KEY] = to_float32_arrays(reply.content[ARRAYS_KEY])
+
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
-        sent, replies = self._push_and_pull(messages, deadline)
+        sent, replies = self._push_and_pull(messages, deadline, receive)
         stats.bytes_sent += sum(_message_nbytes(m) for m in sent)
-        stats.bytes_received += sum(_message_nbytes(r) for r in replies if r.has_content())
-        good = self._check_replies(kind, server_round, sent, replies, stats)
+        good = self._check_replies(kind, server_round, sent, replies, rejected, stats)
         stats.succeeded[kind] = len(good)
         if good:
             stats.metrics[kind] = dict(aggregate_metricrecords([r.content for r in good], NUM_EXAMPLES_KEY))
@@ -149,6 +190,11 @@ class TrackingGrid(Grid):
                 f"Round {server_round}: {len(good)} of {len(messages)} clients trained successfully, fewer "
                 f"than min_train_clients={self._min_train_clients}.\n" + "\n".join(stats.failures)
             )
+        if average is not None and good:
+            # One reply holding the mean aggregates like all of them (`strategies.averages_replies`).
+            metrics = MetricRecord({**stats.metrics[kind], NUM_EXAMPLES_KEY: average.total_weight})
+            mean = RecordDict({ARRAYS_KEY: average.mean(), METRICS_KEY: metrics})
+            return [Message(mean, reply_to=sent[0])]
         return good
 
     def _cast_outgoing(self, messages: list[Message]) -> None:
@@ -188,10 +234,12 @@ class TrackingGrid(Grid):
             dst_task_id=message.metadata.dst_task_id,
         )
 
-    def _push_and_pull(self, messages: list[Message], deadline: float) -> tuple[list[Message], list[Message]]:
+    def _push_and_pull(
+        self, messages: list[Message], deadline: float, receive
+    ) -> tuple[list[Message], list[Message]]:
         """Push `messages`, then pull their replies every `REPLY_POLL_SECONDS` until all are in.
 
-        Returns the messages as sent and the replies. A node that answers it no longer holds the
+        Returns the messages as sent and the replies; `receive(reply)` sees each as it arrives. A node that answers it no longer holds the
         weights it was sent by id gets them in full at once. (Flower's own `send_and_receive`
         sleeps 3 s between pulls: on average 1.5 s lost twice a round.)
         """
@@ -216,6 +264,7 @@ class TrackingGrid(Grid):
                     del sent[answered]
                     resend.append(originals[answered])
                 else:
+                    receive(reply)
                     replies.append(reply)
             if resend:
                 log(INFO, "Resending the weights to %s node(s) that no longer hold them", len(resend))
@@ -226,7 +275,7 @@ class TrackingGrid(Grid):
                 time.sleep(REPLY_POLL_SECONDS)
         return list(sent.values()), replies
 
-    def _check_replies(self, kind, server_round, messages, replies, stats) -> list[Message]:
+    def _check_replies(self, kind, server_round, messages, replies, rejected, stats) -> list[Message]:
         # An error the SuperLink makes for an unreachable node is not sent by that node: name the
         # node through the instruction it answers (the grid set each instruction's message_id).
         destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
@@ -238,15 +287,8 @@ class TrackingGrid(Grid):
             self._remember_held(node, reply)
             if reply.has_error():
                 failure = f"node {node}: {reply.error.reason}"
-            elif kind == MessageType.TRAIN:
-                try:
-                    wire.unpack(reply.content)
-                    validate_arrays(reply.content[ARRAYS_KEY], self._reference)
-                    reply.content[ARRAYS_KEY] = to_float32_arrays(reply.content[ARRAYS_KEY])
-                    good.append(reply)
-                    continue
-                except (KeyError, ValueError) as err:
-                    failure = f"node {node} ({_partition(reply)}): its update was rejected: {err}"
+            elif reply.metadata.reply_to_message_id in rejected:
+                failure = f"node {node} ({_partition(reply)}): {rejected[reply.metadata.reply_to_message_id]}"
             else:
                 good.append(reply)
                 continue
@@ -432,7 +474,11 @@ def main(grid: Grid, context: Context) -> None:
     # The trainable part only, in float32: what the strategy averages (the frozen rest never moves).
     initial_arrays = get_weights(model, "float32")
     tracking_grid = TrackingGrid(
-        grid, trainable_state_dict(model), federation.min_train_clients, federation.transfer_dtype
+        grid,
+        trainable_state_dict(model),
+        federation.min_train_clients,
+        federation.transfer_dtype,
+        average_on_arrival=averages_replies(strategy),
     )
     resume_point = None
     if federation.resume:

@@ -303,6 +303,35 @@ def unpack_arrays(packed: Array, layout: Mapping[str, list]) -> ArrayRecord:
     return out
 
 
+class RunningMean:
+    """The weighted mean of ``ArrayRecord``s added one at a time, without keeping them.
+
+    What FedAvg computes from the list of all replies, folded in as each reply arrives: the
+    server then holds one float64 sum instead of every client's weights (50 clients' float32
+    MiniLM replies are 4.5 GB). float64 keeps the result within float32 rounding of FedAvg's.
+    """
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] | None = None
+        self.total_weight = 0.0
+
+    def add(self, arrays: Mapping[str, Array], weight: float) -> None:
+        with _readonly_views():
+            views = {name: _decode(name, array) for name, array in arrays.items()}
+        if self._sums is None:
+            self._sums = {name: view.double() * weight for name, view in views.items()}
+        else:
+            for name, view in views.items():
+                self._sums[name].add_(view.double(), alpha=weight)
+        self.total_weight += weight
+
+    def mean(self) -> ArrayRecord:
+        """The weighted mean, in float32."""
+        if self._sums is None or self.total_weight <= 0:
+            raise ValueError("RunningMean.mean() needs at least one record with a positive weight.")
+        return state_dict_to_arrays({k: (s / self.total_weight).float() for k, s in self._sums.items()})
+
+
 def arrays_nbytes(arrays: Mapping[str, Array]) -> int:
     """Total bytes of serialised array data (what goes on the wire, ``.npy`` headers included).
 

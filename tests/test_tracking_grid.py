@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from hf_flower.constants import (
@@ -159,3 +160,35 @@ def test_clients_that_say_nothing_always_get_full_per_tensor_weights():
     send(grid, MessageType.EVALUATE, initial, 1)
     send(grid, MessageType.TRAIN, initial, 2)
     assert grid.rounds[2].bytes_sent == 2 * nbytes(initial)
+
+
+def test_replies_averaged_on_arrival_aggregate_like_all_of_them():
+    """FedAvg of the one averaged reply equals FedAvg of every reply; the replies keep no weights."""
+    reference, initial = weights(0)
+    updates = {1: weights(1)[1], 2: weights(2)[1]}
+    examples = {1: 30, 2: 10}
+
+    class TrainingNode(FakeNode):
+        def __init__(self, node):
+            super().__init__()
+            self.node = node
+
+        def app(self, message, context):
+            reply = super().app(message, context)
+            reply.content[ARRAYS_KEY] = updates[self.node]
+            reply.content["metrics"] = MetricRecord(
+                {NUM_EXAMPLES_KEY: examples[self.node], "train_loss": self.node}
+            )
+            return reply
+
+    nodes = {n: TrainingNode(n) for n in (1, 2)}
+    grid = TrackingGrid(FakeGrid(nodes), reference, min_train_clients=2, average_on_arrival=True)
+    (averaged,) = send(grid, MessageType.TRAIN, initial, 1)
+
+    expected = {key: (updates[1][key].numpy() * 30 + updates[2][key].numpy() * 10) / 40 for key in reference}
+    arrays, metrics = FedAvg().aggregate_train(1, [averaged])
+    for key in reference:
+        np.testing.assert_allclose(arrays[key].numpy(), expected[key], rtol=1e-6)
+    assert metrics["train_loss"] == pytest.approx((1 * 30 + 2 * 10) / 40)
+    assert averaged.content["metrics"][NUM_EXAMPLES_KEY] == 40
+    assert grid.rounds[1].succeeded[MessageType.TRAIN] == 2

@@ -43,7 +43,7 @@ RUNS = {
     "iid-full-bf16": BF16,
     "central-iid": None,
     "dirichlet-full-fp32": DIRICHLET,
-    "dirichlet-lora-r8": DIRICHLET + LORA,
+    "dirichlet-lora-r8-lr2e-3": DIRICHLET + LORA + ["--learning_rate", "2e-3"],
     "dirichlet-full-bf16": DIRICHLET + BF16,
     "central-dirichlet": DIRICHLET,
     # LoRA tuning (IID): a larger step, and the pooler (frozen otherwise) trained in full too.

@@ -121,6 +121,8 @@ class TrackingGrid(Grid):
         self.rounds: dict[int, RoundStats] = {}
         # node id -> object id of the weights that node said it holds.
         self._held: dict[int, str] = {}
+        # object id -> the wire records of the weights packed last (`wire.packed_records`).
+        self._packed: dict[str, dict | None] = {}
 
     # Plain delegation of the Grid interface.
     def set_run(self, run):
@@ -224,7 +226,10 @@ class TrackingGrid(Grid):
         if by_reference and self._held.get(node) == arrays_id:
             del content[ARRAYS_KEY]
         elif node in self._held:  # a long-lived client: it unpacks
-            wire.pack(content)
+            if arrays_id not in self._packed:  # pack each aggregate once, not once per client
+                self._packed = {arrays_id: wire.packed_records(arrays)}
+            if self._packed[arrays_id] is not None:
+                wire.pack(content, self._packed[arrays_id])
         return Message(
             content=content,
             dst_node_id=node,

@@ -21,17 +21,30 @@ from .weights import pack_arrays, unpack_arrays
 FLAT_ARRAY_NAME = "flat"
 
 
-def pack(content: RecordDict) -> None:
-    """Replace the `arrays` record of `content` by one flat array and its layout (in place)."""
+def packed_records(arrays: ArrayRecord) -> dict | None:
+    """The records that stand for `arrays` on the wire: one flat array and its layout.
+
+    None when the arrays cannot be packed (`weights.pack_arrays`). Messages that carry the same
+    weights can share these records: packing copies all the weights once.
+    """
+    packed = pack_arrays(arrays)
+    if packed is None:
+        return None
+    array, layout = packed
+    return {PACKED_ARRAYS_KEY: ArrayRecord({FLAT_ARRAY_NAME: array}), PACKED_LAYOUT_KEY: ConfigRecord(layout)}
+
+
+def pack(content: RecordDict, records: dict | None = None) -> None:
+    """Replace the `arrays` record of `content` by `records` (in place), packing them if not given."""
     if ARRAYS_KEY not in content.array_records:
         return
-    packed = pack_arrays(content[ARRAYS_KEY])
-    if packed is None:
+    if records is None:
+        records = packed_records(content[ARRAYS_KEY])
+    if records is None:
         return
-    array, layout = packed
     del content[ARRAYS_KEY]
-    content[PACKED_ARRAYS_KEY] = ArrayRecord({FLAT_ARRAY_NAME: array})
-    content[PACKED_LAYOUT_KEY] = ConfigRecord(layout)
+    for key, record in records.items():
+        content[key] = record
 
 
 def unpack(content: RecordDict) -> None:

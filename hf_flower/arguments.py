@@ -26,6 +26,8 @@ PARTITIONERS = ("iid", "dirichlet")
 PEFT_METHODS = ("none", "lora")
 # hf_flower.weights.TRANSFER_DTYPES, named here so parsing arguments needs no torch.
 TRANSFER_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# How far a client's learning-rate schedule reaches: the whole federated training, or one round.
+SCHEDULE_SCOPES = ("global", "round")
 DEFAULT_OUTPUT_DIR = "outputs/hf-flower"
 
 # TrainingArguments that get their own run-config key (`training.<kebab-name>`), so they can be
@@ -197,6 +199,14 @@ class FederationArguments:
             `float16` (half the bytes; values beyond 65504 are refused) or `bfloat16` (half the
             bytes, float32's range). The server averages in float32 and saves rounds in the
             model's own dtype.
+        schedule_scope: `global` (default): the learning-rate schedule of `TrainingArguments`
+            (`lr_scheduler_type`, `warmup_steps`, `learning_rate`) spans all rounds, round r
+            continuing at global step `(r - 1) * local_steps`, so warm-up happens once and the
+            decay ends at the last round. `round`: the schedule restarts in every round.
+        keep_optimizer_state: Each client keeps its optimizer's state (AdamW's moments) from one
+            round to its next, on the client side; it never travels to the server.
+        evaluate_initial_model: Evaluate the initial weights on the central test split (round 0)
+            before round 1 trains.
     """
 
     num_rounds: int = field(default=3, metadata={"help": "Aggregation rounds."})
@@ -222,8 +232,25 @@ class FederationArguments:
         default="float32",
         metadata={"help": "Precision of the weights on the wire.", "choices": TRANSFER_DTYPE_NAMES},
     )
+    schedule_scope: str = field(
+        default="global",
+        metadata={
+            "help": "Learning-rate schedule over all rounds (global) or restarted each round (round).",
+            "choices": SCHEDULE_SCOPES,
+        },
+    )
+    keep_optimizer_state: bool = field(
+        default=False, metadata={"help": "Clients keep their optimizer state between rounds."}
+    )
+    evaluate_initial_model: bool = field(
+        default=True, metadata={"help": "Evaluate the initial weights centrally (round 0)."}
+    )
 
     def __post_init__(self):
+        if self.schedule_scope not in SCHEDULE_SCOPES:
+            raise ValueError(
+                f"Unknown schedule_scope {self.schedule_scope!r}; choose one of {list(SCHEDULE_SCOPES)}."
+            )
         if self.transfer_dtype not in TRANSFER_DTYPE_NAMES:
             raise ValueError(
                 f"Unknown transfer_dtype {self.transfer_dtype!r}; choose one of {list(TRANSFER_DTYPE_NAMES)}."

@@ -34,6 +34,7 @@ from .constants import (
 from .metrics import make_compute_metrics
 from .modeling import load_model, load_tokenizer
 from .strategies import strategy_class
+from .trainer import FederatedTrainer, OptimizerStateStore, RoundSchedule, round_seed
 from .weights import get_weights, set_weights
 
 # Client-side halves of Flower's differential-privacy wrappers, by strategy name.
@@ -114,45 +115,34 @@ def partition_of(context: Context) -> tuple[int, int, str]:
     return int(node_config[PARTITION_ID_KEY]), int(node_config[NUM_PARTITIONS_KEY]), ""
 
 
-class FederatedTrainer(Trainer):
-    """`Trainer` with FedProx's proximal term, `mu / 2 * ||w - w_global||^2`, when mu > 0."""
+def build_trainer(
+    task: ClientTask,
+    proximal_mu: float = 0.0,
+    server_round: int | None = None,
+    optimizer_store: OptimizerStateStore | None = None,
+    **datasets,
+) -> FederatedTrainer:
+    """A fresh Trainer for one round, with no checkpoints on disk.
 
-    def __init__(self, *args, proximal_mu: float = 0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        # A sequence classifier's loss is a per-batch mean that ignores `num_items_in_batch`; left
-        # True, Trainer multiplies it by the number of ranks (2x the loss under 2-rank DDP).
-        self.model_accepts_loss_kwargs = False
-        self.proximal_mu = proximal_mu
-        self.global_params = (
-            [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
-            if proximal_mu > 0
-            else []
-        )
-
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        if self.proximal_mu <= 0:
-            return result
-        loss, outputs = result if return_outputs else (result, None)
-        local_params = [p for p in model.parameters() if p.requires_grad]
-        proximal = sum((p - g).pow(2).sum() for p, g in zip(local_params, self.global_params))
-        loss = loss + self.proximal_mu / 2 * proximal
-        return (loss, outputs) if return_outputs else loss
-
-
-def build_trainer(task: ClientTask, proximal_mu: float = 0.0, **datasets) -> FederatedTrainer:
-    """A fresh Trainer for one round: a new optimizer and schedule, no checkpoints on disk."""
+    For training (`server_round` given), the round places the Trainer in the whole federated
+    training: its seed (data order, dropout) and its part of the learning-rate schedule.
+    """
+    training, federation = task.run_args.training, task.run_args.federation
     overrides = {
         "output_dir": _scratch_dir(),
         "save_strategy": "no",
         "eval_strategy": "no",
         "load_best_model_at_end": False,
     }
+    round_schedule = None
+    if server_round is not None:
+        overrides["seed"] = round_seed(training.seed, server_round)
+        if training.data_seed is not None:
+            overrides["data_seed"] = round_seed(training.data_seed, server_round)
+        round_schedule = RoundSchedule(server_round, federation.num_rounds, federation.schedule_scope)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        overrides["accelerator_config"] = dataclasses.asdict(task.run_args.training.accelerator_config)
-    args: TrainingArguments = dataclasses.replace(
-        task.run_args.training, **join_launched_processes(overrides)
-    )
+        overrides["accelerator_config"] = dataclasses.asdict(training.accelerator_config)
+    args: TrainingArguments = dataclasses.replace(training, **join_launched_processes(overrides))
     return FederatedTrainer(
         model=task.model,
         args=args,
@@ -160,8 +150,24 @@ def build_trainer(task: ClientTask, proximal_mu: float = 0.0, **datasets) -> Fed
         processing_class=task.tokenizer,
         compute_metrics=make_compute_metrics(len(task.label_names)),
         proximal_mu=proximal_mu,
+        round_schedule=round_schedule,
+        optimizer_store=optimizer_store,
         **datasets,
     )
+
+
+# Optimizer state of each node, per rank, for multi-rank clients: `Context.state` reaches rank 0
+# only, and every rank must continue from the same moments.
+_RANK_LOCAL_STATE: dict[int, RecordDict] = {}
+
+
+def optimizer_store(task: ClientTask, context: Context) -> OptimizerStateStore | None:
+    """Where this node keeps its optimizer state between rounds (`--keep_optimizer_state`)."""
+    if not task.run_args.federation.keep_optimizer_state:
+        return None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return OptimizerStateStore(_RANK_LOCAL_STATE.setdefault(context.node_id, RecordDict()))
+    return OptimizerStateStore(context.state)
 
 
 def mean_over_ranks(trainer: Trainer, value: float) -> float:
@@ -212,7 +218,13 @@ def train(msg: Message, context: Context) -> Message:
     try:
         task, client = receive_global_model(msg, context)
         config = msg.content[CONFIG_KEY]
-        trainer = build_trainer(task, float(config.get("proximal-mu", 0.0)), train_dataset=client.train)
+        trainer = build_trainer(
+            task,
+            float(config.get("proximal-mu", 0.0)),
+            server_round=int(config[SERVER_ROUND_KEY]),
+            optimizer_store=optimizer_store(task, context),
+            train_dataset=client.train,
+        )
         output = trainer.train()
         metrics = {
             "train_loss": mean_over_ranks(trainer, output.training_loss),

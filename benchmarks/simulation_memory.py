@@ -23,45 +23,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
+from measure import TreeMemory
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 MODES = {"full-fp32": [], "lora-r8": ["--peft", "lora", "--learning_rate", "1e-3"]}
-
-
-class TreeMemory(threading.Thread):
-    """Samples the summed RSS and PSS of a process and all its descendants until stopped."""
-
-    def __init__(self, pid: int, interval: float = 0.5):
-        super().__init__(daemon=True)
-        self.root = psutil.Process(pid)
-        self.interval = interval
-        self.peak_rss = self.peak_pss = self.peak_processes = 0
-        self.stopped = threading.Event()
-
-    def run(self):
-        while not self.stopped.is_set():
-            try:
-                procs = [self.root, *self.root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                return
-            rss = pss = 0
-            for proc in procs:
-                try:
-                    info = proc.memory_full_info()
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                rss += info.rss
-                pss += getattr(info, "pss", info.rss)
-            self.peak_rss = max(self.peak_rss, rss)
-            self.peak_pss = max(self.peak_pss, pss)
-            self.peak_processes = max(self.peak_processes, len(procs))
-            self.stopped.wait(self.interval)
 
 
 def run(num_clients: int, mode: str, work_dir: Path, num_rounds: int) -> dict:

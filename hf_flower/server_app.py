@@ -11,6 +11,7 @@ With `--resume`, the strategy continues after the latest saved round (`ResumedSt
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import tempfile
 import time
@@ -337,6 +338,10 @@ def _client_summary(reply: Message) -> dict:
 class RoundCheckpointer:
     """`evaluate_fn` of `strategy.start`: central evaluation, then the round saved, logged and pushed.
 
+    That work runs on a background worker, one round after the other, while the strategy goes on
+    with the next round: the clients never wait for the server's evaluation. Each round's record
+    (clients, metrics, bytes) is taken when the round ends, so the history stays exact.
+
     `resume_point` is the round a resumed run continues from: `strategy.start` counts from 0
     again, so its round `r` is round `resume_point.round + r`, and its round 0 (the weights of the
     resumed round, already saved) is not saved again.
@@ -385,13 +390,18 @@ class RoundCheckpointer:
         self.output_dir = run_args.training.output_dir
         self.tracker = RoundTracker(self.output_dir, run_args.training.report_to)
         self.round_started = time.time()
+        # One worker, so rounds are evaluated and written in order.
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="round-checkpointer")
+        self.pending: list[concurrent.futures.Future] = []
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Hand the round to the background worker and return at once: the next round trains
+        while this one is evaluated and saved. An earlier round's failure is raised here."""
         server_round += self.first_round
         if self.first_round and server_round == self.first_round:
             return None  # the resumed round: evaluated and saved by the interrupted run
-        set_weights(self.model, arrays)
-        central = {k: float(v) for k, v in self.trainer.evaluate().items() if isinstance(v, (int, float))}
+        self._raise_failed()
+        # What describes the round is read now, on the strategy's thread, before it moves on.
         stats = self.grid.rounds.get(server_round, RoundStats())
         record = {
             "round": server_round,
@@ -404,15 +414,30 @@ class RoundCheckpointer:
             },
             "train": stats.metrics.get(MessageType.TRAIN, {}),
             "evaluate": stats.metrics.get(MessageType.EVALUATE, {}),
-            "central": central,
+            "central": {},
             "client_results": stats.clients,
-            "failures": stats.failures,
+            "failures": list(stats.failures),
             "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received,
         }
+        strategy_state = get_strategy_state(self.strategy) if self.strategy is not None else None
+        self.pending.append(self.worker.submit(self._finish_round, record, arrays, strategy_state))
+        self.round_started = time.time()
+        return None
+
+    def _finish_round(self, record: dict, arrays: ArrayRecord, strategy_state) -> None:
+        """On the worker: central evaluation, then the round saved, logged and pushed."""
+        set_weights(self.model, arrays)
+        if record["round"] > 0 or self.run_args.federation.evaluate_initial_model:
+            metrics = self.trainer.evaluate()
+            record["central"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        server_round = record["round"]
         rounds = [*self.history["rounds"], record]
         folder = checkpoint.save_round(
-            self.output_dir, server_round, lambda folder: self._write_round(folder, rounds), record
+            self.output_dir,
+            server_round,
+            lambda folder: self._write_round(folder, rounds, strategy_state),
+            record,
         )
         self.history["rounds"] = rounds
         checkpoint.write_history(self.output_dir, self.history)
@@ -420,21 +445,36 @@ class RoundCheckpointer:
         if self.pusher is not None and self.run_args.hub.hub_strategy == "every_round":
             self.pusher.submit(server_round, folder)
         log(INFO, "%s", progress.format_round(record, self.run_args.federation.num_rounds))
-        self.round_started = time.time()
-        return MetricRecord({k: v for k, v in central.items() if k.startswith("eval_")})
 
-    def _write_round(self, folder, rounds: list[dict]) -> None:
+    def _raise_failed(self) -> None:
+        """Re-raise, on the strategy's thread, the error of a round the worker could not finish."""
+        for future in [f for f in self.pending if f.done()]:
+            self.pending.remove(future)
+            future.result()
+
+    def _write_round(self, folder, rounds: list[dict], strategy_state) -> None:
         """Everything of a round but metrics.json, inside `save_round`'s atomic folder."""
         adapters.save_model(self.model, self.tokenizer, folder, self.run_args.peft.save_merged)
-        if self.strategy is not None:
-            checkpoint.write_strategy_state(folder, *get_strategy_state(self.strategy))
+        if strategy_state is not None:
+            checkpoint.write_strategy_state(folder, *strategy_state)
         model_card.write_card(folder, self.run_args, self.label_names, rounds)
 
-    def finish(self, error: BaseException | None) -> HubPushError | None:
-        """Wait for the last uploads; record how the run ended, and the best round, in history.json.
+    def finish(self, error: BaseException | None) -> BaseException | None:
+        """Wait for the last rounds and uploads; record how the run ended, and the best round, in
+        history.json.
 
-        Returns the error to raise when pushes failed and the user did not allow it.
+        Returns the error to raise that the strategy did not see: a round the worker could not
+        finish, or pushes that failed when the user did not allow it.
         """
+        worker_error = None
+        for future in self.pending:  # the rounds still on the worker, in order
+            try:
+                future.result()
+            except Exception as err:  # noqa: BLE001 - the first failure becomes the run's error
+                worker_error = worker_error or err
+        error = error or worker_error
+        self.pending.clear()
+        self.worker.shutdown()
         push_error = None
         rounds = self.history["rounds"]
         if self.pusher is not None:
@@ -462,7 +502,7 @@ class RoundCheckpointer:
         self.history["best_round"] = checkpoint.best_round(self.history)
         checkpoint.write_history(self.output_dir, self.history)
         self.tracker.close()
-        return push_error
+        return worker_error or push_error
 
 
 @app.main()
@@ -517,6 +557,6 @@ def main(grid: Grid, context: Context) -> None:
         error = err
         raise
     finally:
-        push_error = checkpointer.finish(error)
-    if push_error is not None:
-        raise push_error
+        unseen_error = checkpointer.finish(error)
+    if unseen_error is not None:
+        raise unseen_error

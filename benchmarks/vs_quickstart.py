@@ -66,6 +66,7 @@ from hf_flower.launch.flower import (  # noqa: E402
     run_status,
     write_connection,
 )
+from hf_flower.launch.plan import RunPlan  # noqa: E402
 from hf_flower.launch.processes import LOOPBACK, ManagedProcess, free_port  # noqa: E402
 from hf_flower.launch.simulation import simulation_config  # noqa: E402
 
@@ -146,6 +147,10 @@ def run_loop(run_args, args: argparse.Namespace, work_dir: Path) -> dict:
     port = free_port()
     write_connection(flwr_home, f"{LOOPBACK}:{port}")
     env = flower_env(flwr_home)
+    # The loop runs as Flower ships it: without the allocator settings hf-flower gives its processes.
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        if name not in os.environ:
+            env.pop(name, None)
     run_config = flwr_home / "run_config.toml"
     run_config.write_text(
         tomli_w.dumps(
@@ -165,7 +170,7 @@ def run_loop(run_args, args: argparse.Namespace, work_dir: Path) -> dict:
     ]  # fmt: skip
     submit_cmd = [
         flower_executable("flwr"), "run", str(APP_DIR), CONNECTION,
-        "--federation-config", simulation_config(run_args), "--run-config", str(run_config), "--stream",
+        "--federation-config", simulation_config(RunPlan.from_run_args(run_args)), "--run-config", str(run_config), "--stream",
     ]  # fmt: skip
     print(f"=== loop: logs in {logs}", flush=True)
     started = time.monotonic()

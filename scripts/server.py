@@ -13,21 +13,17 @@ With TLS and SuperNode authentication (see `scripts/make_certs.py`):
 
 import sys
 
-from hf_flower.arguments import HfFlowerParser, RunArguments, finalize
-from hf_flower.hub import HubError
-from hf_flower.launch.server import ServerOptions, run_server
-from hf_flower.preflight import check_run
+from hf_flower.launch.plan import prepare_in_child, prepare_server
+from hf_flower.launch.server import run_server
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        *groups, server = HfFlowerParser((ServerOptions,)).parse_args_and_config(argv)
-        run_args = finalize(RunArguments(*groups))
-        check_run(run_args, prepare_output=True)
-    except (ValueError, OSError, HubError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return run_server(run_args, server)
+    prepared = prepare_in_child(prepare_server, sys.argv[1:] if argv is None else argv)
+    if prepared.plan is None:
+        if prepared.error:
+            print(prepared.error, file=sys.stderr)
+        return prepared.exit_code
+    return run_server(prepared.plan)
 
 
 if __name__ == "__main__":

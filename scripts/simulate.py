@@ -16,21 +16,18 @@ With the Hugging Face Hub (the setup of Flower's Hugging Face quickstart):
 
 import sys
 
-from hf_flower.arguments import parse_args
-from hf_flower.hub import HubError
+from hf_flower.launch.plan import prepare_in_child, prepare_simulation
 from hf_flower.launch.simulation import run_simulation
-from hf_flower.preflight import check_run
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepared = prepare_in_child(prepare_simulation, sys.argv[1:] if argv is None else argv)
+    if prepared.plan is None:
+        if prepared.error:
+            print(prepared.error, file=sys.stderr)
+        return prepared.exit_code
     try:
-        run_args = parse_args(argv)
-        check_run(run_args, prepare_output=True)
-    except (ValueError, OSError, HubError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        return run_simulation(run_args)
+        return run_simulation(prepared.plan)
     except KeyboardInterrupt:  # every Flower process is already stopped by then
         print("Interrupted; the rounds saved so far are kept.", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 from hf_flower import checkpoint
 from hf_flower.arguments import parse_args
 from hf_flower.checkpoint import OutputDirError
+from hf_flower.launch.plan import RunPlan
 from hf_flower.launch.simulation import run_simulation
 from hf_flower.preflight import check_run
 
@@ -40,7 +41,9 @@ def learning_metrics(record: dict) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir, reviews_csv):
     output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert run_simulation(parse_args(flags(output_dir, tiny_model_dir, reviews_csv))) == 0
+    assert (
+        run_simulation(RunPlan.from_run_args(parse_args(flags(output_dir, tiny_model_dir, reviews_csv)))) == 0
+    )
     return output_dir
 
 
@@ -67,7 +70,7 @@ def test_resumed_run_matches_the_uninterrupted_run(
 
     resumed = parse_args(flags(output_dir, tiny_model_dir, reviews_csv, "--resume"))
     check_run(resumed, prepare_output=True)
-    assert run_simulation(resumed) == 0
+    assert run_simulation(RunPlan.from_run_args(resumed)) == 0
     assert "round 3/4" in capsys.readouterr().out
 
     assert checkpoint.list_rounds(output_dir) == [0, 1, 2, 3, 4]

@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification
 
 from hf_flower import checkpoint
 from hf_flower.arguments import parse_args, to_run_config
+from hf_flower.launch.plan import RunPlan
 from hf_flower.launch.simulation import run_simulation
 
 pytestmark = pytest.mark.slow
@@ -61,7 +62,7 @@ def test_saved_rounds_are_the_weighted_average_of_replies(
     record_dir = tmp_path / "replies"
     app_dir = make_app(tmp_path, run_args, {"record_dir": str(record_dir)})
 
-    assert run_simulation(run_args, app_dir=app_dir) == 0
+    assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 0
 
     output_dir = Path(run_args.training.output_dir)
     assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
@@ -102,7 +103,7 @@ def test_failed_client_stops_the_run_when_below_minimum(
     run_args = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, "--num_rounds", "3")
     app_dir = make_app(tmp_path, run_args, {"drop_key": {"partition": 1, "round": 2}})
 
-    assert run_simulation(run_args, app_dir=app_dir) == 1
+    assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 1
 
     output_dir = Path(run_args.training.output_dir)
     history = checkpoint.read_history(output_dir)
@@ -124,7 +125,7 @@ def test_nan_update_is_rejected_and_round_continues_above_minimum(
     )  # fmt: skip
     app_dir = make_app(tmp_path, run_args, {"nan_update": {"partition": 2, "round": 1}})
 
-    assert run_simulation(run_args, app_dir=app_dir) == 0
+    assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 0
 
     output_dir = Path(run_args.training.output_dir)
     metrics = checkpoint.read_round_metrics(output_dir, 1)
@@ -148,7 +149,7 @@ def test_lora_rounds_are_peft_folders_and_only_adapters_travel(
     record_dir = tmp_path / "replies"
     app_dir = make_app(tmp_path, run_args, {"record_dir": str(record_dir)})
 
-    assert run_simulation(run_args, app_dir=app_dir) == 0
+    assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 0
 
     output_dir = Path(run_args.training.output_dir)
     assert checkpoint.list_rounds(output_dir) == [0, 1]

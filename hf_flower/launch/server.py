@@ -12,7 +12,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..arguments import RunArguments
 from .flower import (
     CONNECTION,
     FLWR_HOME_DIRNAME,
@@ -24,6 +23,7 @@ from .flower import (
     submit_and_watch,
     write_connection,
 )
+from .plan import RunPlan
 from .processes import LOOPBACK, ManagedProcess, free_port
 
 
@@ -90,10 +90,11 @@ def register_supernodes(keys: list[str], flwr_home: Path, env: dict) -> None:
             raise RuntimeError(f"Registering {key} failed:\n{result.stdout}\n{result.stderr}")
 
 
-def run_server(run_args: RunArguments, options: ServerOptions, app_dir: Path = PROJECT_ROOT) -> int:
-    """Serve one run to the SuperNodes that join; 0 when every round completed."""
-    output_dir = Path(run_args.training.output_dir).resolve()
-    run_args.training.output_dir = str(output_dir)
+def run_server(plan: RunPlan, app_dir: Path = PROJECT_ROOT) -> int:
+    """Serve one run (`plan.options` are its `ServerOptions`) to the SuperNodes that join; 0 when
+    every round completed."""
+    options: ServerOptions = plan.options
+    output_dir = Path(plan.output_dir)
     flwr_home = output_dir / FLWR_HOME_DIRNAME
     env = flower_env(flwr_home)
     port = options.port or free_port()
@@ -115,11 +116,11 @@ def run_server(run_args: RunArguments, options: ServerOptions, app_dir: Path = P
             process.wait_for_port(port, host=connect_host)
         register_supernodes(options.authorized_keys, flwr_home, env)
         print(
-            f"SuperLink at {address}; waiting for {run_args.federation.min_available_clients} clients.",
+            f"SuperLink at {address}; waiting for {plan.min_available_clients} clients.",
             flush=True,
         )
         try:
-            return submit_and_watch(run_args, process, app_dir, flwr_home, env)
+            return submit_and_watch(plan, process, app_dir, flwr_home, env)
         except KeyboardInterrupt:
             print("Interrupted; the rounds saved so far are kept.", file=sys.stderr)
             return 130

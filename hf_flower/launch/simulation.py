@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..arguments import RunArguments
 from .flower import (
     FLWR_HOME_DIRNAME,
     LOGS_DIRNAME,
@@ -20,23 +19,22 @@ from .flower import (
     submit_and_watch,
     write_connection,
 )
+from .plan import RunPlan
 from .processes import LOOPBACK, ManagedProcess, free_port
 
 
-def simulation_config(run_args: RunArguments) -> str:
+def simulation_config(plan: RunPlan) -> str:
     """`flwr run --federation-config`: virtual SuperNodes and what each may use."""
-    federation = run_args.federation
     return (
-        f'num-supernodes={federation.num_clients} backend="ray" '
-        f"client-resources-num-cpus={federation.client_num_cpus} "
-        f"client-resources-num-gpus={float(federation.client_num_gpus)}"
+        f'num-supernodes={plan.num_clients} backend="ray" '
+        f"client-resources-num-cpus={plan.client_num_cpus} "
+        f"client-resources-num-gpus={plan.client_num_gpus}"
     )
 
 
-def run_simulation(run_args: RunArguments, app_dir: Path = PROJECT_ROOT) -> int:
+def run_simulation(plan: RunPlan, app_dir: Path = PROJECT_ROOT) -> int:
     """Run the whole federation; return 0 when every round completed, 1 otherwise."""
-    output_dir = Path(run_args.training.output_dir).resolve()
-    run_args.training.output_dir = str(output_dir)
+    output_dir = Path(plan.output_dir)
     flwr_home = output_dir / FLWR_HOME_DIRNAME
     port = free_port()
     write_connection(flwr_home, f"{LOOPBACK}:{port}")
@@ -50,7 +48,7 @@ def run_simulation(run_args: RunArguments, app_dir: Path = PROJECT_ROOT) -> int:
         "--port", str(port),
     ]  # fmt: skip
     print(
-        f"Simulating {run_args.federation.num_clients} clients, logs in {output_dir / LOGS_DIRNAME}",
+        f"Simulating {plan.num_clients} clients, logs in {output_dir / LOGS_DIRNAME}",
         flush=True,
     )
     with ManagedProcess(
@@ -58,5 +56,5 @@ def run_simulation(run_args: RunArguments, app_dir: Path = PROJECT_ROOT) -> int:
     ) as superlink:
         superlink.wait_for_port(port)
         return submit_and_watch(
-            run_args, superlink, app_dir, flwr_home, env, ["--federation-config", simulation_config(run_args)]
+            plan, superlink, app_dir, flwr_home, env, ["--federation-config", simulation_config(plan)]
         )

@@ -147,10 +147,6 @@ def run_loop(run_args, args: argparse.Namespace, work_dir: Path) -> dict:
     port = free_port()
     write_connection(flwr_home, f"{LOOPBACK}:{port}")
     env = flower_env(flwr_home)
-    # The loop runs as Flower ships it: without the allocator settings hf-flower gives its processes.
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        if name not in os.environ:
-            env.pop(name, None)
     run_config = flwr_home / "run_config.toml"
     run_config.write_text(
         tomli_w.dumps(

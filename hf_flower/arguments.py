@@ -10,6 +10,7 @@ same objects from Flower's run config with `from_run_config`, so `flwr run .` wi
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import sys
 import typing
@@ -538,10 +539,10 @@ def _encode(value: Any) -> bool | int | float | str:
     """A run-config value: TOML scalars only, `None` as "" and containers as JSON."""
     if value is None:
         return ""
+    if isinstance(value, enum.Enum):  # SchedulerType, SaveStrategy, ...: str enums, plain str here
+        return value.value
     if isinstance(value, (bool, int, float, str)):
         return value
-    if hasattr(value, "value"):  # enums such as SaveStrategy
-        return value.value
     return json.dumps(value)
 
 

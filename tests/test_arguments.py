@@ -149,3 +149,11 @@ def test_module_lists_take_commas_or_spaces_and_survive_the_run_config():
     back = from_run_config(to_run_config(run_args))
     assert back.peft == run_args.peft and back.model.freeze_modules == ["embeddings"]
     assert back.federation.transfer_dtype == "bfloat16"
+
+
+def test_run_config_holds_plain_values_only():
+    """Enums (lr_scheduler_type is a `SchedulerType`) become plain strings: the run config and a
+    launcher's `RunPlan` never carry a transformers object (unpickling one imports torch)."""
+    run_config = to_run_config(parse_args(["--config", QUICKSTART, "--lr_scheduler_type", "cosine"]))
+    assert run_config["training.lr-scheduler-type"] == "cosine"
+    assert {type(value) for value in run_config.values()} <= {bool, int, float, str}

@@ -121,7 +121,7 @@ def test_nan_update_is_rejected_and_round_continues_above_minimum(
     run_args = tiny_run_args(
         tmp_path, tiny_model_dir, reviews_csv,
         "--num_clients", "3", "--num_rounds", "1", "--min_train_clients", "2",
-        "--min_evaluate_clients", "2", "--min_available_clients", "3",
+        "--min_evaluate_clients", "2", "--min_available_clients", "3", "--evaluate_initial_model", "false",
     )  # fmt: skip
     app_dir = make_app(tmp_path, run_args, {"nan_update": {"partition": 2, "round": 1}})
 
@@ -133,6 +133,9 @@ def test_nan_update_is_rejected_and_round_continues_above_minimum(
     assert metrics["clients"]["train_succeeded"] == 2
     assert len(metrics["failures"]) == 1
     assert "partition 2" in metrics["failures"][0] and "NaN" in metrics["failures"][0]
+    # --evaluate_initial_model false: round 0 is saved but not evaluated; round 1 is.
+    assert checkpoint.read_round_metrics(output_dir, 0)["central"] == {}
+    assert 0.0 <= metrics["central"]["eval_accuracy"] <= 1.0
     assert sorted(c["partition-id"] for c in metrics["client_results"]["train"]) == [0, 1]
 
 

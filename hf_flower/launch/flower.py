@@ -51,11 +51,6 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     # Ray would otherwise print its dashboard/usage notices and try to reach the network.
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("RAY_DEDUP_LOGS", "0")
-    # glibc keeps freed blocks for reuse; a training step frees hundreds of MB of activations and
-    # gradients, which then stayed with each process between rounds (a client at 1.5 GB instead of
-    # 0.7 GB). Blocks of 128 KB and more are mapped and unmapped instead; peak -11% as well.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "131072")
     return env
 
 

@@ -448,12 +448,16 @@ def previous_systems(output: Path, settings: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global SEED
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reviews_per_client", type=int, default=256, help="Each client's partition.")
     parser.add_argument("--test_reviews", type=int, default=512, help="Central test reviews.")
     parser.add_argument("--num_rounds", type=int, default=3)
+    parser.add_argument(
+        "--seed", type=int, default=SEED, help="Partitions, test rows, hf-flower's and central's seed."
+    )
     parser.add_argument(
         "--only", action="append", choices=SYSTEMS, help="Run only this system (repeatable); others are "
         "kept from --output when it has the same settings."
@@ -467,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "vs_quickstart.json"))
     args = parser.parse_args(argv)
+    SEED = args.seed  # every step of this script reads it
 
     selected = [s for s in (args.only or SYSTEMS) if not (s == "central" and args.skip_central)]
     if args.work_dir:

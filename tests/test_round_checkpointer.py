@@ -1,0 +1,67 @@
+"""The server's round checkpointer: rounds finished on a background worker, in order, failures kept."""
+
+import threading
+
+import pytest
+from conftest import tiny_run_flags
+
+from hf_flower import checkpoint, server_app
+from hf_flower import data as data_lib
+from hf_flower.arguments import parse_args
+from hf_flower.modeling import load_model, load_tokenizer
+from hf_flower.preflight import check_run
+from hf_flower.weights import get_weights
+
+
+@pytest.fixture
+def checkpointer(tmp_path, tiny_model_dir, reviews_csv):
+    run_args = parse_args(tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv))
+    label_names = check_run(run_args, prepare_output=True)
+    tokenizer = load_tokenizer(run_args.model)
+    model = load_model(run_args.model, label_names, run_args.peft)
+    test_set = data_lib.central_test_set(run_args.data, tokenizer, run_args.training.seed)
+    grid = server_app.TrackingGrid(None, {}, min_train_clients=2)
+    return server_app.RoundCheckpointer(run_args, model, tokenizer, label_names, test_set, grid)
+
+
+def test_rounds_are_evaluated_and_saved_off_the_strategy_thread_in_order(checkpointer):
+    arrays = get_weights(checkpointer.model)
+    worker_threads = []
+    finish_round = checkpointer._finish_round
+
+    def recording(record, *args):
+        worker_threads.append(threading.current_thread().name)
+        return finish_round(record, *args)
+
+    checkpointer._finish_round = recording
+    for server_round in (0, 1, 2):
+        assert checkpointer(server_round, arrays) is None  # returns before the round is evaluated
+    assert checkpointer.finish(None) is None
+
+    history = checkpoint.read_history(checkpointer.output_dir)
+    assert history["status"] == "completed"
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
+    assert all(0 <= r["central"]["eval_accuracy"] <= 1 for r in history["rounds"])
+    assert checkpoint.list_rounds(checkpointer.output_dir) == [0, 1, 2]
+    assert worker_threads and all(name.startswith("round-checkpointer") for name in worker_threads)
+
+
+def test_a_round_the_worker_cannot_save_fails_the_run(checkpointer, monkeypatch):
+    arrays = get_weights(checkpointer.model)
+    save_round = checkpoint.save_round
+
+    def full_disk(output_dir, round_num, *args, **kwargs):
+        if round_num == 1:
+            raise OSError("No space left on device")
+        return save_round(output_dir, round_num, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_round", full_disk)
+    checkpointer(0, arrays)
+    checkpointer(1, arrays)
+    error = checkpointer.finish(None)
+
+    assert isinstance(error, OSError)  # raised by the ServerApp, so Flower marks the run failed
+    history = checkpoint.read_history(checkpointer.output_dir)
+    assert history["status"] == "failed"
+    assert "No space left on device" in history["error"]
+    assert checkpoint.list_rounds(checkpointer.output_dir) == [0]  # no half-written round 1

@@ -352,9 +352,10 @@ def torch_threads(count: int | None):
 class RoundCheckpointer:
     """`evaluate_fn` of `strategy.start`: central evaluation, then the round saved, logged and pushed.
 
-    That work runs on a background worker, one round after the other, while the strategy goes on
-    with the next round: the clients never wait for the server's evaluation. Each round's record
-    (clients, metrics, bytes) is taken when the round ends, so the history stays exact.
+    With `--evaluate_in_background` that work runs on a background worker, one round after the
+    other, while the strategy goes on with the next round: the clients never wait for the server's
+    evaluation. Each round's record (clients, metrics, bytes) is taken when the round ends, so the
+    history is the same either way.
 
     `resume_point` is the round a resumed run continues from: `strategy.start` counts from 0
     again, so its round `r` is round `resume_point.round + r`, and its round 0 (the weights of the
@@ -409,8 +410,8 @@ class RoundCheckpointer:
         self.pending: list[concurrent.futures.Future] = []
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Hand the round to the background worker and return at once: the next round trains
-        while this one is evaluated and saved. An earlier round's failure is raised here."""
+        """Evaluate and save the round, or with `--evaluate_in_background` hand it to the worker
+        and return at once (an earlier round's failure on the worker is raised here)."""
         server_round += self.first_round
         if self.first_round and server_round == self.first_round:
             return None  # the resumed round: evaluated and saved by the interrupted run
@@ -435,19 +436,24 @@ class RoundCheckpointer:
             "bytes_received": stats.bytes_received,
         }
         strategy_state = get_strategy_state(self.strategy) if self.strategy is not None else None
-        self.pending.append(self.worker.submit(self._finish_round, record, arrays, strategy_state))
+        if self.run_args.federation.evaluate_in_background:
+            self.pending.append(
+                self.worker.submit(self._finish_round, record, arrays, strategy_state, beside_clients=True)
+            )
+        else:
+            self._finish_round(record, arrays, strategy_state)
         self.round_started = time.time()
         return None
 
-    def _finish_round(self, record: dict, arrays: ArrayRecord, strategy_state) -> None:
-        """On the worker: central evaluation, then the round saved, logged and pushed."""
+    def _finish_round(self, record: dict, arrays: ArrayRecord, strategy_state, beside_clients=False) -> None:
+        """Central evaluation, then the round saved, logged and pushed (`beside_clients`: on the
+        worker, while the next round trains)."""
         set_weights(self.model, arrays)
         if record["round"] > 0 or self.run_args.federation.evaluate_initial_model:
-            # While clients train, one thread: on a machine they share (simulation), torch's
-            # threads would take their cores (2 threads beside 2 clients on 2 cores made rounds
-            # 55-66 s instead of 49 s with evaluation in between). The last round has it all.
+            # Beside training clients, one thread: torch's default would take every core they
+            # use (2 threads beside 2 clients on 2 cores made rounds 55-66 s instead of 49 s).
             last = record["round"] >= self.run_args.federation.num_rounds
-            with torch_threads(None if last else 1):
+            with torch_threads(1 if beside_clients and not last else None):
                 metrics = self.trainer.evaluate()
             record["central"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         server_round = record["round"]

@@ -15,7 +15,9 @@ from hf_flower.weights import get_weights
 
 @pytest.fixture
 def checkpointer(tmp_path, tiny_model_dir, reviews_csv):
-    run_args = parse_args(tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv))
+    run_args = parse_args(
+        tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, "--evaluate_in_background", "true")
+    )
     label_names = check_run(run_args, prepare_output=True)
     tokenizer = load_tokenizer(run_args.model)
     model = load_model(run_args.model, label_names, run_args.peft)
@@ -29,9 +31,9 @@ def test_rounds_are_evaluated_and_saved_off_the_strategy_thread_in_order(checkpo
     worker_threads = []
     finish_round = checkpointer._finish_round
 
-    def recording(record, *args):
+    def recording(*args, **kwargs):
         worker_threads.append(threading.current_thread().name)
-        return finish_round(record, *args)
+        return finish_round(*args, **kwargs)
 
     checkpointer._finish_round = recording
     for server_round in (0, 1, 2):

@@ -209,9 +209,9 @@ class FederationArguments:
         evaluate_initial_model: Evaluate the initial weights on the central test split (round 0)
             before round 1 trains.
         evaluate_in_background: Evaluate and save each round on a background thread while the
-            next round trains, so clients never wait for the server. Worth it where the clients
-            do not share the server's processors (a deployment, GPUs); in a simulation on a few
-            CPU cores it slowed rounds (benchmarks/README.md), hence off by default.
+            next round trains, so clients never wait for the server. While clients train, the
+            evaluation uses one CPU thread, so it does not take the cores of clients that share
+            the machine (simulation); `false` evaluates between rounds with every thread.
     """
 
     num_rounds: int = field(default=3, metadata={"help": "Aggregation rounds."})
@@ -251,7 +251,7 @@ class FederationArguments:
         default=True, metadata={"help": "Evaluate the initial weights centrally (round 0)."}
     )
     evaluate_in_background: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "Evaluate and save each round while the next one trains (clients never wait)."},
     )
 

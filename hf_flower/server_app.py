@@ -352,9 +352,9 @@ def torch_threads(count: int | None):
 class RoundCheckpointer:
     """`evaluate_fn` of `strategy.start`: central evaluation, then the round saved, logged and pushed.
 
-    With `--evaluate_in_background` that work runs on a background worker, one round after the
-    other, while the strategy goes on with the next round: the clients never wait for the server's
-    evaluation. Each round's record (clients, metrics, bytes) is taken when the round ends, so the
+    With `--evaluate_in_background` (the default) that work runs on a background worker, one round
+    after the other, while the strategy goes on with the next round: the clients never wait for the
+    server's evaluation. Each round's record (clients, metrics, bytes) is taken when the round ends, so the
     history is the same either way.
 
     `resume_point` is the round a resumed run continues from: `strategy.start` counts from 0
@@ -420,6 +420,7 @@ class RoundCheckpointer:
         stats = self.grid.rounds.get(server_round, RoundStats())
         record = {
             "round": server_round,
+            # The federated part; when the server evaluates in between, its evaluation is added.
             "seconds": round(time.time() - self.round_started, 2),
             "clients": {
                 "train_sampled": stats.sampled.get(MessageType.TRAIN, 0),
@@ -456,6 +457,8 @@ class RoundCheckpointer:
             with torch_threads(1 if beside_clients and not last else None):
                 metrics = self.trainer.evaluate()
             record["central"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            if not beside_clients:
+                record["seconds"] = round(record["seconds"] + record["central"].get("eval_runtime", 0.0), 2)
         server_round = record["round"]
         rounds = [*self.history["rounds"], record]
         folder = checkpoint.save_round(

@@ -353,9 +353,9 @@ class RoundCheckpointer:
     """`evaluate_fn` of `strategy.start`: central evaluation, then the round saved, logged and pushed.
 
     With `--evaluate_in_background` (the default) that work runs on a background worker, one round
-    after the other, while the strategy goes on with the next round: the clients never wait for the
-    server's evaluation. Each round's record (clients, metrics, bytes) is taken when the round ends, so the
-    history is the same either way.
+    after the other, while the strategy goes on with the next round: the clients never wait for
+    the server's evaluation. Each round's record (clients, metrics, bytes) is taken when the round
+    ends, so the history is the same either way.
 
     `resume_point` is the round a resumed run continues from: `strategy.start` counts from 0
     again, so its round `r` is round `resume_point.round + r`, and its round 0 (the weights of the
@@ -437,18 +437,20 @@ class RoundCheckpointer:
             "bytes_received": stats.bytes_received,
         }
         strategy_state = get_strategy_state(self.strategy) if self.strategy is not None else None
+        central = None
         if self.run_args.federation.evaluate_in_background:
             self.pending.append(
                 self.worker.submit(self._finish_round, record, arrays, strategy_state, beside_clients=True)
             )
         else:
-            self._finish_round(record, arrays, strategy_state)
+            central = self._finish_round(record, arrays, strategy_state)
         self.round_started = time.time()
-        return None
+        # Flower's own result history gets the central metrics when they exist by now.
+        return MetricRecord({k: v for k, v in central.items() if k.startswith("eval_")}) if central else None
 
-    def _finish_round(self, record: dict, arrays: ArrayRecord, strategy_state, beside_clients=False) -> None:
+    def _finish_round(self, record: dict, arrays: ArrayRecord, strategy_state, beside_clients=False) -> dict:
         """Central evaluation, then the round saved, logged and pushed (`beside_clients`: on the
-        worker, while the next round trains)."""
+        worker, while the next round trains). Returns the central metrics."""
         set_weights(self.model, arrays)
         if record["round"] > 0 or self.run_args.federation.evaluate_initial_model:
             # Beside training clients, one thread: torch's default would take every core they
@@ -473,6 +475,7 @@ class RoundCheckpointer:
         if self.pusher is not None and self.run_args.hub.hub_strategy == "every_round":
             self.pusher.submit(server_round, folder)
         log(INFO, "%s", progress.format_round(record, self.run_args.federation.num_rounds))
+        return record["central"]
 
     def _raise_failed(self) -> None:
         """Re-raise, on the strategy's thread, the error of a round the worker could not finish."""

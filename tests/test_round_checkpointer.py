@@ -13,17 +13,28 @@ from hf_flower.preflight import check_run
 from hf_flower.weights import get_weights
 
 
-@pytest.fixture
-def checkpointer(tmp_path, tiny_model_dir, reviews_csv):
-    run_args = parse_args(
-        tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, "--evaluate_in_background", "true")
-    )
+def make_checkpointer(tmp_path, tiny_model_dir, reviews_csv, in_background: bool):
+    flags = ["--evaluate_in_background", str(in_background).lower()]
+    run_args = parse_args(tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, *flags))
     label_names = check_run(run_args, prepare_output=True)
     tokenizer = load_tokenizer(run_args.model)
     model = load_model(run_args.model, label_names, run_args.peft)
     test_set = data_lib.central_test_set(run_args.data, tokenizer, run_args.training.seed)
     grid = server_app.TrackingGrid(None, {}, min_train_clients=2)
     return server_app.RoundCheckpointer(run_args, model, tokenizer, label_names, test_set, grid)
+
+
+@pytest.fixture
+def checkpointer(tmp_path, tiny_model_dir, reviews_csv):
+    return make_checkpointer(tmp_path, tiny_model_dir, reviews_csv, in_background=True)
+
+
+def test_between_rounds_the_round_is_saved_before_the_strategy_goes_on(tmp_path, tiny_model_dir, reviews_csv):
+    checkpointer = make_checkpointer(tmp_path, tiny_model_dir, reviews_csv, in_background=False)
+    result = checkpointer(0, get_weights(checkpointer.model))
+    assert 0 <= result["eval_accuracy"] <= 1  # Flower's result history gets the central metrics
+    assert checkpoint.list_rounds(checkpointer.output_dir) == [0]
+    assert checkpointer.finish(None) is None
 
 
 def test_rounds_are_evaluated_and_saved_off_the_strategy_thread_in_order(checkpointer):

@@ -13,17 +13,12 @@ With TLS and SuperNode authentication (see `scripts/make_certs.py`):
 
 import sys
 
-from hf_flower.launch.plan import prepare_in_child, prepare_server
+from hf_flower.launch.plan import launch, prepare_server
 from hf_flower.launch.server import run_server
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepared = prepare_in_child(prepare_server, sys.argv[1:] if argv is None else argv)
-    if prepared.plan is None:
-        if prepared.error:
-            print(prepared.error, file=sys.stderr)
-        return prepared.exit_code
-    return run_server(prepared.plan)
+    return launch(prepare_server, run_server, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

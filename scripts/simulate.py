@@ -16,21 +16,12 @@ With the Hugging Face Hub (the setup of Flower's Hugging Face quickstart):
 
 import sys
 
-from hf_flower.launch.plan import prepare_in_child, prepare_simulation
+from hf_flower.launch.plan import launch, prepare_simulation
 from hf_flower.launch.simulation import run_simulation
 
 
 def main(argv: list[str] | None = None) -> int:
-    prepared = prepare_in_child(prepare_simulation, sys.argv[1:] if argv is None else argv)
-    if prepared.plan is None:
-        if prepared.error:
-            print(prepared.error, file=sys.stderr)
-        return prepared.exit_code
-    try:
-        return run_simulation(prepared.plan)
-    except KeyboardInterrupt:  # every Flower process is already stopped by then
-        print("Interrupted; the rounds saved so far are kept.", file=sys.stderr)
-        return 130
+    return launch(prepare_simulation, run_simulation, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

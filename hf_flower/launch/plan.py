@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,3 +96,17 @@ def prepare_in_child(prepare: Callable[[list[str] | None], RunPlan], argv: list[
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as child:
         return child.submit(_run_prepare, prepare, argv).result()
+
+
+def launch(prepare: Callable[[list[str] | None], RunPlan], run: Callable[[RunPlan], int], argv) -> int:
+    """A launcher's whole life: `prepare(argv)` in a child, then `run(plan)` here; its exit code."""
+    prepared = prepare_in_child(prepare, argv)
+    if prepared.plan is None:
+        if prepared.error:
+            print(prepared.error, file=sys.stderr)
+        return prepared.exit_code
+    try:
+        return run(prepared.plan)
+    except KeyboardInterrupt:  # every Flower process is already stopped by then
+        print("Interrupted; the rounds saved so far are kept.", file=sys.stderr)
+        return 130

@@ -612,6 +612,13 @@ def from_run_config(run_config: dict[str, Any]) -> RunArguments:
     unknown = sorted(set(training_kwargs) - set(annotations))
     if unknown:
         raise ValueError(f"training.extra names fields TrainingArguments does not have: {unknown}.")
+    refused = sorted(set(training_kwargs) & set(HUB_TRAINING_FIELDS))
+    if refused:
+        raise ValueError(
+            f"training.extra sets {refused}: a run config carries no Hub token and no Hub settings of "
+            "TrainingArguments (the server pushes rounds with the hub.* keys; tokens come from HF_TOKEN "
+            "or `hf auth login`). Remove them from the run config."
+        )
     model, data, federation, peft, hub = groups
     training_kwargs["num_train_epochs"] = federation.local_epochs
     training = TrainingArguments(**join_launched_processes(training_kwargs))

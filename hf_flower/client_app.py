@@ -25,6 +25,8 @@ from .constants import (
     CLIENT_KEY,
     CONFIG_KEY,
     DATA_PATH_KEY,
+    LABEL_NAMES_KEY,
+    MAX_LABELS,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     NUM_PARTITIONS_KEY,
@@ -33,6 +35,7 @@ from .constants import (
 )
 from .metrics import make_compute_metrics
 from .modeling import load_model, load_tokenizer
+from .progress_callback import report_training
 from .strategies import strategy_class
 from .trainer import FederatedTrainer, OptimizerStateStore, RoundSchedule, round_seed
 from .weights import get_weights, set_weights
@@ -75,31 +78,58 @@ def _frozen(config) -> tuple:
 
 
 @functools.cache
-def load_task(run_config: tuple) -> ClientTask:
-    """Model and tokenizer of this run, built once per process (all partitions share them)."""
+def load_task(run_config: tuple, label_names: tuple[str, ...]) -> ClientTask:
+    """Model and tokenizer of this run, built once per process (all partitions share them).
+
+    `label_names` are the run's classes as the server sends them: a client never reads them from
+    a data set of its own, which may hold only some of them.
+    """
     run_args = from_run_config(dict(run_config))
     set_seed(run_args.training.seed)
     tokenizer = load_tokenizer(run_args.model)
-    label_names = data_lib.load_label_names(run_args.data)
-    model = load_model(run_args.model, label_names, run_args.peft)
-    return ClientTask(run_args, tokenizer, model, label_names)
+    model = load_model(run_args.model, list(label_names), run_args.peft)
+    return ClientTask(run_args, tokenizer, model, list(label_names))
 
 
 @functools.cache
 def load_partition(
-    run_config: tuple, partition_id: int, num_partitions: int, data_path: str = ""
+    run_config: tuple,
+    label_names: tuple[str, ...],
+    partition_id: int,
+    num_partitions: int,
+    data_path: str = "",
 ) -> data_lib.ClientData:
     """This client's tokenised train and eval splits, built once per process and partition.
 
-    With `data_path` (the deployment case), the client's own file is its whole partition.
+    With `data_path` (the deployment case), the client's own file is all its data, its labels
+    mapped by name onto the run's; otherwise partition `partition_id` of the run's data set.
     """
-    task = load_task(run_config)
-    data_args = task.run_args.data
+    task = load_task(run_config, label_names)
+    data_args, seed = task.run_args.data, task.run_args.training.seed
     if data_path:
-        data_args = dataclasses.replace(data_args, dataset=data_path, max_train_samples=None)
-    return data_lib.client_data(
-        data_args, task.tokenizer, partition_id, num_partitions, task.run_args.training.seed
-    )
+        return data_lib.own_data(data_path, data_args, task.tokenizer, task.label_names, seed)
+    return data_lib.client_data(data_args, task.tokenizer, partition_id, num_partitions, seed)
+
+
+def run_label_names(msg: Message) -> tuple[str, ...]:
+    """The run's classes from the server's message, checked: they shape this client's model."""
+    names = msg.content[CONFIG_KEY].get(LABEL_NAMES_KEY)
+    if names is None:
+        raise ValueError(
+            f"The server's message carries no {LABEL_NAMES_KEY!r}: it runs another version of "
+            "hf-flower. Run one version on the server and the clients."
+        )
+    if (
+        not isinstance(names, list)
+        or not 2 <= len(names) <= MAX_LABELS
+        or not all(isinstance(name, str) and name for name in names)
+        or len(set(names)) != len(names)
+    ):
+        raise ValueError(
+            f"The server sent {LABEL_NAMES_KEY!r} = {str(names)[:200]}: expected 2 to {MAX_LABELS} "
+            "distinct, non-empty class names."
+        )
+    return tuple(names)
 
 
 def partition_of(context: Context) -> tuple[int, int, str]:
@@ -209,9 +239,9 @@ def receive_global_model(msg: Message, context: Context) -> tuple[ClientTask, da
     The message's copy of the weights is dropped once they are in the model: training would
     otherwise carry a second copy of the model (91 MB for MiniLM) through its peak.
     """
-    run_config = _frozen(context.run_config)
-    task = load_task(run_config)
-    client = load_partition(run_config, *partition_of(context))
+    run_config, label_names = _frozen(context.run_config), run_label_names(msg)
+    task = load_task(run_config, label_names)
+    client = load_partition(run_config, label_names, *partition_of(context))
     set_weights(task.model, msg.content[ARRAYS_KEY])
     del msg.content[ARRAYS_KEY]
     return task, client
@@ -230,6 +260,7 @@ def train(msg: Message, context: Context) -> Message:
             optimizer_store=optimizer_store(task, context),
             train_dataset=client.train,
         )
+        report_training(trainer, context, int(config[SERVER_ROUND_KEY]))
         output = trainer.train()
         metrics = {
             "train_loss": mean_over_ranks(trainer, output.training_loss),

@@ -5,6 +5,9 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 NUM_EXAMPLES_KEY = "num-examples"
 SERVER_ROUND_KEY = "server-round"
+# The run's classes, in label-id order: the server decides them and sends them with every message.
+LABEL_NAMES_KEY = "label-names"
+MAX_LABELS = 100_000
 # Our replies: one MetricRecord (Flower's strategies expect exactly one) and who sent it.
 METRICS_KEY = "metrics"
 CLIENT_KEY = "client"

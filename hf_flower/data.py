@@ -12,18 +12,21 @@ One way through, the same in every process:
 5. flwr-datasets partitioners split the pool's row numbers (labels only, no tokens), so the
    server's cheap pre-flight check (`partition_sizes`) and the clients (`client_data`) agree.
 
+A deployed client with a file of its own (`own_data`) skips 2, 3 and 5: the run's classes come from
+the server, its labels are matched to them by name, and all its rows are its own.
+
 Every data problem raises `DataError`, whose message names the bad value and the setting to change.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.resources
 import importlib.util
 import math
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +56,7 @@ class DataError(ValueError):
     """A data set, column, label or split setting that cannot work; the message says what to change."""
 
 
-@dataclass
+@dataclasses.dataclass
 class ClientData:
     """One client's tokenized examples: `train` for local training, `eval` for its own evaluation."""
 
@@ -465,7 +468,7 @@ def _check_max_length(tokenizer, data_args: DataArguments) -> None:
 # --- Central test set and the clients' pool ---------------------------------------------------
 
 
-@dataclass
+@dataclasses.dataclass
 class Splits:
     """The untokenised, seeded cut of a source that every other step starts from.
 
@@ -521,6 +524,57 @@ def central_test_set(data_args: DataArguments, tokenizer, seed: int) -> Dataset:
     """The server's tokenized test set: the source's test split, or rows held out of the train split."""
     splits = prepare_splits(data_args, seed)
     return tokenize(splits.test, tokenizer, data_args, splits.names)
+
+
+# --- A client's own data ----------------------------------------------------------------------
+
+
+def own_data(path: str, data_args: DataArguments, tokenizer, names: list[str], seed: int) -> ClientData:
+    """A deployed client's own file or folder, all of it: `client_eval_size` of it for its own
+    evaluation, the rest to train on.
+
+    Its labels are mapped by name onto the run's classes `names` (decided by the server): the file
+    may hold any subset of them, a single class included, in any order. No central hold-out and no
+    `max_train_samples` cap apply: those describe the server's data set, not this client's.
+    """
+    own_args = dataclasses.replace(data_args, dataset=path, max_train_samples=None)
+    rows, _ = load_raw_splits(own_args)
+    ids = run_label_ids(rows, own_args, names)
+    rows = rows.remove_columns(own_args.label_column).add_column(own_args.label_column, ids.tolist())
+    _check_partition_size(len(rows), 0, 1, own_args, source=f"--data_path {path}")
+    eval_rows, train_rows = _client_eval_split(np.arange(len(rows)), own_args.client_eval_size, 0, seed)
+    tokenized = tokenize(rows, tokenizer, own_args, names)
+    return ClientData(train=tokenized.select(train_rows), eval=tokenized.select(eval_rows))
+
+
+def run_label_ids(dataset: Dataset, data_args: DataArguments, names: list[str]) -> np.ndarray:
+    """Ids into the run's classes `names` of a client's labels, matched by name.
+
+    Class names (strings, or a `ClassLabel`'s names) must be among `names`. Integer labels are class
+    ids of the run: the ids a run with classes "0".."K-1" names, checked to be in range.
+    """
+    column = data_args.label_column
+    feature = dataset.features[column]
+    values = _column_values(dataset, column)
+    if isinstance(feature, ClassLabel):
+        values = np.asarray(feature.int2str(values.astype(np.int64).tolist()), dtype=object)
+    elif not (_is_string(feature) or _is_integer(feature)):
+        raise DataError(
+            f"Column {column!r} of {_source_name(data_args)} holds {feature}, not class labels. "
+            "Set --label_column to the column holding the labels."
+        )
+    if np.asarray(values).dtype.kind in "iub":
+        return _encode_labels(values, names, column)
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({str(v) for v in values} - set(index))
+    if unknown:
+        raise DataError(
+            f"Label {unknown[0]!r} in column {column!r} of {_source_name(data_args)} is not one of "
+            f"the run's classes {names}"
+            + (f" (nor are {unknown[1:10]})" if len(unknown) > 1 else "")
+            + ". Drop those rows, or rename them to one of the run's classes."
+        )
+    return np.array([index[str(v)] for v in values], dtype=np.int64)
 
 
 # --- Partitions -------------------------------------------------------------------------------
@@ -612,10 +666,16 @@ def _load_partition(
 
 
 def _check_partition_size(
-    size: int, partition_id: int, num_partitions: int, data_args: DataArguments
+    size: int, partition_id: int, num_partitions: int, data_args: DataArguments, source: str = ""
 ) -> None:
     if size >= _min_partition_size(data_args.client_eval_size):
         return
+    if source:
+        raise DataError(
+            f"{source} has {size} examples: too few to hold out --client_eval_size "
+            f"{data_args.client_eval_size} for evaluation and keep one to train on. Add rows or lower "
+            "--client_eval_size."
+        )
     advice = "raise --dirichlet_alpha, " if data_args.partitioner == "dirichlet" else ""
     raise DataError(
         f"Partition {partition_id} of {num_partitions} has {size} examples: too few to hold out "

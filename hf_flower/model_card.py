@@ -1,10 +1,10 @@
 """Model cards and per-round plots: every round folder gets a README.md and a metrics.png.
 
-The card is rendered with `huggingface_hub.ModelCard.from_template` from `model_cards/template.md`
-(Jinja): metadata the Hub indexes (`base_model`, `datasets`, `license`, tags, `model-index` with
-the central test results), the federated setup, a table of metrics per round, the plot, and how
-to load the model and a given round (`revision="round-N"`). The plot is drawn with matplotlib's
-Agg backend, so no display is needed.
+The card is rendered with `huggingface_hub.ModelCard.from_template` from the packaged template
+`hf_flower/templates/model_card.md` (Jinja): metadata the Hub indexes (`base_model`, `datasets`,
+`license`, tags, `model-index` with the central test results), the federated setup, a table of
+metrics per round, the plot, and how to load the model and a given round (`revision="round-N"`).
+The plot is drawn with matplotlib's Agg backend, so no display is needed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from . import checkpoint
 from .arguments import OFFLINE_DATASET, OFFLINE_MODEL, RunArguments
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "template.md"
+# Package data (pyproject `[tool.setuptools.package-data]`): beside this module in a checkout, an
+# installed wheel and the Flower app folder the launchers write (`launch/app.py`).
+TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
 # The reviews of `offline-imdb` are IMDB's train split, so the card names IMDB on the Hub.
 OFFLINE_DATASET_HUB_ID = "stanfordnlp/imdb"
 TAGS = ["federated-learning", "flower", "hf-flower", "text-classification"]

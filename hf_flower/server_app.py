@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from . import adapters, checkpoint, hub, model_card, progress, resume, wire
+from . import adapters, checkpoint, hub, live_progress, model_card, progress, resume, wire
 from . import data as data_lib
 from .arguments import RunArguments, from_run_config, to_run_config
 from .constants import (
@@ -36,6 +36,7 @@ from .constants import (
     ARRAYS_NOT_HELD_CODE,
     CLIENT_KEY,
     CONFIG_KEY,
+    LABEL_NAMES_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     PARTITION_ID_KEY,
@@ -126,6 +127,8 @@ class TrackingGrid(Grid):
         self._held: dict[int, str] = {}
         # object id -> the wire records of the weights packed last (`wire.packed_records`).
         self._packed: dict[str, dict | None] = {}
+        # Who was asked and who answered, for a launcher on this machine (`live_progress`).
+        self.reply_board = live_progress.ReplyBoard.from_env()
 
     # Plain delegation of the Grid interface.
     def set_run(self, run):
@@ -157,6 +160,7 @@ class TrackingGrid(Grid):
         server_round = int(messages[0].content[CONFIG_KEY][SERVER_ROUND_KEY])
         stats = self.rounds.setdefault(server_round, RoundStats())
         stats.sampled[kind] = len(messages)
+        self.reply_board.start(server_round, kind, messages)
         self._cast_outgoing(messages)
         average = RunningMean() if kind == MessageType.TRAIN and self._average_on_arrival else None
         rejected: dict[str, str] = {}
@@ -164,6 +168,7 @@ class TrackingGrid(Grid):
         def receive(reply: Message) -> None:
             """Each reply as it arrives: its bytes counted; a training reply checked, then folded
             into the running mean (it keeps its metrics) or upcast to float32 for the strategy."""
+            self.reply_board.reply(reply)
             if reply.has_error():
                 return
             stats.bytes_received += _message_nbytes(reply)
@@ -187,6 +192,7 @@ class TrackingGrid(Grid):
         stats.bytes_sent += sum(_message_nbytes(m) for m in sent)
         good = self._check_replies(kind, server_round, sent, replies, rejected, stats)
         stats.succeeded[kind] = len(good)
+        self.reply_board.finish(good, stats.failures)
         if good:
             stats.metrics[kind] = dict(aggregate_metricrecords([r.content for r in good], NUM_EXAMPLES_KEY))
         stats.clients[kind] = [_client_summary(r) for r in good]
@@ -582,6 +588,9 @@ def main(grid: Grid, context: Context) -> None:
             initial_arrays=initial_arrays,
             num_rounds=federation.num_rounds - done,
             timeout=federation.round_timeout,
+            # The run's classes travel with every message: clients build their model from them.
+            train_config=ConfigRecord({LABEL_NAMES_KEY: list(label_names)}),
+            evaluate_config=ConfigRecord({LABEL_NAMES_KEY: list(label_names)}),
             evaluate_fn=checkpointer,
         )
     except BaseException as err:

@@ -1,40 +1,14 @@
-"""Draw the per-round accuracy and loss of a run (from its history.json) as a PNG:
+"""Draw a run's accuracy and loss per round: `hf-flower plot`, run from a checkout.
 
-    python scripts/plot.py outputs/quickstart                 # -> outputs/quickstart/metrics.png
-    python scripts/plot.py outputs/quickstart --out plot.png
+    python scripts/plot.py outputs/quickstart
 
-Every round folder already holds the plot of the rounds up to it (metrics.png, linked from its
-README.md model card); this draws it for any run, also one that is still running or failed.
+The command lives in the library (`hf_flower/commands/plot.py`, whose docstring has more
+examples); `python scripts/plot.py --help` lists its flags.
 """
 
-import argparse
 import sys
-from pathlib import Path
 
-from hf_flower import checkpoint
-from hf_flower.model_card import plot_rounds
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("output_dir", help="The run's --output_dir (holds history.json).")
-    parser.add_argument("--out", help=f"Where to write the PNG (default: OUTPUT_DIR/{checkpoint.PLOT_FILE}).")
-    args = parser.parse_args(argv)
-    try:
-        rounds = checkpoint.read_history(args.output_dir)["rounds"]
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if not rounds:
-        print(f"error: {args.output_dir}/history.json holds no round yet.", file=sys.stderr)
-        return 2
-    out = Path(args.out) if args.out else Path(args.output_dir) / checkpoint.PLOT_FILE
-    plot_rounds(rounds, out, title=Path(args.output_dir).resolve().name)
-    print(f"Wrote {out}")
-    return 0
-
+from hf_flower.commands.plot import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,6 +30,8 @@ import pytest  # noqa: E402
 
 POSITIVE_WORDS = ["good", "great", "excellent", "wonderful", "loved", "superb", "fun", "brilliant"]
 NEGATIVE_WORDS = ["bad", "awful", "boring", "terrible", "hated", "dull", "worst", "poor"]
+# Class names of the reviews `write_reviews_csv` writes (integer labels 0 and 1), as a server sends them.
+REVIEW_LABELS = ("0", "1")
 FILLER_WORDS = ["the", "movie", "film", "was", "plot", "actors", "and", "a", "really", "story"]
 
 

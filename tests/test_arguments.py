@@ -1,10 +1,11 @@
 """Argument groups: YAML + flags, Flower run config round trip, and the errors of bad values."""
 
+import json
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from flwr.common.config import flatten_dict
 
 from hf_flower.arguments import from_run_config, parse_args, to_run_config
@@ -99,6 +100,18 @@ def test_token_is_refused_on_the_command_line():
     for argv in (["--hub_token", "hf_secret"], ["--hub_token=hf_secret"]):
         with pytest.raises(ValueError, match="HF_TOKEN"):
             parse_args(["--output_dir", "out", *argv])
+
+
+@pytest.mark.parametrize(
+    "extra", [{"hub_token": "hf_secret"}, {"push_to_hub": True}, {"hub_model_id": "eve/x"}]
+)
+def test_run_config_carrying_hub_fields_is_refused(extra):
+    run_config = to_run_config(parse_args(["--output_dir", "out"]))
+    run_config["training.extra"] = json.dumps(extra)
+    with pytest.raises(
+        ValueError, match=rf"training.extra sets \['{next(iter(extra))}'\]: a run config carries no Hub token"
+    ):
+        from_run_config(run_config)
 
 
 def test_hub_flags_go_to_the_server_never_to_the_clients_trainer():

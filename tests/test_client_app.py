@@ -4,6 +4,7 @@ import time
 
 import pytest
 import torch
+from conftest import REVIEW_LABELS
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from hf_flower import client_app
@@ -30,7 +31,14 @@ def context(run_config, partition_id=0):
 
 def instruction(arrays, kind=MessageType.TRAIN, server_round=1, **config):
     """A message as a SuperNode hands it to the ClientApp."""
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round, **config})})
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "config": ConfigRecord(
+                {"server-round": server_round, "label-names": list(REVIEW_LABELS), **config}
+            ),
+        }
+    )
     metadata = Metadata(
         run_id=1, message_id="m1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
         group_id=str(server_round), created_at=time.time(), ttl=3600, message_type=kind,
@@ -42,7 +50,7 @@ def test_train_replies_new_weights_and_reuses_the_model(run_config):
     ctx = context(run_config)
     task_misses = client_app.load_task.cache_info().misses
     partition_misses = client_app.load_partition.cache_info().misses
-    task = client_app.load_task(client_app._frozen(run_config))
+    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
     start = get_weights(task.model)
     reply = client_app.train(instruction(start), ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -58,7 +66,7 @@ def test_train_replies_new_weights_and_reuses_the_model(run_config):
 
 
 def test_evaluate_reports_loss_accuracy_f1(run_config):
-    task = client_app.load_task(client_app._frozen(run_config))
+    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
     reply = client_app.evaluate(
         instruction(get_weights(task.model), MessageType.EVALUATE), context(run_config)
     )
@@ -68,7 +76,7 @@ def test_evaluate_reports_loss_accuracy_f1(run_config):
 
 
 def test_failure_is_reported_with_partition_and_round(run_config):
-    task = client_app.load_task(client_app._frozen(run_config))
+    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
     arrays = get_weights(task.model)
     del arrays["classifier.weight"]
     reply = client_app.train(instruction(arrays, server_round=4), context(run_config, partition_id=1))
@@ -78,8 +86,8 @@ def test_failure_is_reported_with_partition_and_round(run_config):
 
 
 def test_proximal_term_pulls_towards_global_weights(run_config):
-    task = client_app.load_task(client_app._frozen(run_config))
-    client = client_app.load_partition(client_app._frozen(run_config), 0, 2)
+    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    client = client_app.load_partition(client_app._frozen(run_config), REVIEW_LABELS, 0, 2)
     plain = client_app.build_trainer(task, 0.0, train_dataset=client.train)
     proximal = client_app.build_trainer(task, 10.0, train_dataset=client.train)
     with torch.no_grad():
@@ -92,7 +100,7 @@ def test_proximal_term_pulls_towards_global_weights(run_config):
 
 def test_client_side_dp_clips_the_update(run_config):
     run_config = {**run_config, "federation.strategy": "DifferentialPrivacyClientSideFixedClipping"}
-    task = client_app.load_task(client_app._frozen(run_config))
+    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
     start = get_weights(task.model)
     before = {k: v.clone() for k, v in start.to_torch_state_dict().items()}
     message = instruction(start, clipping_norm=0.01)
@@ -122,7 +130,7 @@ def test_only_the_trainable_part_travels_in_the_transfer_dtype(
         ]
     )  # fmt: skip
     run_config = to_run_config(run_args)
-    task = client_app.load_task(client_app._frozen(run_config))
+    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
     frozen = {n: p.detach().clone() for n, p in task.model.named_parameters() if not p.requires_grad}
     assert frozen  # something is frozen
     start = get_weights(task.model, run_args.federation.transfer_dtype)
@@ -137,3 +145,28 @@ def test_only_the_trainable_part_travels_in_the_transfer_dtype(
     for name, p in task.model.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name  # frozen weights never change
+
+
+def test_own_data_client_maps_its_labels_onto_the_servers(tmp_path, run_config):
+    """A deployed client's file: labels by name onto the run's classes; an unknown one is named."""
+    own = tmp_path / "own.csv"
+    own.write_text("text,label\n" + "great film,positive\n" * 9 + "a film,mixed\n")
+    node = Context(
+        run_id=1, node_id=8, node_config={"data-path": str(own)}, state=RecordDict(), run_config=run_config
+    )
+    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    message = instruction(get_weights(task.model), **{"label-names": ["negative", "positive"]})
+
+    reply = client_app.train(message, node)
+
+    assert reply.has_error()
+    assert "Label 'mixed' in column 'label'" in reply.error.reason
+    assert "not one of the run's classes ['negative', 'positive']" in reply.error.reason
+
+
+def test_message_without_the_runs_classes_is_refused(run_config):
+    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    message = instruction(get_weights(task.model))
+    del message.content["config"]["label-names"]
+    reply = client_app.train(message, context(run_config))
+    assert reply.has_error() and "carries no 'label-names'" in reply.error.reason

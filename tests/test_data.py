@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import write_reviews_csv
-from datasets import Dataset, DatasetDict
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from transformers import AutoTokenizer, BertTokenizerFast
 
 from hf_flower import data
@@ -340,3 +340,80 @@ def test_text_pairs(reviews_csv, tmp_path, tokenizer):
 
     with pytest.raises(DataError, match=r"Column 'third' not found .* Set --text_pair_column"):
         load_raw_splits(args_for(path, text_pair_column="third"))
+
+
+# --- A deployed client's own data ---------------------------------------------------------------
+
+RUN_CLASSES = ["negative", "positive", "neutral"]
+
+
+def own_labels(client) -> list[int]:
+    return list(client.train["labels"]) + list(client.eval["labels"])
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet", "saved"])
+def test_own_data_is_all_the_clients_rows_mapped_by_name(tmp_path, tokenizer, suffix):
+    # Another order than the run's, and only two of its three classes.
+    frame = pd.DataFrame(
+        {"text": [f"good film {i}" for i in range(30)], "label": ["positive", "neutral"] * 15}
+    )
+    path = tmp_path / f"own{suffix}"
+    if suffix == ".csv":
+        frame.to_csv(path, index=False)
+    elif suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".parquet":
+        frame.to_parquet(path)
+    else:
+        Dataset.from_pandas(frame).save_to_disk(str(path))
+
+    # test_size would hold out 20 rows of a server's pool: a client's file has no central hold-out.
+    client = data.own_data(
+        str(path), args_for(path, test_size=20, client_eval_size=0.2), tokenizer, RUN_CLASSES, 0
+    )
+
+    assert (len(client.train), len(client.eval)) == (24, 6)
+    assert sorted(own_labels(client)) == sorted([1, 2] * 15)
+
+
+def test_own_data_single_class_and_class_label_order(tmp_path, tokenizer):
+    only_positive = Dataset.from_dict({"text": ["great"] * 10, "label": ["positive"] * 10})
+    path = tmp_path / "only-positive.csv"
+    only_positive.to_csv(str(path))
+    client = data.own_data(str(path), args_for(path, client_eval_size=2), tokenizer, RUN_CLASSES, 0)
+    assert set(own_labels(client)) == {1} and len(client.eval) == 2
+
+    # A ClassLabel whose names run in another order than the run's: matched by name, not by id.
+    reversed_names = Dataset.from_dict(
+        {"text": ["awful", "great"] * 4, "label": [1, 0] * 4},
+        features=Features({"text": Value("string"), "label": ClassLabel(names=["positive", "negative"])}),
+    )
+    folder = tmp_path / "class-label"
+    reversed_names.save_to_disk(str(folder))
+    client = data.own_data(str(folder), args_for(folder, client_eval_size=2), tokenizer, RUN_CLASSES, 0)
+    rows = list(client.train["input_ids"]) + list(client.eval["input_ids"])
+    by_text = {tokenizer.decode(ids, skip_special_tokens=True): y for ids, y in zip(rows, own_labels(client))}
+    assert by_text == {"awful": 0, "great": 1}
+
+
+def test_own_data_integer_labels_are_run_ids(tmp_path, tokenizer):
+    path = tmp_path / "ints.csv"
+    pd.DataFrame({"text": ["a film"] * 8, "label": [0, 2] * 4}).to_csv(path, index=False)
+    client = data.own_data(str(path), args_for(path, client_eval_size=2), tokenizer, ["0", "1", "2"], 0)
+    assert sorted(own_labels(client)) == [0] * 4 + [2] * 4
+    with pytest.raises(DataError, match=r"not class ids 0..1"):
+        data.own_data(str(path), args_for(path, client_eval_size=2), tokenizer, ["0", "1"], 0)
+
+
+def test_own_data_refuses_a_label_the_run_does_not_know(tmp_path, tokenizer):
+    path = tmp_path / "unknown.csv"
+    pd.DataFrame({"text": ["a film"] * 6, "label": ["positive", "mixed"] * 3}).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"Label 'mixed' in column 'label' .* not one of the run's classes"):
+        data.own_data(str(path), args_for(path, client_eval_size=2), tokenizer, RUN_CLASSES, 0)
+
+
+def test_own_data_too_small_for_its_eval_split(tmp_path, tokenizer):
+    path = tmp_path / "tiny.csv"
+    pd.DataFrame({"text": ["a film"] * 2, "label": ["positive"] * 2}).to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"--data_path .* has 2 examples: too few"):
+        data.own_data(str(path), args_for(path, client_eval_size=2), tokenizer, RUN_CLASSES, 0)

@@ -1,15 +1,17 @@
 """Deployment on loopback: `scripts/server.py`, and clients under `accelerate launch` and plain python."""
 
 import json
+import random
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import psutil
 import pytest
-from conftest import build_tiny_model
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from conftest import build_tiny_model, make_review
+from transformers import AutoConfig, pipeline
 
 from hf_flower import checkpoint
 from hf_flower.arguments import parse_args, to_run_config
@@ -80,10 +82,15 @@ def server_command(tmp_path, model_dir, csv, port, *flags):
     ]  # fmt: skip
 
 
-def client_command(port, partition_id, work_dir, launcher=(sys.executable,)):
+def client_command(port, data, work_dir, launcher=(sys.executable,)):
+    """A client serving partition `data` of 2 of the server's data set, or its own file `data`."""
+    serves = (
+        ["--partition_id", str(data), "--num_partitions", "2"]
+        if isinstance(data, int)
+        else ["--data_path", str(data)]
+    )
     return [
-        *launcher, str(ROOT / "scripts" / "client.py"), "--superlink", f"127.0.0.1:{port}",
-        "--partition_id", str(partition_id), "--num_partitions", "2",
+        *launcher, str(ROOT / "scripts" / "client.py"), "--superlink", f"127.0.0.1:{port}", *serves,
         "--superlink_timeout", "10", "--work_dir", str(work_dir),
     ]  # fmt: skip
 
@@ -93,37 +100,62 @@ def wait_for_exit(proc: ManagedProcess, timeout: float) -> int:
     return proc.process.returncode
 
 
-def test_server_with_two_rank_and_plain_clients(tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes):
+def write_labelled_reviews(path, labels: list[str], seed: int) -> Path:
+    """A CSV of synthetic reviews with string labels, one row per entry of `labels`, in that order."""
+    rng = random.Random(seed)
+    rows = [(make_review(int(label == "positive"), rng), label) for label in labels]
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path, index=False)
+    return path
+
+
+def test_server_with_own_data_clients_two_rank_and_plain(tmp_path, tiny_model_dir, no_leftover_processes):
+    """Issue 3 point 1 and issue 12's deployment: one 2-rank `accelerate launch` client and two
+    plain ones, each with its own file. The server's data names the classes; one client holds
+    only `positive` rows, one lists `positive` first, one holds both, `negative` first."""
     port = free_port()
+    server_csv = write_labelled_reviews(tmp_path / "server.csv", ["negative", "positive"] * 60, seed=0)
+    own = {
+        "c0": write_labelled_reviews(tmp_path / "c0.csv", ["positive"] * 60, seed=1),
+        "c1": write_labelled_reviews(tmp_path / "c1.csv", ["positive"] * 50 + ["negative"] * 50, seed=2),
+        "c2": write_labelled_reviews(tmp_path / "c2.csv", ["negative", "positive"] * 70, seed=3),
+    }
+    server_flags = (
+        "--num_clients", "3", "--min_train_clients", "3", "--min_evaluate_clients", "3",
+        "--min_available_clients", "3", "--client_eval_size", "0.2", "--local_epochs", "10",
+        "--learning_rate", "3e-3", "--per_device_train_batch_size", "8",
+    )  # fmt: skip
     accelerate_launch = (ACCELERATE, "launch", "--config_file", str(MULTI_CPU))
     with (
         ManagedProcess(
-            server_command(tmp_path, tiny_model_dir, reviews_csv, port), tmp_path / "server.log"
+            server_command(tmp_path, tiny_model_dir, server_csv, port, *server_flags), tmp_path / "server.log"
         ) as server,
         ManagedProcess(
-            client_command(port, 0, tmp_path / "c0", accelerate_launch), tmp_path / "c0.log"
+            client_command(port, own["c0"], tmp_path / "c0", accelerate_launch), tmp_path / "c0.log"
         ) as ddp_client,
-        ManagedProcess(client_command(port, 1, tmp_path / "c1"), tmp_path / "c1.log") as plain_client,
+        ManagedProcess(client_command(port, own["c1"], tmp_path / "c1"), tmp_path / "c1.log") as client1,
+        ManagedProcess(client_command(port, own["c2"], tmp_path / "c2"), tmp_path / "c2.log") as client2,
     ):
         assert wait_for_exit(server, 300) == 0, server.tail(40)
         # The server stopped its SuperLink: clients leave within --superlink_timeout.
-        assert wait_for_exit(ddp_client, 60) == 0, ddp_client.tail(40)
-        assert wait_for_exit(plain_client, 60) == 0, plain_client.tail(40)
+        for client in (ddp_client, client1, client2):
+            assert wait_for_exit(client, 60) == 0, client.tail(40)
 
     output_dir = tmp_path / "run"
     assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
     history = checkpoint.read_history(output_dir)
     assert history["status"] == "completed"
     for record in history["rounds"][1:]:
-        assert record["clients"]["train_succeeded"] == 2
-        assert sorted(c["partition-id"] for c in record["client_results"]["train"]) == [0, 1]
-    # Round 2 trains from the aggregate both clients just evaluated: it travels by id only, so
+        assert record["clients"]["train_succeeded"] == 3
+        # A client's file is all its data: its rows less its own eval split (0.2, rounded up).
+        assert sorted(c["num-examples"] for c in record["client_results"]["train"]) == [48, 80, 112]
+    # Round 2 trains from the aggregate every client just evaluated: it travels by id only, so
     # round 2 sends half of round 1 (less the .npy headers saved by packing the evaluate weights).
     round1, round2 = history["rounds"][1:]
     assert round1["bytes_sent"] / 2 - 64 * 1024 < round2["bytes_sent"] < round1["bytes_sent"] / 2
-    AutoModelForSequenceClassification.from_pretrained(output_dir / "round-2")
-    server_log = (tmp_path / "server.log").read_text()
-    assert "round 2/2 | clients 2/2" in server_log
+    classify = pipeline("text-classification", model=str(output_dir / "round-2"))
+    assert classify("great excellent superb loved wonderful")[0]["label"] == "positive"
+    assert classify("awful terrible worst boring hated")[0]["label"] == "negative"
+    assert "round 2/2 | clients 3/3" in (tmp_path / "server.log").read_text()
     assert "Client connected" in (tmp_path / "c0.log").read_text()
     shutil.rmtree(output_dir / ".flwr", ignore_errors=True)
 

@@ -1,25 +1,12 @@
-"""Bad input stops `scripts/simulate.py` before any Flower process starts, with one clear message."""
-
-import importlib.util
-from pathlib import Path
+"""Bad input stops `hf-flower simulate` before any Flower process starts, with one clear message."""
 
 import pytest
 from conftest import build_tiny_model, write_reviews_csv
 
 from hf_flower.arguments import parse_args
+from hf_flower.commands import simulate
+from hf_flower.launch.plan import prepare_simulation, run_prepare
 from hf_flower.modeling import ModelError, load_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-simulate = load_script("simulate")
 
 
 @pytest.fixture
@@ -33,9 +20,19 @@ def base_flags(tmp_path, tiny_model_dir, reviews_csv):
     ]  # fmt: skip
 
 
-def run_and_expect(capsys, argv, message):
-    assert simulate.main(argv) == 2
-    err = capsys.readouterr().err
+def run_and_expect(capsys, argv, message, through_the_command=False):
+    """`hf-flower simulate argv` stops with exit code 2 and one `error:` line holding `message`.
+
+    By default the launcher's preparation runs in this process (what its child process runs,
+    without the few seconds of starting one); `through_the_command` runs the whole command.
+    """
+    if through_the_command:
+        assert simulate.main(argv) == 2
+        err = capsys.readouterr().err
+    else:
+        prepared = run_prepare(prepare_simulation, argv)
+        assert prepared.plan is None and prepared.exit_code == 2
+        err = prepared.error
     error_lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1, err
     assert message in err, err
@@ -100,7 +97,7 @@ def test_existing_rounds_are_not_overwritten(capsys, base_flags, tmp_path):
     round_dir = tmp_path / "run" / "round-0"
     round_dir.mkdir(parents=True)
     (round_dir / "config.json").write_text("{}")
-    run_and_expect(capsys, base_flags, "--overwrite_output_dir")
+    run_and_expect(capsys, base_flags, "--overwrite_output_dir", through_the_command=True)
     assert (round_dir / "config.json").exists()
 
 

@@ -177,11 +177,8 @@ def test_tensorboard_and_plot_script(pushed_run, tmp_path):
     assert [s.step for s in events.Scalars("train/train_loss")] == [1, 2]
     assert [s.step for s in events.Scalars("evaluate/eval_accuracy")] == [1, 2]
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import plot
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    from hf_flower.commands import plot
+
     assert plot.main([str(output_dir), "--out", str(tmp_path / "plot.png")]) == 0
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
 
@@ -209,11 +206,8 @@ def test_push_script_refuses_a_round_without_weights(pushed_run, tmp_path, capsy
     copy = tmp_path / "run"
     shutil.copytree(output_dir / "round-1", copy / "round-1")
     (copy / "round-1" / checkpoint.WEIGHTS_FILE).unlink()
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import push
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    from hf_flower.commands import push
+
     assert push.main([str(copy), "--hub_model_id", REPO_ID]) == 2
     err = capsys.readouterr().err
     assert "round-1 is incomplete" in err and checkpoint.WEIGHTS_FILE in err

@@ -5,6 +5,7 @@ mods of `flower_test_app.py`, runs it with `run_simulation`, and checks what was
 """
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -70,7 +71,15 @@ def test_saved_rounds_are_the_weighted_average_of_replies(
     assert history["status"] == "completed"
     assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
     printed = capsys.readouterr().out
-    assert "round 1/2 | clients 2/2" in printed and "round 2/2 | clients 2/2" in printed
+    assert printed.count("round 1/2 | clients 2/2") == 1 and printed.count("round 2/2 | clients 2/2") == 1
+    # Inside each round, plain lines (stdout is no terminal here): every client's steps, reported
+    # from its Ray worker through HF_FLOWER_PROGRESS_DIR, and each of its replies.
+    assert "\r" not in printed and "\x1b" not in printed
+    for server_round in (1, 2):
+        for partition in (0, 1):
+            head = f"round {server_round}/2 client {partition}: "
+            assert re.search(rf"{head}step (\d+)/\1 \(100%\), loss \d", printed), printed
+            assert f"{head}replied to train" in printed and f"{head}replied to evaluate" in printed
 
     for server_round in (1, 2):
         replies = sorted((record_dir / f"round-{server_round}").glob("*.safetensors"))
@@ -112,7 +121,9 @@ def test_failed_client_stops_the_run_when_below_minimum(
     assert "client partition 1 failed during training of round 2" in history["error"]
     assert "WeightsMismatchError" in history["error"]
     assert checkpoint.list_rounds(output_dir) == [0, 1]
-    assert "status: failed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "status: failed" in printed
+    assert "round 2/3 client 1: FAILED in train (" in printed  # as soon as its reply came
 
 
 def test_nan_update_is_rejected_and_round_continues_above_minimum(

@@ -192,3 +192,37 @@ def test_replies_averaged_on_arrival_aggregate_like_all_of_them():
     assert metrics["train_loss"] == pytest.approx((1 * 30 + 2 * 10) / 40)
     assert averaged.content["metrics"][NUM_EXAMPLES_KEY] == 40
     assert grid.rounds[1].succeeded[MessageType.TRAIN] == 2
+
+
+def test_replies_are_reported_to_a_launcher_as_they_arrive(tmp_path, monkeypatch):
+    """With HF_FLOWER_PROGRESS_DIR set, each phase's replies (and refusals) land in its file."""
+    from flwr.app import Error
+
+    from hf_flower import live_progress
+
+    monkeypatch.setenv(live_progress.PROGRESS_DIR_ENV, str(tmp_path))
+    reference, initial = weights(0)
+
+    class RejectedNode(FakeNode):  # replies with none of the model's weights
+        def app(self, message, context):
+            reply = super().app(message, context)
+            reply.content[ARRAYS_KEY] = ArrayRecord()
+            return reply
+
+    class FailingNode(FakeNode):
+        def app(self, message, context):
+            return Message(Error(code=0, reason="client partition 2 failed\ntraceback"), reply_to=message)
+
+    nodes = {1: FakeNode(), 2: RejectedNode(), 3: FailingNode()}
+    grid = TrackingGrid(FakeGrid(nodes), reference, min_train_clients=1)
+    assert len(send(grid, MessageType.TRAIN, initial, 4, nodes=(1, 2, 3))) == 1
+
+    phase = live_progress.read_rounds(tmp_path)[4].phases["train"]
+    assert (phase.sampled, phase.finished) == (3, True)
+    replies = sorted(phase.replies, key=lambda r: r.node_id)  # in the order they arrived
+    assert [(r.node_id, r.partition_id, r.status) for r in replies] == [
+        (1, 0, "ok"), (2, 0, "rejected"), (3, None, "error"),
+    ]  # fmt: skip
+    assert replies[0].metrics == {NUM_EXAMPLES_KEY: 1.0}
+    assert "its update was rejected" in replies[1].error
+    assert replies[2].error == "client partition 2 failed"

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from conftest import REVIEW_LABELS
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from transformers import TrainerCallback, get_scheduler
 
@@ -44,7 +45,12 @@ def run_config_for(tmp_path, tiny_model_dir, reviews_csv, *flags):
 
 
 def train_message(arrays, server_round):
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    content = RecordDict(
+        {
+            "arrays": arrays,
+            "config": ConfigRecord({"server-round": server_round, "label-names": list(REVIEW_LABELS)}),
+        }
+    )
     metadata = Metadata(
         run_id=1, message_id=f"m{server_round}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
         group_id=str(server_round), created_at=time.time(), ttl=3600, message_type=MessageType.TRAIN,
@@ -65,7 +71,7 @@ def run_rounds(run_config, monkeypatch, rounds=range(1, NUM_ROUNDS + 1)):
         return trainer
 
     monkeypatch.setattr(client_app, "build_trainer", recording_build)
-    task = client_app.load_task(client_app._frozen(run_config))
+    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
     start = get_weights(task.model)
     node = Context(
         run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),

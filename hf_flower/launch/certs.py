@@ -41,7 +41,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     # Back-date a little so a peer whose clock is slightly behind accepts the certificate.
     return now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
 

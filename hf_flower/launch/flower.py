@@ -12,14 +12,15 @@ from pathlib import Path
 
 import tomli_w
 
-from .. import checkpoint, progress
+from .. import checkpoint, live_progress, progress
 from .plan import RunPlan
 from .processes import ManagedProcess
+from .progress_view import ProgressView
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONNECTION = "local"
 FLWR_HOME_DIRNAME = ".flwr"
 LOGS_DIRNAME = "logs"
+PROGRESS_DIRNAME = "progress"  # inside logs/: what the ServerApp and local clients report mid-round
 COMPLETED = "finished:completed"
 
 
@@ -41,10 +42,14 @@ def write_connection(flwr_home: Path, address: str, root_certificates: str | Non
     (flwr_home / "config.toml").write_text(tomli_w.dumps(config))
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
+def flower_env(flwr_home: Path, progress_dir: Path | None = None) -> dict[str, str]:
     """Environment of Flower's processes: our FLWR_HOME, and this Python's scripts first on PATH
-    (the SuperLink starts `flower-superexec` and `flwr-simulation` by name)."""
+    (the SuperLink starts `flower-superexec` and `flwr-simulation` by name). With `progress_dir`,
+    the ServerApp and the clients it reaches (Ray's workers inherit it) report progress there."""
     env = dict(os.environ)
+    env.pop(live_progress.PROGRESS_DIR_ENV, None)
+    if progress_dir is not None:
+        env[live_progress.PROGRESS_DIR_ENV] = str(progress_dir)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
@@ -67,10 +72,11 @@ def run_status(flwr_home: Path, env: dict) -> str:
 class RoundPrinter:
     """Print each round once, as soon as the ServerApp has written it to history.json."""
 
-    def __init__(self, output_dir: Path, num_rounds: int):
+    def __init__(self, output_dir: Path, num_rounds: int, write=None):
         self.output_dir = output_dir
         self.num_rounds = num_rounds
         self.printed = 0
+        self.write = write or (lambda line: print(line, flush=True))
 
     def poll(self) -> dict | None:
         try:
@@ -78,7 +84,7 @@ class RoundPrinter:
         except (FileNotFoundError, ValueError):
             return None
         for record in history["rounds"][self.printed :]:
-            print(progress.format_round(record, self.num_rounds), flush=True)
+            self.write(progress.format_round(record, self.num_rounds))
             self.printed += 1
         return history
 
@@ -99,7 +105,8 @@ def submit_and_watch(
     submit_options: list[str] = (),
     poll_seconds: float = 1.0,
 ) -> int:
-    """Submit our app to a running SuperLink, print rounds as they are saved; 0 when all completed."""
+    """Submit our app to a running SuperLink, print rounds as they are saved (and, inside a round,
+    what `ProgressView` reads of the clients and replies); 0 when all completed."""
     output_dir = Path(plan.output_dir)
     logs = output_dir / LOGS_DIRNAME
     run_config_file = flwr_home / "run_config.toml"
@@ -108,17 +115,24 @@ def submit_and_watch(
         flower_executable("flwr"), "run", str(app_dir), CONNECTION,
         "--run-config", str(run_config_file), *submit_options, "--stream",
     ]  # fmt: skip
-    printer = RoundPrinter(output_dir, plan.num_rounds)
+    progress_dir = env.get(live_progress.PROGRESS_DIR_ENV)
+    if progress_dir:
+        live_progress.prepare_dir(Path(progress_dir))
+    view = ProgressView(Path(progress_dir) if progress_dir else None, plan.num_rounds)
+    printer = RoundPrinter(output_dir, plan.num_rounds, write=view.write)
     started = time.time()
-    with ManagedProcess(submit_cmd, logs / "run.log", env=env, cwd=str(flwr_home)) as submission:
+    with view, ManagedProcess(submit_cmd, logs / "run.log", env=env, cwd=str(flwr_home)) as submission:
         while submission.running():
+            view.poll()
             printer.poll()
             if superlink is not None and not superlink.running():
+                view.close()
                 print(f"The SuperLink stopped unexpectedly:\n{superlink.tail()}", file=sys.stderr)
                 return 1
             time.sleep(poll_seconds)
         submitted_ok = submission.process.returncode == 0
         submission_tail = submission.tail()
+        view.poll()
     history = printer.poll()
     status = run_status(flwr_home, env) if submitted_ok else "not submitted"
 

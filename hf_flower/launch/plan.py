@@ -80,9 +80,16 @@ class Prepared:
     error: str = ""
 
 
-def _run_prepare(prepare: Callable[[list[str] | None], RunPlan], argv: list[str] | None) -> Prepared:
+def run_prepare(prepare: Callable[[list[str] | None], RunPlan], argv: list[str] | None) -> Prepared:
+    """`prepare(argv)` here, its refusals turned into an exit code and one `error:` line."""
     from ..hub import HubError
 
+    if not sys.stderr.isatty():  # one-off bars (datasets' first read of a file) would flood a log with \r
+        import datasets
+        import huggingface_hub
+
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
     try:
         return Prepared(plan=prepare(argv))
     except (ValueError, OSError, HubError) as err:
@@ -95,7 +102,7 @@ def prepare_in_child(prepare: Callable[[list[str] | None], RunPlan], argv: list[
     """`prepare(argv)` in a fresh child process (spawned, so nothing of it stays here)."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as child:
-        return child.submit(_run_prepare, prepare, argv).result()
+        return child.submit(run_prepare, prepare, argv).result()
 
 
 def launch(prepare: Callable[[list[str] | None], RunPlan], run: Callable[[RunPlan], int], argv) -> int:

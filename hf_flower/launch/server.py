@@ -12,11 +12,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .app import write_app_dir
 from .flower import (
     CONNECTION,
     FLWR_HOME_DIRNAME,
     LOGS_DIRNAME,
-    PROJECT_ROOT,
+    PROGRESS_DIRNAME,
     flower_env,
     flower_executable,
     flwr_cli,
@@ -90,17 +91,19 @@ def register_supernodes(keys: list[str], flwr_home: Path, env: dict) -> None:
             raise RuntimeError(f"Registering {key} failed:\n{result.stdout}\n{result.stderr}")
 
 
-def run_server(plan: RunPlan, app_dir: Path = PROJECT_ROOT) -> int:
+def run_server(plan: RunPlan, app_dir: Path | None = None) -> int:
     """Serve one run (`plan.options` are its `ServerOptions`) to the SuperNodes that join; 0 when
-    every round completed."""
+    every round completed. `app_dir`: the Flower app to submit; by default one written from the
+    imported package."""
     options: ServerOptions = plan.options
     output_dir = Path(plan.output_dir)
     flwr_home = output_dir / FLWR_HOME_DIRNAME
-    env = flower_env(flwr_home)
+    env = flower_env(flwr_home, output_dir / LOGS_DIRNAME / PROGRESS_DIRNAME)
     port = options.port or free_port()
     connect_host = LOOPBACK if options.host in ("0.0.0.0", "::") else options.host
     address = options.superlink or f"{connect_host}:{port}"
     write_connection(flwr_home, address, options.ssl_ca_certfile)
+    app_dir = app_dir or write_app_dir(flwr_home, plan.run_config)
     superlink = (
         nullcontext()
         if options.superlink

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .app import write_app_dir
 from .flower import (
     FLWR_HOME_DIRNAME,
     LOGS_DIRNAME,
-    PROJECT_ROOT,
+    PROGRESS_DIRNAME,
     flower_env,
     flower_executable,
     submit_and_watch,
@@ -32,13 +33,16 @@ def simulation_config(plan: RunPlan) -> str:
     )
 
 
-def run_simulation(plan: RunPlan, app_dir: Path = PROJECT_ROOT) -> int:
-    """Run the whole federation; return 0 when every round completed, 1 otherwise."""
+def run_simulation(plan: RunPlan, app_dir: Path | None = None) -> int:
+    """Run the whole federation; return 0 when every round completed, 1 otherwise.
+
+    `app_dir`: the Flower app to submit; by default one written from the imported package."""
     output_dir = Path(plan.output_dir)
     flwr_home = output_dir / FLWR_HOME_DIRNAME
     port = free_port()
     write_connection(flwr_home, f"{LOOPBACK}:{port}")
-    env = flower_env(flwr_home)
+    app_dir = app_dir or write_app_dir(flwr_home, plan.run_config)
+    env = flower_env(flwr_home, output_dir / LOGS_DIRNAME / PROGRESS_DIRNAME)
     superlink_cmd = [
         flower_executable("flower-superlink"),
         "--insecure",

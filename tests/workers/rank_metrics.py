@@ -15,9 +15,13 @@ from hf_flower import client_app
 from hf_flower.launch import distributed
 from hf_flower.weights import get_weights
 
+REVIEW_LABELS = ("0", "1")  # conftest's reviews: integer labels 0 and 1
+
 
 def instruction(arrays, kind):
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+    content = RecordDict(
+        {"arrays": arrays, "config": ConfigRecord({"server-round": 1, "label-names": list(REVIEW_LABELS)})}
+    )
     metadata = Metadata(
         run_id=1, message_id=f"m-{kind}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
         group_id="1", created_at=time.time(), ttl=3600, message_type=kind,
@@ -36,7 +40,7 @@ def main(run_config_path: str, output_path: str) -> None:
         run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
         run_config=run_config,
     )  # fmt: skip
-    start = get_weights(client_app.load_task(client_app._frozen(run_config)).model)
+    start = get_weights(client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS).model)
     results = {}
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
         message = instruction(start, kind)

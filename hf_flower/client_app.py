@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import tempfile
 import traceback
 
@@ -16,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.common.constant import ErrorCode
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainingArguments, set_seed
 
 from . import data as data_lib
 from .arguments import RunArguments, from_run_config, join_launched_processes
@@ -25,18 +26,16 @@ from .constants import (
     CLIENT_KEY,
     CONFIG_KEY,
     DATA_PATH_KEY,
-    LABEL_NAMES_KEY,
-    MAX_LABELS,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     NUM_PARTITIONS_KEY,
     PARTITION_ID_KEY,
     SERVER_ROUND_KEY,
 )
-from .metrics import make_compute_metrics
-from .modeling import load_model, load_tokenizer
+from .modeling import load_tokenizer
 from .progress_callback import report_training
 from .strategies import strategy_class
+from .tasks import DEFAULT_TASK, RunFacts, Task, get_task
 from .trainer import FederatedTrainer, OptimizerStateStore, RoundSchedule, round_seed
 from .weights import get_weights, set_weights
 
@@ -46,6 +45,7 @@ CLIENT_SIDE_DP_MODS = {
     "DifferentialPrivacyClientSideAdaptiveClipping": adaptiveclipping_mod,
 }
 STRATEGY_RUN_CONFIG_KEY = "federation.strategy"
+TASK_RUN_CONFIG_KEY = "model.task"
 
 
 def differential_privacy_mod(msg: Message, context: Context, call_next) -> Message:
@@ -64,72 +64,52 @@ app = ClientApp(mods=[differential_privacy_mod])
 
 
 @dataclasses.dataclass
-class ClientTask:
-    """What one client process builds once and reuses every round."""
+class ClientRun:
+    """What one client process builds once for a run and reuses every round."""
 
     run_args: RunArguments
+    task: Task
+    facts: RunFacts
     tokenizer: object
     model: torch.nn.Module
-    label_names: list[str]
 
 
 def _frozen(config) -> tuple:
     return tuple(sorted(config.items()))
 
 
+def facts_key(facts: RunFacts) -> str:
+    """`facts` as a cache key."""
+    return json.dumps(facts, sort_keys=True)
+
+
 @functools.cache
-def load_task(run_config: tuple, label_names: tuple[str, ...]) -> ClientTask:
+def load_run(run_config: tuple, run_facts: str) -> ClientRun:
     """Model and tokenizer of this run, built once per process (all partitions share them).
 
-    `label_names` are the run's classes as the server sends them: a client never reads them from
-    a data set of its own, which may hold only some of them.
+    `run_facts` (`facts_key` of the facts the server sent) shape the model, e.g. the run's classes:
+    a client never reads them from a data set of its own, which may hold only some of them.
     """
     run_args = from_run_config(dict(run_config))
+    task, facts = get_task(run_args.model.task), json.loads(run_facts)
     set_seed(run_args.training.seed)
     tokenizer = load_tokenizer(run_args.model)
-    model = load_model(run_args.model, list(label_names), run_args.peft)
-    return ClientTask(run_args, tokenizer, model, list(label_names))
+    return ClientRun(run_args, task, facts, tokenizer, task.load_model(run_args, facts))
 
 
 @functools.cache
 def load_partition(
-    run_config: tuple,
-    label_names: tuple[str, ...],
-    partition_id: int,
-    num_partitions: int,
-    data_path: str = "",
+    run_config: tuple, run_facts: str, partition_id: int, num_partitions: int, data_path: str = ""
 ) -> data_lib.ClientData:
     """This client's tokenised train and eval splits, built once per process and partition.
 
-    With `data_path` (the deployment case), the client's own file is all its data, its labels
-    mapped by name onto the run's; otherwise partition `partition_id` of the run's data set.
+    With `data_path` (the deployment case), the client's own file is all its data; otherwise
+    partition `partition_id` of the run's data set.
     """
-    task = load_task(run_config, label_names)
-    data_args, seed = task.run_args.data, task.run_args.training.seed
+    run = load_run(run_config, run_facts)
     if data_path:
-        return data_lib.own_data(data_path, data_args, task.tokenizer, task.label_names, seed)
-    return data_lib.client_data(data_args, task.tokenizer, partition_id, num_partitions, seed)
-
-
-def run_label_names(msg: Message) -> tuple[str, ...]:
-    """The run's classes from the server's message, checked: they shape this client's model."""
-    names = msg.content[CONFIG_KEY].get(LABEL_NAMES_KEY)
-    if names is None:
-        raise ValueError(
-            f"The server's message carries no {LABEL_NAMES_KEY!r}: it runs another version of "
-            "hf-flower. Run one version on the server and the clients."
-        )
-    if (
-        not isinstance(names, list)
-        or not 2 <= len(names) <= MAX_LABELS
-        or not all(isinstance(name, str) and name for name in names)
-        or len(set(names)) != len(names)
-    ):
-        raise ValueError(
-            f"The server sent {LABEL_NAMES_KEY!r} = {str(names)[:200]}: expected 2 to {MAX_LABELS} "
-            "distinct, non-empty class names."
-        )
-    return tuple(names)
+        return run.task.own_data(run.run_args, run.tokenizer, run.facts, data_path)
+    return run.task.client_data(run.run_args, run.tokenizer, run.facts, partition_id, num_partitions)
 
 
 def partition_of(context: Context) -> tuple[int, int, str]:
@@ -146,7 +126,7 @@ def partition_of(context: Context) -> tuple[int, int, str]:
 
 
 def build_trainer(
-    task: ClientTask,
+    run: ClientRun,
     proximal_mu: float = 0.0,
     server_round: int | None = None,
     optimizer_store: OptimizerStateStore | None = None,
@@ -157,7 +137,7 @@ def build_trainer(
     For training (`server_round` given), the round places the Trainer in the whole federated
     training: its seed (data order, dropout) and its part of the learning-rate schedule.
     """
-    training, federation = task.run_args.training, task.run_args.federation
+    training, federation = run.run_args.training, run.run_args.federation
     overrides = {
         "output_dir": _scratch_dir(),
         "save_strategy": "no",
@@ -174,11 +154,11 @@ def build_trainer(
         overrides["accelerator_config"] = dataclasses.asdict(training.accelerator_config)
     args: TrainingArguments = dataclasses.replace(training, **join_launched_processes(overrides))
     return FederatedTrainer(
-        model=task.model,
+        model=run.model,
         args=args,
-        data_collator=DataCollatorWithPadding(task.tokenizer),
-        processing_class=task.tokenizer,
-        compute_metrics=make_compute_metrics(len(task.label_names)),
+        data_collator=run.task.data_collator(run.tokenizer),
+        processing_class=run.tokenizer,
+        compute_metrics=run.task.compute_metrics(run.facts),
         proximal_mu=proximal_mu,
         round_schedule=round_schedule,
         optimizer_store=optimizer_store,
@@ -191,9 +171,9 @@ def build_trainer(
 _RANK_LOCAL_STATE: dict[int, RecordDict] = {}
 
 
-def optimizer_store(task: ClientTask, context: Context) -> OptimizerStateStore | None:
+def optimizer_store(run: ClientRun, context: Context) -> OptimizerStateStore | None:
     """Where this node keeps its optimizer state between rounds (`--keep_optimizer_state`)."""
-    if not task.run_args.federation.keep_optimizer_state:
+    if not run.run_args.federation.keep_optimizer_state:
         return None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return OptimizerStateStore(_RANK_LOCAL_STATE.setdefault(context.node_id, RecordDict()))
@@ -233,31 +213,33 @@ def _error_reply(msg: Message, context: Context, stage: str, err: Exception) -> 
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
 
 
-def receive_global_model(msg: Message, context: Context) -> tuple[ClientTask, data_lib.ClientData]:
+def receive_global_model(msg: Message, context: Context) -> tuple[ClientRun, data_lib.ClientData]:
     """This process's model, now holding the server's weights, and this node's data.
 
     The message's copy of the weights is dropped once they are in the model: training would
     otherwise carry a second copy of the model (91 MB for MiniLM) through its peak.
     """
-    run_config, label_names = _frozen(context.run_config), run_label_names(msg)
-    task = load_task(run_config, label_names)
-    client = load_partition(run_config, label_names, *partition_of(context))
-    set_weights(task.model, msg.content[ARRAYS_KEY])
+    run_config = _frozen(context.run_config)
+    task = get_task(str(context.run_config.get(TASK_RUN_CONFIG_KEY, DEFAULT_TASK)))
+    run_facts = facts_key(task.facts_from_message(msg.content[CONFIG_KEY]))
+    run = load_run(run_config, run_facts)
+    client = load_partition(run_config, run_facts, *partition_of(context))
+    set_weights(run.model, msg.content[ARRAYS_KEY])
     del msg.content[ARRAYS_KEY]
-    return task, client
+    return run, client
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Load the global weights, train locally, reply with the new weights and train metrics."""
     try:
-        task, client = receive_global_model(msg, context)
+        run, client = receive_global_model(msg, context)
         config = msg.content[CONFIG_KEY]
         trainer = build_trainer(
-            task,
+            run,
             float(config.get("proximal-mu", 0.0)),
             server_round=int(config[SERVER_ROUND_KEY]),
-            optimizer_store=optimizer_store(task, context),
+            optimizer_store=optimizer_store(run, context),
             train_dataset=client.train,
         )
         report_training(trainer, context, int(config[SERVER_ROUND_KEY]))
@@ -268,7 +250,7 @@ def train(msg: Message, context: Context) -> Message:
             "train_steps": int(output.global_step),
             NUM_EXAMPLES_KEY: len(client.train),
         }
-        arrays = get_weights(task.model, task.run_args.federation.transfer_dtype)
+        arrays = get_weights(run.model, run.run_args.federation.transfer_dtype)
         return _reply(msg, context, arrays, metrics)
     except Exception as err:  # noqa: BLE001 - every failure goes back to the server, named
         return _error_reply(msg, context, "training", err)
@@ -278,15 +260,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights on this client's held-out split."""
     try:
-        task, client = receive_global_model(msg, context)
-        results = build_trainer(task).evaluate(client.eval)
-        metrics = {
-            "eval_loss": float(results["eval_loss"]),
-            "eval_accuracy": float(results["eval_accuracy"]),
-            "eval_f1": float(results["eval_f1"]),
-            "eval_runtime": float(results["eval_runtime"]),
-            NUM_EXAMPLES_KEY: len(client.eval),
-        }
+        run, client = receive_global_model(msg, context)
+        results = run.task.evaluate(build_trainer(run), client.eval, run.run_args)
+        metrics = {**run.task.client_eval_metrics(results), NUM_EXAMPLES_KEY: len(client.eval)}
         return _reply(msg, context, None, metrics)
     except Exception as err:  # noqa: BLE001
         return _error_reply(msg, context, "evaluation", err)

@@ -27,6 +27,7 @@ import importlib.resources
 import importlib.util
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,10 @@ class DataError(ValueError):
     """A data set, column, label or split setting that cannot work; the message says what to change."""
 
 
+# A task's check of the columns it reads: (dataset, data_args, split=None) -> None, or DataError.
+ColumnCheck = Callable[..., None]
+
+
 @dataclasses.dataclass
 class ClientData:
     """One client's tokenized examples: `train` for local training, `eval` for its own evaluation."""
@@ -67,18 +72,22 @@ class ClientData:
 # --- Sources ----------------------------------------------------------------------------------
 
 
-def load_raw_splits(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
+def load_raw_splits(
+    data_args: DataArguments, check: ColumnCheck | None = None
+) -> tuple[Dataset, Dataset | None]:
     """The source's train split (the pool) and its `test_split`, or None when it has none.
 
-    The columns named by `data_args` are checked here, so a wrong name fails before any work.
-    A local file is a single split: it is the pool, whatever `train_split` says.
+    The columns are checked here by `check` (the task's; classification's `check_columns` by
+    default), so a wrong name fails before any work. A local file is a single split: it is the
+    pool, whatever `train_split` says.
     """
+    check = check or check_columns
     train, test = _load_source(data_args)
     if len(train) == 0:
-        raise DataError(f"{_source_name(data_args, data_args.train_split)} has no rows. Check --dataset.")
-    check_columns(train, data_args)
+        raise DataError(f"{source_name(data_args, data_args.train_split)} has no rows. Check --dataset.")
+    check(train, data_args)
     if test is not None:
-        check_columns(test, data_args, split=data_args.test_split)
+        check(test, data_args, split=data_args.test_split)
     return train, test
 
 
@@ -264,7 +273,7 @@ def _pick_splits(data: Dataset | DatasetDict, data_args: DataArguments) -> tuple
 
 def check_columns(dataset: Dataset, data_args: DataArguments, split: str | None = None) -> None:
     """Check that the text, text-pair and label columns exist, hold text / labels and have no gaps."""
-    source = _source_name(data_args, split)
+    source = source_name(data_args, split)
     columns = dataset.column_names
     wanted = [
         ("--text_column", data_args.text_column),
@@ -274,22 +283,27 @@ def check_columns(dataset: Dataset, data_args: DataArguments, split: str | None 
     for flag, column in wanted:
         if column is None:
             continue
-        if column not in columns:
-            raise DataError(
-                f"Column {column!r} not found in {source}; its columns are {columns}. "
-                f"Set {flag} to one of them."
-            )
-        missing = dataset.data.column(column).null_count
-        if missing:
-            raise DataError(
-                f"Column {column!r} of {source} has {missing} empty values; drop or fill those rows, "
-                f"or set {flag} to another of {columns}."
-            )
-        if flag != "--label_column" and not _is_string(dataset.features[column]):
+        require_column(dataset, column, flag, source)
+        if flag != "--label_column" and not is_string_feature(dataset.features[column]):
             raise DataError(
                 f"Column {column!r} of {source} holds {dataset.features[column]}, not text. "
                 f"Set {flag} to a text column of {columns}."
             )
+
+
+def require_column(dataset: Dataset, column: str, flag: str, source: str) -> None:
+    """`column` (named by `flag`) exists in `dataset` and has no empty values, or a `DataError`."""
+    columns = dataset.column_names
+    if column not in columns:
+        raise DataError(
+            f"Column {column!r} not found in {source}; its columns are {columns}. Set {flag} to one of them."
+        )
+    missing = dataset.data.column(column).null_count
+    if missing:
+        raise DataError(
+            f"Column {column!r} of {source} has {missing} empty values; drop or fill those rows, "
+            f"or set {flag} to another of {columns}."
+        )
 
 
 def label_names(dataset: Dataset, label_column: str) -> list[str]:
@@ -304,7 +318,7 @@ def label_names(dataset: Dataset, label_column: str) -> list[str]:
         names = list(feature.names)
     else:
         values = np.unique(_column_values(dataset, label_column))
-        if _is_string(feature):
+        if is_string_feature(feature):
             names = [str(value) for value in values]
         elif _is_integer(feature):
             names = [str(int(value)) for value in values]
@@ -367,7 +381,7 @@ def _column_values(dataset: Dataset, column: str) -> np.ndarray:
     return table.column(column).to_numpy(zero_copy_only=False)
 
 
-def _is_string(feature) -> bool:
+def is_string_feature(feature) -> bool:
     return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
 
 
@@ -375,7 +389,7 @@ def _is_integer(feature) -> bool:
     return isinstance(feature, Value) and feature.dtype.startswith(("int", "uint", "bool"))
 
 
-def _source_name(data_args: DataArguments, split: str | None = None) -> str:
+def source_name(data_args: DataArguments, split: str | None = None) -> str:
     return f"data set {data_args.dataset!r}" + (f" (split {split!r})" if split else "")
 
 
@@ -395,7 +409,7 @@ def tokenize(
     The fingerprint is computed from the inputs rather than by hashing the tokenizer object (which is
     not stable across processes), so a second process or round finds the same cache file.
     """
-    _check_max_length(tokenizer, data_args)
+    check_max_length(tokenizer, data_args)
     names = label_names(dataset, data_args.label_column) if names is None else list(names)
     fingerprint = tokenized_fingerprint(dataset, tokenizer, data_args, names)
 
@@ -454,7 +468,7 @@ def _tokenize_batch(batch: dict, tokenizer, data_args: DataArguments, names: lis
     return out
 
 
-def _check_max_length(tokenizer, data_args: DataArguments) -> None:
+def check_max_length(tokenizer, data_args: DataArguments) -> None:
     """Longer inputs than the model's positions crash in the middle of training: refuse them now."""
     model_max = getattr(tokenizer, "model_max_length", None)
     # Tokenizers that do not know their limit report a huge sentinel (about 1e30).
@@ -483,22 +497,24 @@ class Splits:
     names: list[str]
 
 
-def prepare_splits(data_args: DataArguments, seed: int) -> Splits:
+def prepare_splits(data_args: DataArguments, seed: int, check: ColumnCheck | None = None) -> Splits:
     """Load the source and cut it into the clients' pool and the server's test rows, by `seed`.
 
     Without a source test split, `test_size` rows come off the front of the shuffled train split
     before `max_train_samples` caps the rest, so clients never see them and changing
-    `max_test_samples` never changes the clients' data.
+    `max_test_samples` never changes the clients' data. With a task's own column `check` the rows
+    are not labelled: `names` is empty.
     """
-    train, test = load_raw_splits(data_args)
-    names = label_names(train, data_args.label_column)
+    labelled = check is None
+    train, test = load_raw_splits(data_args, check)
+    names = label_names(train, data_args.label_column) if labelled else []
     order = np.random.default_rng(seed).permutation(len(train))
     if test is None:
         held_out = _holdout_count(len(train), data_args.test_size, "--test_size")
         if held_out >= len(train):
             raise DataError(
                 f"--test_size {data_args.test_size} holds out {held_out} of the {len(train)} examples of "
-                f"{_source_name(data_args)}, leaving none for the clients. Lower --test_size."
+                f"{source_name(data_args)}, leaving none for the clients. Lower --test_size."
             )
         test = train.select(order[:held_out][: data_args.max_test_samples])
         order = order[held_out:]
@@ -506,8 +522,8 @@ def prepare_splits(data_args: DataArguments, seed: int) -> Splits:
         test_order = np.random.default_rng(seed).permutation(len(test))
         test = test.select(test_order[: data_args.max_test_samples])
     pool = train.select(order[: data_args.max_train_samples])
-    # Labels of the test rows must be classes of the train split (catches -1 "unlabelled" splits).
-    label_ids(test, data_args.label_column, names)
+    if labelled:  # labels of the test rows must be classes of the train split (catches -1 "unlabelled")
+        label_ids(test, data_args.label_column, names)
     return Splits(pool=pool, test=test, names=names)
 
 
@@ -537,14 +553,23 @@ def own_data(path: str, data_args: DataArguments, tokenizer, names: list[str], s
     may hold any subset of them, a single class included, in any order. No central hold-out and no
     `max_train_samples` cap apply: those describe the server's data set, not this client's.
     """
+    rows, eval_rows, train_rows = own_rows(path, data_args, seed)
+    ids = run_label_ids(rows, dataclasses.replace(data_args, dataset=path), names)
+    rows = rows.remove_columns(data_args.label_column).add_column(data_args.label_column, ids.tolist())
+    tokenized = tokenize(rows, tokenizer, data_args, names)
+    return ClientData(train=tokenized.select(train_rows), eval=tokenized.select(eval_rows))
+
+
+def own_rows(
+    path: str, data_args: DataArguments, seed: int, check: ColumnCheck | None = None
+) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    """A deployed client's own rows (columns checked by the task's `check`), and the row numbers
+    of its eval and train examples."""
     own_args = dataclasses.replace(data_args, dataset=path, max_train_samples=None)
-    rows, _ = load_raw_splits(own_args)
-    ids = run_label_ids(rows, own_args, names)
-    rows = rows.remove_columns(own_args.label_column).add_column(own_args.label_column, ids.tolist())
+    rows, _ = load_raw_splits(own_args, check)
     _check_partition_size(len(rows), 0, 1, own_args, source=f"--data_path {path}")
     eval_rows, train_rows = _client_eval_split(np.arange(len(rows)), own_args.client_eval_size, 0, seed)
-    tokenized = tokenize(rows, tokenizer, own_args, names)
-    return ClientData(train=tokenized.select(train_rows), eval=tokenized.select(eval_rows))
+    return rows, eval_rows, train_rows
 
 
 def run_label_ids(dataset: Dataset, data_args: DataArguments, names: list[str]) -> np.ndarray:
@@ -558,9 +583,9 @@ def run_label_ids(dataset: Dataset, data_args: DataArguments, names: list[str]) 
     values = _column_values(dataset, column)
     if isinstance(feature, ClassLabel):
         values = np.asarray(feature.int2str(values.astype(np.int64).tolist()), dtype=object)
-    elif not (_is_string(feature) or _is_integer(feature)):
+    elif not (is_string_feature(feature) or _is_integer(feature)):
         raise DataError(
-            f"Column {column!r} of {_source_name(data_args)} holds {feature}, not class labels. "
+            f"Column {column!r} of {source_name(data_args)} holds {feature}, not class labels. "
             "Set --label_column to the column holding the labels."
         )
     if np.asarray(values).dtype.kind in "iub":
@@ -569,7 +594,7 @@ def run_label_ids(dataset: Dataset, data_args: DataArguments, names: list[str]) 
     unknown = sorted({str(v) for v in values} - set(index))
     if unknown:
         raise DataError(
-            f"Label {unknown[0]!r} in column {column!r} of {_source_name(data_args)} is not one of "
+            f"Label {unknown[0]!r} in column {column!r} of {source_name(data_args)} is not one of "
             f"the run's classes {names}"
             + (f" (nor are {unknown[1:10]})" if len(unknown) > 1 else "")
             + ". Drop those rows, or rename them to one of the run's classes."
@@ -580,14 +605,48 @@ def run_label_ids(dataset: Dataset, data_args: DataArguments, names: list[str]) 
 # --- Partitions -------------------------------------------------------------------------------
 
 
-def partition_sizes(data_args: DataArguments, num_partitions: int, seed: int) -> list[int]:
+def partition_sizes(
+    data_args: DataArguments, num_partitions: int, seed: int, check: ColumnCheck | None = None
+) -> list[int]:
     """Examples in each client's partition, without tokenising: the server's pre-flight check.
 
     Raises `DataError` when the pool cannot give every client a train and an eval example.
     """
-    splits = prepare_splits(data_args, seed)
-    labels = label_ids(splits.pool, data_args.label_column, splits.names)
+    splits = prepare_splits(data_args, seed, check)
+    labels = _pool_labels(splits, data_args)
     return [len(rows) for rows in partition_rows(labels, data_args, num_partitions, seed)]
+
+
+def client_rows(
+    data_args: DataArguments,
+    partition_id: int,
+    num_partitions: int,
+    seed: int,
+    check: ColumnCheck | None = None,
+) -> tuple[Splits, np.ndarray, np.ndarray]:
+    """The splits, and the pool's row numbers of one client's eval and train examples.
+
+    The rows come from the pool's labels alone (its size, for unlabelled rows), as in
+    `partition_sizes`, so the server's check and every client agree.
+    """
+    _check_partition_id(partition_id, num_partitions)
+    splits = prepare_splits(data_args, seed, check)
+    labels = _pool_labels(splits, data_args)
+    rows = partition_rows(labels, data_args, num_partitions, seed)[partition_id]
+    eval_rows, train_rows = _client_eval_split(rows, data_args.client_eval_size, partition_id, seed)
+    return splits, eval_rows, train_rows
+
+
+def _pool_labels(splits: Splits, data_args: DataArguments) -> np.ndarray:
+    """The pool's label ids; all 0 for unlabelled rows, which only the IID partitioner splits."""
+    if splits.names:
+        return label_ids(splits.pool, data_args.label_column, splits.names)
+    if data_args.partitioner != "iid":
+        raise DataError(
+            f"--partitioner {data_args.partitioner} splits by label, and this task's examples have "
+            "none. Use --partitioner iid."
+        )
+    return np.zeros(len(splits.pool), dtype=np.int64)
 
 
 def client_data(
@@ -596,13 +655,9 @@ def client_data(
     """One client's tokenized train and eval examples.
 
     The whole pool is tokenised once (cached, shared by every client and round) and the partition's
-    rows are selected from it; the rows come from the pool's labels alone, as in `partition_sizes`.
+    rows are selected from it.
     """
-    _check_partition_id(partition_id, num_partitions)
-    splits = prepare_splits(data_args, seed)
-    labels = label_ids(splits.pool, data_args.label_column, splits.names)
-    rows = partition_rows(labels, data_args, num_partitions, seed)[partition_id]
-    eval_rows, train_rows = _client_eval_split(rows, data_args.client_eval_size, partition_id, seed)
+    splits, eval_rows, train_rows = client_rows(data_args, partition_id, num_partitions, seed)
     tokenized = tokenize(splits.pool, tokenizer, data_args, splits.names)
     return ClientData(train=tokenized.select(train_rows), eval=tokenized.select(eval_rows))
 

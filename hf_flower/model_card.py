@@ -17,13 +17,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import checkpoint
 from .arguments import OFFLINE_DATASET, OFFLINE_MODEL, RunArguments
+from .tasks import RunFacts, Task
 
 # Package data (pyproject `[tool.setuptools.package-data]`): beside this module in a checkout, an
 # installed wheel and the Flower app folder the launchers write (`launch/app.py`).
-TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 # The reviews of `offline-imdb` are IMDB's train split, so the card names IMDB on the Hub.
 OFFLINE_DATASET_HUB_ID = "stanfordnlp/imdb"
-TAGS = ["federated-learning", "flower", "hf-flower", "text-classification"]
+TAGS = ["federated-learning", "flower", "hf-flower"]
 
 
 def _hub_id(name: str) -> str | None:
@@ -79,12 +80,16 @@ def _rows(rounds: list[dict]) -> list[dict]:
             "central_loss": _fmt(r.get("central", {}).get("eval_loss")),
             "central_accuracy": _fmt(r.get("central", {}).get("eval_accuracy")),
             "central_f1": _fmt(r.get("central", {}).get("eval_f1")),
+            "fed_exact_match": _fmt(r.get("evaluate", {}).get("eval_exact_match")),
+            "central_perplexity": _fmt(r.get("central", {}).get("eval_perplexity")),
+            "central_exact_match": _fmt(r.get("central", {}).get("eval_exact_match")),
+            "central_label_accuracy": _fmt(r.get("central", {}).get("eval_label_accuracy")),
         }
         for i, r in enumerate(rounds)
     ]
 
 
-def render_card(run_args: RunArguments, label_names: list[str], rounds: list[dict]) -> ModelCard:
+def render_card(run_args: RunArguments, task: Task, facts: RunFacts, rounds: list[dict]) -> ModelCard:
     """The card of the last round in `rounds` (the metrics dicts of rounds 0..N, in order)."""
     round_num = rounds[-1]["round"]
     central = rounds[-1].get("central", {})
@@ -93,14 +98,14 @@ def render_card(run_args: RunArguments, label_names: list[str], rounds: list[dic
     dataset_type = dataset_id or Path(run_args.data.dataset).name
     eval_results = [
         EvalResult(
-            task_type="text-classification",
+            task_type=task.pipeline_tag,
             dataset_type=dataset_type,
             dataset_name=f"{dataset_type} (central test split)",
             dataset_split=run_args.data.test_split,
             metric_type=metric,
             metric_value=central[f"eval_{metric}"],
         )
-        for metric in ("accuracy", "f1")
+        for metric in task.card_metrics
         if isinstance(central.get(f"eval_{metric}"), (int, float))
     ]
     base_model = _hub_id(run_args.model.model_name_or_path)
@@ -110,9 +115,9 @@ def render_card(run_args: RunArguments, label_names: list[str], rounds: list[dic
         datasets=[dataset_id] if dataset_id else None,
         # Adapter rounds load with peft (the Hub shows peft's snippet); full rounds with transformers.
         library_name="peft" if adapter else "transformers",
-        pipeline_tag="text-classification",
+        pipeline_tag=task.pipeline_tag,
         license=run_args.hub.hub_license,
-        tags=TAGS,
+        tags=[*TAGS, task.pipeline_tag],
         model_name=model_id,
         eval_results=eval_results or None,
     )
@@ -121,12 +126,12 @@ def render_card(run_args: RunArguments, label_names: list[str], rounds: list[dic
         base_model_text = f"[{OFFLINE_MODEL}](https://huggingface.co/{OFFLINE_MODEL})"
     return ModelCard.from_template(
         card_data,
-        template_path=str(TEMPLATE_PATH),
+        template_path=str(TEMPLATES_DIR / task.card_template),
         model_id=model_id,
         base_model=base_model or run_args.model.model_name_or_path,
         adapter=adapter,
         base_model_text=base_model_text,
-        labels=label_names,
+        **task.card_fields(run_args, facts),
         num_clients=run_args.federation.num_clients,
         strategy=run_args.federation.strategy,
         round_num=round_num,
@@ -171,11 +176,13 @@ def plot_rounds(rounds: list[dict], path: str | os.PathLike, title: str = "") ->
     return path
 
 
-def write_card(folder: str | os.PathLike, run_args: RunArguments, label_names: list[str], rounds: list[dict]):
+def write_card(
+    folder: str | os.PathLike, run_args: RunArguments, task: Task, facts: RunFacts, rounds: list[dict]
+):
     """Write README.md and metrics.png of the last round in `rounds` into `folder`."""
     folder = Path(folder)
     title = (
         f"{run_args.hub.hub_model_id or Path(run_args.training.output_dir).name}, round {rounds[-1]['round']}"
     )
     plot_rounds(rounds, folder / checkpoint.PLOT_FILE, title=title)
-    render_card(run_args, label_names, rounds).save(folder / checkpoint.CARD_FILE)
+    render_card(run_args, task, facts, rounds).save(folder / checkpoint.CARD_FILE)

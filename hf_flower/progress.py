@@ -9,16 +9,29 @@ def _metric(value) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "  -   "
 
 
+# The evaluation metric a round's line shows: the first of these that the run reports.
+SUMMARY_METRICS = (("eval_accuracy", "acc"), ("eval_exact_match", "em"), ("eval_loss", "loss"))
+
+
+def _summary_metric(record: dict) -> tuple[str, str]:
+    for key, short in SUMMARY_METRICS:
+        if any(key in record.get(group, {}) for group in ("central", "evaluate")):
+            return key, short
+    return SUMMARY_METRICS[0]
+
+
 def format_round(record: dict, num_rounds: int) -> str:
-    """`round 2/3 | clients 2/2 | train_loss ... | eval_acc ... | central_acc ... | 41.2 s | 182.4 MB`."""
+    """`round 2/3 | clients 2/2 | train_loss ... | eval_acc ... | central_acc ... | 41.2 s | 182.4 MB`
+    (`eval_em`/`central_em`, or the losses, for tasks without accuracy)."""
     clients = record.get("clients", {})
     megabytes = (record.get("bytes_sent", 0) + record.get("bytes_received", 0)) / MEGABYTE
+    key, short = _summary_metric(record)
     return (
         f"round {record['round']}/{num_rounds}"
         f" | clients {clients.get('train_succeeded', 0)}/{clients.get('train_sampled', 0)}"
         f" | train_loss {_metric(record.get('train', {}).get('train_loss'))}"
-        f" | eval_acc {_metric(record.get('evaluate', {}).get('eval_accuracy'))}"
-        f" | central_acc {_metric(record.get('central', {}).get('eval_accuracy'))}"
+        f" | eval_{short} {_metric(record.get('evaluate', {}).get(key))}"
+        f" | central_{short} {_metric(record.get('central', {}).get(key))}"
         f" | {record.get('seconds', 0):.1f} s"
         f" | {megabytes:.1f} MB"
     )
@@ -35,8 +48,9 @@ def format_summary(history: dict, output_dir: str) -> str:
         best = history.get("best_round")
         best_record = next((r for r in rounds if r["round"] == best), None)
         if best_record is not None:
-            accuracy = _metric(best_record.get("central", {}).get("eval_accuracy"))
-            lines.append(f"best round: {best} (central_acc {accuracy}) -> {output_dir}/round-{best}")
+            key, short = _summary_metric(best_record)
+            value = _metric(best_record.get("central", {}).get(key))
+            lines.append(f"best round: {best} (central_{short} {value}) -> {output_dir}/round-{best}")
         lines.append(f"last round: {last} -> {output_dir}/round-{last}")
     pushed = history.get("hub")
     if pushed:

@@ -55,7 +55,7 @@ def find_resume_point(output_dir: str | os.PathLike) -> ResumePoint:
 
 
 def check_resumable(
-    output_dir: str | os.PathLike, num_rounds: int, model_config, label_names: list[str]
+    output_dir: str | os.PathLike, num_rounds: int, model_config, label_names: list[str] | None
 ) -> int:
     """Refuse to resume a folder of another model or label set, or one with nothing left to do.
 
@@ -83,7 +83,7 @@ def check_resumable(
     saved_labels = [
         label for _, label in sorted((int(i), v) for i, v in (saved.get("id2label") or {}).items())
     ]
-    if saved_labels != list(label_names):
+    if label_names is not None and saved_labels != list(label_names):
         differs.append(f"labels: saved {saved_labels}, this run's data {list(label_names)}")
     if differs:
         raise OutputDirError(
@@ -95,17 +95,15 @@ def check_resumable(
     return point.round
 
 
-def load_round_arrays(folder: Path, model):
+def load_round_arrays(folder: Path, model, auto_model_class):
     """Load the weights saved in a round folder into `model`; return what the strategy starts from.
 
     The saved weights are checked against the whole model first (a foreign folder changes
     nothing); the return value is the model's trainable part in float32, as for round 0.
     """
-    from transformers import AutoModelForSequenceClassification
-
     from .weights import get_weights, state_dict_to_arrays, validate_arrays
 
-    saved = AutoModelForSequenceClassification.from_pretrained(folder).state_dict()
+    saved = auto_model_class.from_pretrained(folder).state_dict()
     try:
         validate_arrays(state_dict_to_arrays(saved), model.state_dict())
     except ValueError as err:

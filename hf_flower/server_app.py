@@ -24,10 +24,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
-from transformers import DataCollatorWithPadding, Trainer, set_seed
+from transformers import Trainer, set_seed
 
 from . import adapters, checkpoint, hub, live_progress, model_card, progress, resume, wire
-from . import data as data_lib
 from .arguments import RunArguments, from_run_config, to_run_config
 from .constants import (
     ARRAYS_HELD_KEY,
@@ -36,14 +35,12 @@ from .constants import (
     ARRAYS_NOT_HELD_CODE,
     CLIENT_KEY,
     CONFIG_KEY,
-    LABEL_NAMES_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
     PARTITION_ID_KEY,
     SERVER_ROUND_KEY,
 )
-from .metrics import make_compute_metrics
-from .modeling import load_model, load_tokenizer
+from .modeling import load_tokenizer
 from .preflight import check_run
 from .strategies import (
     ResumedStrategy,
@@ -52,6 +49,7 @@ from .strategies import (
     get_strategy_state,
     set_strategy_state,
 )
+from .tasks import RunFacts, Task, get_task
 from .tracking import RoundTracker
 from .weights import (
     RunningMean,
@@ -371,9 +369,10 @@ class RoundCheckpointer:
     def __init__(
         self,
         run_args: RunArguments,
+        task: Task,
+        facts: RunFacts,
         model,
         tokenizer,
-        label_names,
         test_set,
         grid: TrackingGrid,
         strategy=None,
@@ -383,7 +382,9 @@ class RoundCheckpointer:
         self.run_args = run_args
         self.model = model
         self.tokenizer = tokenizer
-        self.label_names = label_names
+        self.task = task
+        self.facts = facts
+        self.test_set = test_set
         self.grid = grid
         self.strategy = strategy
         self.pusher = pusher
@@ -403,10 +404,9 @@ class RoundCheckpointer:
         self.trainer = Trainer(
             model=model,
             args=eval_args,
-            data_collator=DataCollatorWithPadding(tokenizer),
+            data_collator=task.data_collator(tokenizer),
             processing_class=tokenizer,
-            compute_metrics=make_compute_metrics(len(label_names)),
-            eval_dataset=test_set,
+            compute_metrics=task.compute_metrics(facts),
         )
         self.output_dir = run_args.training.output_dir
         self.tracker = RoundTracker(self.output_dir, run_args.training.report_to)
@@ -463,8 +463,7 @@ class RoundCheckpointer:
             # use (2 threads beside 2 clients on 2 cores made rounds 55-66 s instead of 49 s).
             last = record["round"] >= self.run_args.federation.num_rounds
             with torch_threads(1 if beside_clients and not last else None):
-                metrics = self.trainer.evaluate()
-            record["central"] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+                record["central"] = self.task.evaluate(self.trainer, self.test_set, self.run_args)
             if not beside_clients:
                 record["seconds"] = round(record["seconds"] + record["central"].get("eval_runtime", 0.0), 2)
         server_round = record["round"]
@@ -494,7 +493,7 @@ class RoundCheckpointer:
         adapters.save_model(self.model, self.tokenizer, folder, self.run_args.peft.save_merged)
         if strategy_state is not None:
             checkpoint.write_strategy_state(folder, *strategy_state)
-        model_card.write_card(folder, self.run_args, self.label_names, rounds)
+        model_card.write_card(folder, self.run_args, self.task, self.facts, rounds)
 
     def finish(self, error: BaseException | None) -> BaseException | None:
         """Wait for the last rounds and uploads; record how the run ended, and the best round, in
@@ -536,7 +535,9 @@ class RoundCheckpointer:
         error = error or push_error
         self.history["status"] = "failed" if error else "completed"
         self.history["error"] = f"{type(error).__name__}: {error}" if error else None
-        self.history["best_round"] = checkpoint.best_round(self.history)
+        self.history["best_round"] = checkpoint.best_round(
+            self.history, f"central.{self.task.best_metric}", self.task.greater_is_better
+        )
         checkpoint.write_history(self.output_dir, self.history)
         self.tracker.close()
         return worker_error or push_error
@@ -546,11 +547,12 @@ class RoundCheckpointer:
 def main(grid: Grid, context: Context) -> None:
     """Run `num_rounds` of the configured strategy and save every aggregated round."""
     run_args = from_run_config(context.run_config)
-    label_names = check_run(run_args, prepare_output=True)
+    task = get_task(run_args.model.task)
+    facts = check_run(run_args, prepare_output=True)
     set_seed(run_args.training.seed)
     tokenizer = load_tokenizer(run_args.model)
-    model = load_model(run_args.model, label_names, run_args.peft)
-    test_set = data_lib.central_test_set(run_args.data, tokenizer, run_args.training.seed)
+    model = task.load_model(run_args, facts)
+    test_set = task.central_test_set(run_args, tokenizer, facts)
     federation = run_args.federation
     strategy = build_strategy(federation)
     # The trainable part only, in float32: what the strategy averages (the frozen rest never moves).
@@ -565,7 +567,7 @@ def main(grid: Grid, context: Context) -> None:
     resume_point = None
     if federation.resume:
         resume_point = resume.find_resume_point(run_args.training.output_dir)
-        initial_arrays = resume.load_round_arrays(resume_point.folder, model)
+        initial_arrays = resume.load_round_arrays(resume_point.folder, model, task.auto_model_class())
         state = checkpoint.read_strategy_state(resume_point.folder)
         if state is not None:
             set_strategy_state(strategy, *state)
@@ -576,7 +578,7 @@ def main(grid: Grid, context: Context) -> None:
         hub.create_repo(repo_id, private=run_args.hub.hub_private)
         pusher = hub.RoundPusher(repo_id)
     checkpointer = RoundCheckpointer(
-        run_args, model, tokenizer, label_names, test_set, tracking_grid, strategy, resume_point, pusher
+        run_args, task, facts, model, tokenizer, test_set, tracking_grid, strategy, resume_point, pusher
     )
     done = resume_point.round if resume_point else 0
     # Flower counts rounds from 1: a resumed run runs the remaining rounds, renumbered.
@@ -588,9 +590,10 @@ def main(grid: Grid, context: Context) -> None:
             initial_arrays=initial_arrays,
             num_rounds=federation.num_rounds - done,
             timeout=federation.round_timeout,
-            # The run's classes travel with every message: clients build their model from them.
-            train_config=ConfigRecord({LABEL_NAMES_KEY: list(label_names)}),
-            evaluate_config=ConfigRecord({LABEL_NAMES_KEY: list(label_names)}),
+            # The run's facts (e.g. its classes) travel with every message: clients build their
+            # model from them.
+            train_config=ConfigRecord(dict(facts)),
+            evaluate_config=ConfigRecord(dict(facts)),
             evaluate_fn=checkpointer,
         )
     except BaseException as err:

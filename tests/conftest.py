@@ -32,6 +32,8 @@ POSITIVE_WORDS = ["good", "great", "excellent", "wonderful", "loved", "superb", 
 NEGATIVE_WORDS = ["bad", "awful", "boring", "terrible", "hated", "dull", "worst", "poor"]
 # Class names of the reviews `write_reviews_csv` writes (integer labels 0 and 1), as a server sends them.
 REVIEW_LABELS = ("0", "1")
+# ...and the run facts a client caches its model under (`client_app.facts_key`).
+REVIEW_FACTS = '{"label-names": ["0", "1"]}'
 FILLER_WORDS = ["the", "movie", "film", "was", "plot", "actors", "and", "a", "really", "story"]
 
 
@@ -103,6 +105,85 @@ def build_tiny_model(path, num_labels: int = 2, seed: int = 0):
 def tiny_model_dir(tmp_path_factory):
     """Folder with a tiny randomly initialised BERT classifier (2 labels) and its tokenizer."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"))
+
+
+SPECIAL = ["<pad>", "<unk>", "<s>", "<|im_start|>", "<|im_end|>"]
+WORDS = (
+    "system user assistant you are a critic review the movie film was is good great bad awful boring fun "
+    "plot story really and sentiment of this positive negative answer with one word what ? . : hello hi"
+).split()
+# A ChatML-like template. Its {% generation %} markers let TRL find the assistant tokens for the
+# comparison below; hf_flower finds them without (by rendering prefixes).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}<|im_start|>assistant {% generation %}{{ m['content'] }}<|im_end|>"
+    "{% endgeneration %} "
+    "{% else %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|> {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def build_tokenizer():
+    """A word-level tokenizer that adds BOS, with EOS `<|im_end|>` (as SmolLM2) and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llama(tokenizer, seed: int = 0):
+    """A tiny randomly initialised Llama (~10k parameters) for `tokenizer`, in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def build_tiny_chat_model(path, seed: int = 0):
+    """Save a tiny Llama and its chat tokenizer to `path`: the causal-lm counterpart of `build_tiny_model`."""
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(path)
+    model = build_tiny_llama(tokenizer, seed)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory):
+    """Folder with a tiny randomly initialised Llama and its word-level chat tokenizer."""
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def tiny_run_flags(output_dir, tiny_model_dir, reviews_csv, *flags) -> list[str]:

@@ -139,7 +139,7 @@ def test_pyproject_run_config_is_the_quickstart():
 @pytest.mark.parametrize(
     "yaml_text, message",
     [
-        ("peft: qlora\n", "Unknown peft method 'qlora'; choose one of ['none', 'lora']"),
+        ("peft: qlora\n", "Unknown peft method 'qlora'; choose one of ['auto', 'none', 'lora']"),
         (
             "transfer_dtype: fp8\n",
             "Unknown transfer_dtype 'fp8'; choose one of ['float32', 'float16', 'bfloat16']",

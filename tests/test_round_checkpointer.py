@@ -6,22 +6,23 @@ import pytest
 from conftest import tiny_run_flags
 
 from hf_flower import checkpoint, server_app
-from hf_flower import data as data_lib
 from hf_flower.arguments import parse_args
-from hf_flower.modeling import load_model, load_tokenizer
+from hf_flower.modeling import load_tokenizer
 from hf_flower.preflight import check_run
+from hf_flower.tasks import get_task
 from hf_flower.weights import get_weights
 
 
 def make_checkpointer(tmp_path, tiny_model_dir, reviews_csv, in_background: bool):
     flags = ["--evaluate_in_background", str(in_background).lower()]
     run_args = parse_args(tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, *flags))
-    label_names = check_run(run_args, prepare_output=True)
+    facts = check_run(run_args, prepare_output=True)
+    task = get_task(run_args.model.task)
     tokenizer = load_tokenizer(run_args.model)
-    model = load_model(run_args.model, label_names, run_args.peft)
-    test_set = data_lib.central_test_set(run_args.data, tokenizer, run_args.training.seed)
+    model = task.load_model(run_args, facts)
+    test_set = task.central_test_set(run_args, tokenizer, facts)
     grid = server_app.TrackingGrid(None, {}, min_train_clients=2)
-    return server_app.RoundCheckpointer(run_args, model, tokenizer, label_names, test_set, grid)
+    return server_app.RoundCheckpointer(run_args, task, facts, model, tokenizer, test_set, grid)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from conftest import REVIEW_LABELS
+from conftest import REVIEW_FACTS, REVIEW_LABELS
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from transformers import TrainerCallback, get_scheduler
 
@@ -71,7 +71,7 @@ def run_rounds(run_config, monkeypatch, rounds=range(1, NUM_ROUNDS + 1)):
         return trainer
 
     monkeypatch.setattr(client_app, "build_trainer", recording_build)
-    task = client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS)
+    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
     start = get_weights(task.model)
     node = Context(
         run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),

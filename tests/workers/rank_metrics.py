@@ -16,6 +16,7 @@ from hf_flower.launch import distributed
 from hf_flower.weights import get_weights
 
 REVIEW_LABELS = ("0", "1")  # conftest's reviews: integer labels 0 and 1
+REVIEW_FACTS = client_app.facts_key({"label-names": list(REVIEW_LABELS)})
 
 
 def instruction(arrays, kind):
@@ -40,7 +41,7 @@ def main(run_config_path: str, output_path: str) -> None:
         run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
         run_config=run_config,
     )  # fmt: skip
-    start = get_weights(client_app.load_task(client_app._frozen(run_config), REVIEW_LABELS).model)
+    start = get_weights(client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS).model)
     results = {}
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
         message = instruction(start, kind)

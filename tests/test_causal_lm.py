@@ -1,0 +1,168 @@
+"""`--task causal-lm`: the ClientApp's SFT round in-process, the task's refusals, and a real simulation
+whose rounds load as PEFT adapters and, merged, with `AutoModelForCausalLM` and `pipeline`."""
+
+import json
+import random
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from huggingface_hub import ModelCard
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+from hf_flower import checkpoint, client_app
+from hf_flower.arguments import parse_args, to_run_config
+from hf_flower.launch.plan import RunPlan, prepare_simulation, run_prepare
+from hf_flower.launch.simulation import run_simulation
+from hf_flower.weights import get_weights
+
+REVIEW_WORDS = {"positive": ["good", "great", "fun"], "negative": ["bad", "awful", "boring"]}
+
+
+def write_sentiment_chat(path, num_rows: int = 48, seed: int = 0):
+    """Chat prompt/completion rows in the tiny tokenizer's words: a review, its one-word label."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(num_rows):
+            label = ["negative", "positive"][i % 2]
+            review = f"the movie was really {rng.choice(REVIEW_WORDS[label])} ."
+            prompt = [{"role": "user", "content": f"{review} sentiment ? answer with one word ."}]
+            f.write(json.dumps({"prompt": prompt, "completion": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_jsonl(tmp_path_factory):
+    return write_sentiment_chat(tmp_path_factory.mktemp("sft-data") / "reviews.jsonl")
+
+
+def sft_flags(tmp_path, model_dir, data, *flags):
+    return [
+        "--task", "causal-lm", "--model_name_or_path", str(model_dir), "--dataset", str(data),
+        "--prompt_column", "prompt", "--completion_column", "completion", "--max_length", "48",
+        "--test_size", "8", "--client_eval_size", "4", "--eval_max_new_tokens", "3",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "run"), *flags,
+    ]  # fmt: skip
+
+
+def message(arrays, kind, server_round=1):
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+    metadata = Metadata(
+        run_id=1, message_id="m1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
+        group_id=str(server_round), created_at=0.0, ttl=3600, message_type=kind,
+    )  # fmt: skip
+    return Message(metadata=metadata, content=content)
+
+
+def test_client_trains_lora_and_scores_generated_answers(tmp_path, tiny_chat_model_dir, chat_jsonl):
+    run_config = to_run_config(
+        parse_args(sft_flags(tmp_path, tiny_chat_model_dir, chat_jsonl, "--max_steps", "2"))
+    )
+    assert run_config["adapter.peft"] == "lora"  # --peft auto: LoRA for language models
+    node = Context(
+        run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+        run_config=run_config,
+    )  # fmt: skip
+    run = client_app.load_run(client_app._frozen(run_config), client_app.facts_key({}))
+    start = get_weights(run.model)
+    assert all(".lora_" in name for name in start)  # only the adapters travel
+
+    trained = client_app.train(message(start, MessageType.TRAIN), node)
+    assert not trained.has_error(), trained.error.reason if trained.has_error() else ""
+    assert trained.content["metrics"]["train_steps"] == 2
+    assert trained.content["metrics"]["num-examples"] == 20 - 4  # (48 - 8 test rows) / 2, less its eval split
+
+    evaluated = client_app.evaluate(message(trained.content["arrays"], MessageType.EVALUATE), node)
+    metrics = evaluated.content["metrics"]
+    assert set(metrics) == {
+        "eval_loss", "eval_perplexity", "eval_exact_match", "eval_label_accuracy", "eval_runtime", "num-examples"
+    }  # fmt: skip
+    assert 0 <= metrics["eval_exact_match"] <= metrics["eval_label_accuracy"] <= 1
+    assert metrics["num-examples"] == 4
+
+
+@pytest.mark.parametrize(
+    "flags, message_part",
+    [
+        (["--text_pair_column", "x"], "--text_pair_column is a text-classification setting"),
+        (["--partitioner", "dirichlet"], "causal-lm examples have none"),
+        (["--completion_column", ""], "completion"),
+    ],
+)
+def test_settings_of_the_other_task_are_refused(
+    tmp_path, tiny_chat_model_dir, chat_jsonl, flags, message_part
+):
+    prepared = run_prepare(prepare_simulation, sft_flags(tmp_path, tiny_chat_model_dir, chat_jsonl, *flags))
+    assert prepared.plan is None and prepared.exit_code == 2
+    assert message_part in prepared.error, prepared.error
+
+
+def test_encoder_model_and_classification_flags_are_refused(
+    tmp_path, tiny_model_dir, reviews_csv, chat_jsonl
+):
+    encoder = sft_flags(tmp_path, tiny_model_dir, chat_jsonl)
+    prepared = run_prepare(prepare_simulation, encoder)
+    assert "is not a causal language model" in prepared.error, prepared.error
+    classification = [
+        "--model_name_or_path", str(tiny_model_dir), "--dataset", str(reviews_csv), "--test_size", "40",
+        "--prompt_column", "text", "--output_dir", str(tmp_path / "run2"),
+    ]  # fmt: skip
+    prepared = run_prepare(prepare_simulation, classification)
+    assert "--prompt_column is a causal-lm setting" in prepared.error, prepared.error
+
+
+def test_messages_need_a_chat_template(tmp_path, tiny_chat_model_dir):
+    plain = tmp_path / "plain-tokenizer-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    tokenizer.chat_template = None
+    model.save_pretrained(plain)
+    tokenizer.save_pretrained(plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    data = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 12
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flags = [
+        "--task", "causal-lm", "--model_name_or_path", str(plain), "--dataset", str(data),
+        "--messages_column", "messages", "--test_size", "2", "--client_eval_size", "1",
+        "--output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    prepared = run_prepare(prepare_simulation, flags)
+    assert "has no chat template" in prepared.error, prepared.error
+
+
+@pytest.mark.slow
+def test_simulated_sft_rounds_load_for_generation(
+    tmp_path, tiny_chat_model_dir, chat_jsonl, no_leftover_processes
+):
+    flags = sft_flags(
+        tmp_path, tiny_chat_model_dir, chat_jsonl, "--num_clients", "2", "--num_rounds", "2",
+        "--local_epochs", "2", "--save_merged",
+    )  # fmt: skip
+    assert run_simulation(RunPlan.from_run_args(parse_args(flags))) == 0
+
+    output_dir = tmp_path / "run"
+    history = checkpoint.read_history(output_dir)
+    assert history["status"] == "completed" and [r["round"] for r in history["rounds"]] == [0, 1, 2]
+    for record in history["rounds"]:
+        assert {"eval_loss", "eval_perplexity", "eval_exact_match", "eval_label_accuracy"} <= set(
+            record["central"]
+        )
+    for record in history["rounds"][1:]:
+        assert record["clients"]["train_succeeded"] == 2
+        assert "eval_exact_match" in record["evaluate"]
+    last = output_dir / "round-2"
+    assert ModelCard.load(last / "README.md").data.pipeline_tag == "text-generation"
+    adapter = AutoPeftModelForCausalLM.from_pretrained(last)
+    tokenizer = AutoTokenizer.from_pretrained(last)
+    assert tokenizer.chat_template  # saved with the round
+    merged = AutoModelForCausalLM.from_pretrained(last / "merged")
+    prompt = [{"role": "user", "content": "the movie was really good . sentiment ? answer with one word ."}]
+    ids = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    merged_next = merged(ids).logits[0, -1].argmax()
+    assert merged_next == adapter(ids).logits[0, -1].argmax()  # merging changes nothing
+    generator = pipeline("text-generation", model=str(last / "merged"))
+    assert isinstance(generator(prompt, max_new_tokens=2)[0]["generated_text"], list)

@@ -521,8 +521,7 @@ def test_a_fine_tuned_model_answers_with_the_completion_and_stops(tokenizer):
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")  # SFTConfig
 def test_same_tokens_labels_and_batches_as_trl(tmp_path, tokenizer, tiny_llama):
-    """hf_flower's SFT data is what TRL's SFTTrainer prepares (TRL is optional: skipped without it)."""
-    pytest.importorskip("trl")
+    """hf_flower's SFT data is what TRL's SFTTrainer prepares (TRL is a test dependency, `.[test]`)."""
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 

@@ -341,3 +341,25 @@ def test_preparing_the_folder_removes_an_earlier_runs_files(tmp_path):
 def test_the_launchers_view_imports_no_torch():
     code = "import sys, hf_flower.launch.flower; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_terminal_without_width_gets_plain_lines():
+    """`script` without a terminal of its own opens a 0x0 pseudo-terminal: tqdm would draw nothing."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    from hf_flower.launch.progress_view import is_terminal
+
+    master, slave = pty.openpty()
+    try:
+        with open(slave, "w", closefd=False) as stream:
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 0, 0, 0, 0))
+            assert not is_terminal(stream)
+            fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+            assert is_terminal(stream)
+    finally:
+        os.close(slave)
+        os.close(master)

@@ -15,6 +15,7 @@ lines. The launcher's own lines (`RoundPrinter`) go through `write`, above any b
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -31,10 +32,17 @@ REPLIES_BAR_FORMAT = "{desc}: {n_fmt}/{total_fmt} |{bar}| [{elapsed}{postfix}]"
 
 
 def is_terminal(stream) -> bool:
+    """Whether bars can be drawn on `stream`: a terminal with a width (a pseudo-terminal without
+    one, as `script` opens when its own input is not a terminal, would show nothing; plain lines do)."""
     try:
-        return bool(stream.isatty())
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError, OSError):
         return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # terminal-like, without a descriptor (IDE consoles)
+        return True
 
 
 def _loss(value: float | None) -> str:

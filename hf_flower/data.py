@@ -417,6 +417,12 @@ def tokenize(
         # Looked up at call time so tests can check that a cache hit never tokenises again.
         return _tokenize_batch(batch, tokenizer, data_args, names)
 
+    return tokenize_once(dataset, tokenize_batch, fingerprint)
+
+
+def tokenize_once(dataset: Dataset, tokenize_batch, fingerprint: str) -> Dataset:
+    """`dataset` mapped by `tokenize_batch` (its columns replaced), cached under `fingerprint`: a
+    later call with the same fingerprint, in any process, reads the cache file instead."""
     return dataset.map(
         tokenize_batch,
         batched=True,

@@ -58,6 +58,7 @@ from hf_flower.data import (
     load_raw_splits,
     require_column,
     source_name,
+    tokenize_once,
     tokenized_fingerprint,
 )
 
@@ -300,13 +301,7 @@ def tokenize_sft(dataset: Dataset, tokenizer, data_args: DataArguments) -> Datas
         # Looked up at call time so tests can check that a cache hit never tokenises again.
         return _tokenize_rows(batch, tokenizer, data_args, fmt, chat_prompt)
 
-    return dataset.map(
-        tokenize_batch,
-        batched=True,
-        remove_columns=dataset.column_names,
-        new_fingerprint=fingerprint,
-        desc="Tokenizing",
-    )
+    return tokenize_once(dataset, tokenize_batch, fingerprint)
 
 
 def sft_fingerprint(dataset: Dataset, tokenizer, data_args: DataArguments) -> str:

@@ -42,6 +42,7 @@ class Task:
         best_metric: The central metric that names a run's best round, and whether higher is better.
         card_template: The model card's template in `hf_flower/templates/`.
         card_metrics: The central metrics the card's metadata reports (`eval_` dropped).
+        reported_metrics: The evaluation metrics a client sends the server.
     """
 
     name: str
@@ -49,6 +50,7 @@ class Task:
     best_metric: str = "eval_loss"
     greater_is_better: bool = False
     card_template: str
+    reported_metrics: tuple[str, ...] = ("eval_loss", "eval_runtime")
     card_metrics: tuple[str, ...] = ()
 
     # --- Arguments and facts ------------------------------------------------------------------
@@ -111,10 +113,7 @@ class Task:
 
     def client_eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         """The evaluation metrics a client reports to the server (no timings beyond the runtime)."""
-        return {k: v for k, v in metrics.items() if k in self.reported_metrics()}
-
-    def reported_metrics(self) -> tuple[str, ...]:
-        return ("eval_loss", "eval_runtime")
+        return {k: v for k, v in metrics.items() if k in self.reported_metrics}
 
     # --- Model card ---------------------------------------------------------------------------
 

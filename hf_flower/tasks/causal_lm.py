@@ -31,6 +31,13 @@ class CausalLM(Task):
     greater_is_better = False
     card_template = "model_card_causal_lm.md"
     card_metrics = ("exact_match", "label_accuracy", "perplexity")
+    reported_metrics = (
+        "eval_loss",
+        "eval_perplexity",
+        "eval_exact_match",
+        "eval_label_accuracy",
+        "eval_runtime",
+    )
 
     def check_args(self, run_args) -> None:
         for flag in CLASSIFICATION_FLAGS:
@@ -119,9 +126,6 @@ class CausalLM(Task):
             if accuracy is not None:
                 metrics["eval_label_accuracy"] = accuracy
         return metrics
-
-    def reported_metrics(self) -> tuple[str, ...]:
-        return ("eval_loss", "eval_perplexity", "eval_exact_match", "eval_label_accuracy", "eval_runtime")
 
     def card_fields(self, run_args, facts: RunFacts) -> dict[str, Any]:
         return {"sft_format": sft_format(run_args.data)}

@@ -25,6 +25,7 @@ class TextClassification(Task):
     greater_is_better = True
     card_template = "model_card.md"
     card_metrics = ("accuracy", "f1")
+    reported_metrics = ("eval_loss", "eval_accuracy", "eval_f1", "eval_runtime")
 
     def check_args(self, run_args) -> None:
         for flag in CAUSAL_LM_FLAGS:
@@ -97,9 +98,6 @@ class TextClassification(Task):
         from ..metrics import make_compute_metrics
 
         return make_compute_metrics(len(facts[LABEL_NAMES_KEY]))
-
-    def reported_metrics(self) -> tuple[str, ...]:
-        return ("eval_loss", "eval_accuracy", "eval_f1", "eval_runtime")
 
     def card_fields(self, run_args, facts: RunFacts) -> dict[str, Any]:
         return {"labels": facts[LABEL_NAMES_KEY]}

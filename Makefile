@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.hf-flower-installed
 
-.PHONY: install demo example-card test clean
+.PHONY: install demo sft-demo example-card test clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ install: $(STAMP)
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/simulate.py --config configs/quickstart.yaml --overwrite_output_dir
+
+# The offline SFT quickstart: SmolLM2-135M-Instruct learns one-word sentiment answers (README).
+sft-demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/simulate.py --config configs/sft_quickstart.yaml --overwrite_output_dir
 
 # model_cards/example/: the card (and plot) of the quickstart's last round, from a real run.
 example-card: install

@@ -89,3 +89,22 @@ class TreeMemory(threading.Thread):
                 ]
             self.peak_processes = max(self.peak_processes, len(procs))
             self.stopped.wait(self.interval)
+
+
+def run_measured(command: list[str], cwd) -> tuple[float, TreeMemory]:
+    """Run `command` to its end while sampling its process tree's memory; return the wall seconds
+    and the sampler (its peaks). A non-zero exit raises."""
+    import subprocess
+    import time
+
+    started = time.monotonic()
+    proc = subprocess.Popen(command, cwd=cwd)
+    sampler = TreeMemory(proc.pid)
+    sampler.start()
+    code = proc.wait()
+    sampler.stopped.set()
+    sampler.join()
+    seconds = time.monotonic() - started
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} exited with {code}")
+    return seconds, sampler

@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-from measure import TreeMemory
+from measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -43,16 +41,7 @@ def run(num_clients: int, mode: str, work_dir: Path, num_rounds: int) -> dict:
         "--per_device_train_batch_size", "8",
         "--output_dir", str(work_dir / f"{mode}-{n}"), "--overwrite_output_dir", *MODES[mode],
     ]  # fmt: skip
-    started = time.monotonic()
-    proc = subprocess.Popen(command, cwd=ROOT)
-    sampler = TreeMemory(proc.pid)
-    sampler.start()
-    code = proc.wait()
-    sampler.stopped.set()
-    sampler.join()
-    seconds = time.monotonic() - started
-    if code != 0:
-        raise RuntimeError(f"{' '.join(command)} exited with {code}")
+    seconds, sampler = run_measured(command, ROOT)
     history = json.loads((work_dir / f"{mode}-{n}" / "history.json").read_text())
     return {
         "clients": num_clients,

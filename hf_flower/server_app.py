@@ -394,6 +394,7 @@ class RoundCheckpointer:
             "error": None,
             "num_rounds": run_args.federation.num_rounds,
             "run_config": to_run_config(run_args),
+            "facts": dict(facts),
             "rounds": list(resume_point.rounds) if resume_point else [],
         }
         if resume_point:

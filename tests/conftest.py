@@ -6,6 +6,7 @@ user's cache (as huggingface_hub's own conftest does).
 """
 
 import csv
+import json
 import os
 import random
 import tempfile
@@ -200,6 +201,36 @@ def tiny_run_flags(output_dir, tiny_model_dir, reviews_csv, *flags) -> list[str]
         "--learning_rate", "5e-3",
         "--output_dir", str(output_dir),
         *flags,
+    ]  # fmt: skip
+
+
+REVIEW_WORDS = {"positive": ["good", "great", "fun"], "negative": ["bad", "awful", "boring"]}
+
+
+def write_sentiment_chat(path, num_rows: int = 48, seed: int = 0):
+    """Chat prompt/completion rows in the tiny tokenizer's words: a review, its one-word label."""
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(num_rows):
+            label = ["negative", "positive"][i % 2]
+            review = f"the movie was really {rng.choice(REVIEW_WORDS[label])} ."
+            prompt = [{"role": "user", "content": f"{review} sentiment ? answer with one word ."}]
+            f.write(json.dumps({"prompt": prompt, "completion": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory):
+    return write_sentiment_chat(tmp_path_factory.mktemp("sft-data") / "reviews.jsonl")
+
+
+def sft_flags(tmp_path, model_dir, data, *flags):
+    return [
+        "--task", "causal-lm", "--model_name_or_path", str(model_dir), "--dataset", str(data),
+        "--prompt_column", "prompt", "--completion_column", "completion", "--max_length", "48",
+        "--test_size", "8", "--client_eval_size", "4", "--eval_max_new_tokens", "3",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "run"), *flags,
     ]  # fmt: skip
 
 

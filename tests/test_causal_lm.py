@@ -2,12 +2,13 @@
 whose rounds load as PEFT adapters and, merged, with `AutoModelForCausalLM` and `pipeline`."""
 
 import json
-import random
 
 import pytest
+from conftest import sft_flags
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM
+from resume_checks import assert_resumed_like, interrupted_after
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_flower import checkpoint, client_app
@@ -15,35 +16,6 @@ from hf_flower.arguments import parse_args, to_run_config
 from hf_flower.launch.plan import RunPlan, prepare_simulation, run_prepare
 from hf_flower.launch.simulation import run_simulation
 from hf_flower.weights import get_weights
-
-REVIEW_WORDS = {"positive": ["good", "great", "fun"], "negative": ["bad", "awful", "boring"]}
-
-
-def write_sentiment_chat(path, num_rows: int = 48, seed: int = 0):
-    """Chat prompt/completion rows in the tiny tokenizer's words: a review, its one-word label."""
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(num_rows):
-            label = ["negative", "positive"][i % 2]
-            review = f"the movie was really {rng.choice(REVIEW_WORDS[label])} ."
-            prompt = [{"role": "user", "content": f"{review} sentiment ? answer with one word ."}]
-            f.write(json.dumps({"prompt": prompt, "completion": label}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def chat_jsonl(tmp_path_factory):
-    return write_sentiment_chat(tmp_path_factory.mktemp("sft-data") / "reviews.jsonl")
-
-
-def sft_flags(tmp_path, model_dir, data, *flags):
-    return [
-        "--task", "causal-lm", "--model_name_or_path", str(model_dir), "--dataset", str(data),
-        "--prompt_column", "prompt", "--completion_column", "completion", "--max_length", "48",
-        "--test_size", "8", "--client_eval_size", "4", "--eval_max_new_tokens", "3",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
-        "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "run"), *flags,
-    ]  # fmt: skip
 
 
 def message(arrays, kind, server_round=1):
@@ -88,6 +60,8 @@ def test_client_trains_lora_and_scores_generated_answers(tmp_path, tiny_chat_mod
         (["--text_pair_column", "x"], "--text_pair_column is a text-classification setting"),
         (["--partitioner", "dirichlet"], "causal-lm examples have none"),
         (["--completion_column", ""], "completion"),
+        (["--load_in_4bit", "--peft", "none"], "Use --peft lora (or auto), not --peft none"),
+        (["--load_in_4bit"], "needs a CUDA GPU, and this machine has none. Drop --load_in_4bit"),
     ],
 )
 def test_settings_of_the_other_task_are_refused(
@@ -110,6 +84,9 @@ def test_encoder_model_and_classification_flags_are_refused(
     ]  # fmt: skip
     prepared = run_prepare(prepare_simulation, classification)
     assert "--prompt_column is a causal-lm setting" in prepared.error, prepared.error
+    quantized = [*classification[:-4], "--load_in_4bit", *classification[-2:]]
+    prepared = run_prepare(prepare_simulation, quantized)
+    assert "--load_in_4bit (QLoRA) is a causal-lm setting" in prepared.error, prepared.error
 
 
 def test_messages_need_a_chat_template(tmp_path, tiny_chat_model_dir):
@@ -132,18 +109,26 @@ def test_messages_need_a_chat_template(tmp_path, tiny_chat_model_dir):
     assert "has no chat template" in prepared.error, prepared.error
 
 
-@pytest.mark.slow
-def test_simulated_sft_rounds_load_for_generation(
-    tmp_path, tiny_chat_model_dir, chat_jsonl, no_leftover_processes
-):
-    flags = sft_flags(
-        tmp_path, tiny_chat_model_dir, chat_jsonl, "--num_clients", "2", "--num_rounds", "2",
-        "--local_epochs", "2", "--save_merged",
+def sft_run_flags(tmp_path, model_dir, data, *flags):
+    """A 2-round simulated SFT run with FedAdam, whose state a resume must carry over."""
+    return sft_flags(
+        tmp_path, model_dir, data, "--num_clients", "2", "--num_rounds", "2", "--local_epochs", "2",
+        "--strategy", "FedAdam", "--strategy_kwargs", '{"eta": 0.01, "eta_l": 0.01}', *flags,
     )  # fmt: skip
-    assert run_simulation(RunPlan.from_run_args(parse_args(flags))) == 0
 
-    output_dir = tmp_path / "run"
-    history = checkpoint.read_history(output_dir)
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_chat_model_dir, chat_jsonl):
+    """The output folder of an uninterrupted simulated SFT run (`sft_run_flags`, merged rounds)."""
+    tmp_path = tmp_path_factory.mktemp("sft-run")
+    flags = sft_run_flags(tmp_path, tiny_chat_model_dir, chat_jsonl, "--save_merged")
+    assert run_simulation(RunPlan.from_run_args(parse_args(flags))) == 0
+    return tmp_path / "run"
+
+
+@pytest.mark.slow
+def test_simulated_sft_rounds_load_for_generation(sft_run):
+    history = checkpoint.read_history(sft_run)
     assert history["status"] == "completed" and [r["round"] for r in history["rounds"]] == [0, 1, 2]
     for record in history["rounds"]:
         assert {"eval_loss", "eval_perplexity", "eval_exact_match", "eval_label_accuracy"} <= set(
@@ -152,7 +137,7 @@ def test_simulated_sft_rounds_load_for_generation(
     for record in history["rounds"][1:]:
         assert record["clients"]["train_succeeded"] == 2
         assert "eval_exact_match" in record["evaluate"]
-    last = output_dir / "round-2"
+    last = sft_run / "round-2"
     assert ModelCard.load(last / "README.md").data.pipeline_tag == "text-generation"
     adapter = AutoPeftModelForCausalLM.from_pretrained(last)
     tokenizer = AutoTokenizer.from_pretrained(last)
@@ -166,3 +151,13 @@ def test_simulated_sft_rounds_load_for_generation(
     assert merged_next == adapter(ids).logits[0, -1].argmax()  # merging changes nothing
     generator = pipeline("text-generation", model=str(last / "merged"))
     assert isinstance(generator(prompt, max_new_tokens=2)[0]["generated_text"], list)
+
+
+@pytest.mark.slow
+def test_resumed_sft_run_matches_the_uninterrupted_run(
+    sft_run, tmp_path, tiny_chat_model_dir, chat_jsonl, no_leftover_processes
+):
+    interrupted_after(sft_run, tmp_path / "run", 1)
+    flags = sft_run_flags(tmp_path, tiny_chat_model_dir, chat_jsonl, "--save_merged", "--resume")
+    assert run_simulation(RunPlan.from_run_args(parse_args(flags))) == 0
+    assert_resumed_like(tmp_path / "run", sft_run, 1)

@@ -33,21 +33,21 @@ def no_dropout_model(tmp_path_factory):
     return path
 
 
-def rank_metrics(tmp_path, model_dir, reviews_csv, batch_size: int, launcher: list[str]) -> dict:
+def rank_metrics(tmp_path, batch_size: int, launcher: list[str], flags: list[str], facts=None) -> dict:
+    """The metrics of one train and one evaluate message on partition 0 of 2 (`rank_metrics.py`)."""
     run_args = parse_args(
         [
-            "--model_name_or_path", str(model_dir), "--dataset", str(reviews_csv), "--max_length", "32",
-            "--test_size", "40", "--client_eval_size", "12", "--local_epochs", "2",
-            "--per_device_train_batch_size", str(batch_size), "--per_device_eval_batch_size", "4",
-            "--learning_rate", "0.02", "--output_dir", str(tmp_path / "unused"),
+            *flags, "--local_epochs", "2", "--per_device_train_batch_size", str(batch_size),
+            "--per_device_eval_batch_size", "4", "--output_dir", str(tmp_path / "unused"),
         ]
     )  # fmt: skip
     config_path = tmp_path / f"run_config_{batch_size}.json"
     config_path.write_text(json.dumps(to_run_config(run_args)))
     output = tmp_path / f"metrics_{batch_size}.json"
     worker = str(ROOT / "tests" / "workers" / "rank_metrics.py")
+    facts_arg = [json.dumps(facts)] if facts is not None else []
     with ManagedProcess(
-        [*launcher, worker, str(config_path), str(output)], tmp_path / f"log_{batch_size}"
+        [*launcher, worker, str(config_path), str(output), *facts_arg], tmp_path / f"log_{batch_size}"
     ) as proc:
         proc.process.wait(timeout=240)
         assert proc.process.returncode == 0, proc.tail(40)
@@ -60,10 +60,12 @@ def test_two_rank_client_reports_what_one_process_reports(tmp_path, no_dropout_m
     Tolerance 1e-5 relative: the same examples in the same global batches, so the only
     difference is the order of floating-point sums in DDP's gradient all-reduce.
     """
-    one = rank_metrics(tmp_path, no_dropout_model, reviews_csv, 8, [sys.executable])
-    two = rank_metrics(
-        tmp_path, no_dropout_model, reviews_csv, 4, [ACCELERATE, "launch", "--config_file", str(MULTI_CPU)]
-    )
+    flags = [
+        "--model_name_or_path", str(no_dropout_model), "--dataset", str(reviews_csv), "--max_length", "32",
+        "--test_size", "40", "--client_eval_size", "12", "--learning_rate", "0.02",
+    ]  # fmt: skip
+    one = rank_metrics(tmp_path, 8, [sys.executable], flags)
+    two = rank_metrics(tmp_path, 4, [ACCELERATE, "launch", "--config_file", str(MULTI_CPU)], flags)
     assert two["train"]["num-examples"] == one["train"]["num-examples"] == 88  # the whole partition
     assert two["train"]["train_steps"] == one["train"]["train_steps"]
     assert two["train"]["train_loss"] == pytest.approx(one["train"]["train_loss"], rel=1e-5)
@@ -216,3 +218,71 @@ def test_killed_client_round_finishes_and_restarted_client_rejoins(
         assert record["clients"]["train_succeeded"] >= 2
     rejoined = [c for r in (round2, round3) for c in r["client_results"]["train"] if c["partition-id"] == 2]
     assert rejoined, "the restarted client never trained"
+
+
+def causal_lm_flags(model_dir, data) -> list[str]:
+    """A tiny causal LM learning one-word answers to chat prompts: LoRA without dropout, so one
+    process and two ranks compute the same thing."""
+    return [
+        "--task", "causal-lm", "--model_name_or_path", str(model_dir), "--dataset", str(data),
+        "--prompt_column", "prompt", "--completion_column", "completion", "--max_length", "48",
+        "--test_size", "8", "--client_eval_size", "4", "--eval_max_new_tokens", "3",
+        "--lora_dropout", "0", "--learning_rate", "1e-2",
+    ]  # fmt: skip
+
+
+def test_two_rank_causal_lm_client_reports_what_one_process_reports(
+    tmp_path, tiny_chat_model_dir, chat_jsonl
+):
+    """Issue 10: as for classification, 2 ranks x batch 4 and 1 process x batch 8 agree within 1e-5.
+
+    Each rank pads its own batch (SFT batches are padded on the right, so padding changes no real
+    token's output) and Trainer averages the loss over the tokens of all ranks.
+    """
+    flags = causal_lm_flags(tiny_chat_model_dir, chat_jsonl)
+    one = rank_metrics(tmp_path, 8, [sys.executable], flags, facts={})
+    two = rank_metrics(tmp_path, 4, [ACCELERATE, "launch", "--config_file", str(MULTI_CPU)], flags, facts={})
+    assert two["train"]["num-examples"] == one["train"]["num-examples"] == 16
+    assert two["train"]["train_loss"] == pytest.approx(one["train"]["train_loss"], rel=1e-5)
+    assert two["weights_l1"] == pytest.approx(one["weights_l1"], rel=1e-5)
+    assert two["weights_l1"] != pytest.approx(two["start_l1"], rel=1e-3)  # it did train
+    for key in ("eval_loss", "eval_perplexity", "eval_exact_match", "eval_label_accuracy", "num-examples"):
+        assert two["evaluate"][key] == pytest.approx(one["evaluate"][key], rel=1e-5), key
+
+
+def test_server_with_two_rank_and_plain_causal_lm_clients(
+    tmp_path, tiny_chat_model_dir, chat_jsonl, no_leftover_processes
+):
+    """Issue 10's deployment: SFT of a tiny causal LM with one 2-rank `accelerate launch` client and
+    one plain client, each serving a partition of the server's data, for 2 rounds."""
+    from peft import AutoPeftModelForCausalLM
+
+    port = free_port()
+    server = [
+        sys.executable, str(ROOT / "scripts" / "server.py"), *causal_lm_flags(tiny_chat_model_dir, chat_jsonl),
+        "--num_rounds", "2", "--local_epochs", "2", "--per_device_train_batch_size", "4",
+        "--output_dir", str(tmp_path / "run"), "--port", str(port),
+    ]  # fmt: skip
+    accelerate_launch = (ACCELERATE, "launch", "--config_file", str(MULTI_CPU))
+    with (
+        ManagedProcess(server, tmp_path / "server.log") as server,
+        ManagedProcess(
+            client_command(port, 0, tmp_path / "c0", accelerate_launch), tmp_path / "c0.log"
+        ) as c0,
+        ManagedProcess(client_command(port, 1, tmp_path / "c1"), tmp_path / "c1.log") as c1,
+    ):
+        assert wait_for_exit(server, 300) == 0, server.tail(40)
+        for client in (c0, c1):
+            assert wait_for_exit(client, 60) == 0, client.tail(40)
+
+    output_dir = tmp_path / "run"
+    history = checkpoint.read_history(output_dir)
+    assert history["status"] == "completed" and checkpoint.list_rounds(output_dir) == [0, 1, 2]
+    for record in history["rounds"][1:]:
+        assert record["clients"]["train_succeeded"] == record["clients"]["evaluate_succeeded"] == 2
+        assert sorted(c["num-examples"] for c in record["client_results"]["train"]) == [16, 16]
+        assert {"eval_loss", "eval_perplexity", "eval_exact_match"} <= set(record["evaluate"])
+    central = [r["central"]["eval_loss"] for r in history["rounds"]]
+    assert central[2] < central[0]  # the federated adapters learnt
+    assert AutoPeftModelForCausalLM.from_pretrained(output_dir / "round-2").peft_config["default"].r == 8
+    shutil.rmtree(output_dir / ".flwr", ignore_errors=True)

@@ -559,3 +559,21 @@ def test_same_tokens_labels_and_batches_as_trl(tmp_path, tokenizer, tiny_llama):
         theirs_batch = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
         for key in ("input_ids", "attention_mask", "labels"):
             assert torch.equal(ours_batch[key], theirs_batch[key]), key
+
+
+def test_offline_imdb_chat_is_sentiment_instructions():
+    """`--dataset offline-imdb-chat`: the offline reviews as chat prompts (the question after the
+    review's last words), completions the label names; the same rows and order as offline-imdb."""
+    from hf_flower.data import OFFLINE_CHAT_MAX_WORDS, load_offline_imdb
+
+    args = DataArguments(dataset="offline-imdb-chat", prompt_column="prompt", completion_column="completion")
+    chat, test = sft_data.load_sft_splits(args)
+    reviews = load_offline_imdb()
+    assert test is None and len(chat) == len(reviews) == 25_000
+    assert chat.column_names == ["prompt", "completion"]
+    for row in (0, 24_999):
+        (turn,) = chat[row]["prompt"]
+        assert turn["role"] == "user" and turn["content"].endswith("Answer with one word.")
+        words = reviews[row]["text"].split()[-OFFLINE_CHAT_MAX_WORDS:]
+        assert turn["content"].startswith(" ".join(words) + "\n\n")
+        assert chat[row]["completion"] == ["negative", "positive"][reviews[row]["label"]]

@@ -14,6 +14,7 @@ import pytest
 import tomli_w
 from conftest import tiny_run_flags
 from huggingface_hub import ModelCard
+from resume_checks import assert_resumed_like, interrupted_after
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
@@ -22,6 +23,7 @@ from hf_flower import checkpoint
 from hf_flower.arguments import parse_args, to_run_config
 from hf_flower.launch.plan import RunPlan
 from hf_flower.launch.simulation import run_simulation
+from hf_flower.preflight import check_run
 
 pytestmark = pytest.mark.slow
 TEST_APP = Path(__file__).with_name("flower_test_app.py")
@@ -150,23 +152,26 @@ def test_nan_update_is_rejected_and_round_continues_above_minimum(
     assert sorted(c["partition-id"] for c in metrics["client_results"]["train"]) == [0, 1]
 
 
-def test_lora_rounds_are_peft_folders_and_only_adapters_travel(
-    tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes
-):
+LORA_FLAGS = ("--peft", "lora", "--lora_r", "4", "--transfer_dtype", "bfloat16", "--save_merged")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_model_dir, reviews_csv):
+    """A 2-round LoRA run (`LORA_FLAGS`) that records its replies: the folder and its run args."""
+    tmp_path = tmp_path_factory.mktemp("lora")
+    run_args = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *LORA_FLAGS)
+    app_dir = make_app(tmp_path, run_args, {"record_dir": str(tmp_path / "replies")})
+    assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 0
+    return tmp_path
+
+
+def test_lora_rounds_are_peft_folders_and_only_adapters_travel(lora_run, tiny_model_dir):
     import torch
     from peft import AutoPeftModelForSequenceClassification, PeftModel
 
-    run_args = tiny_run_args(
-        tmp_path, tiny_model_dir, reviews_csv,
-        "--num_rounds", "1", "--peft", "lora", "--lora_r", "4", "--transfer_dtype", "bfloat16", "--save_merged",
-    )  # fmt: skip
-    record_dir = tmp_path / "replies"
-    app_dir = make_app(tmp_path, run_args, {"record_dir": str(record_dir)})
-
-    assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 0
-
-    output_dir = Path(run_args.training.output_dir)
-    assert checkpoint.list_rounds(output_dir) == [0, 1]
+    record_dir = lora_run / "replies"
+    output_dir = lora_run / "run"
+    assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
     round_1 = output_dir / "round-1"
     assert (round_1 / "adapter_model.safetensors").is_file() and not (round_1 / "config.json").exists()
     adapter_config = json.loads((round_1 / "adapter_config.json").read_text())
@@ -196,3 +201,14 @@ def test_lora_rounds_are_peft_folders_and_only_adapters_travel(
     card = ModelCard.load(round_1 / "README.md")  # ours, written over the one peft saves
     assert card.data.library_name == "peft"
     assert "AutoPeftModelForSequenceClassification.from_pretrained" in card.text
+
+
+def test_lora_run_resumes_like_the_uninterrupted_run(
+    lora_run, tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes
+):
+    """Adapter rounds resume: the adapters and the classification head (`modules_to_save`)."""
+    interrupted_after(lora_run / "run", tmp_path / "run", 1)
+    resumed = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *LORA_FLAGS, "--resume")
+    check_run(resumed, prepare_output=True)
+    assert run_simulation(RunPlan.from_run_args(resumed)) == 0
+    assert_resumed_like(tmp_path / "run", lora_run / "run", 1)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..model_card import plot_rounds
+from ..tasks import DEFAULT_TASK, get_task
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help=f"Where to write the PNG (default: OUTPUT_DIR/{checkpoint.PLOT_FILE}).")
     args = parser.parse_args(argv)
     try:
-        rounds = checkpoint.read_history(args.output_dir)["rounds"]
+        history = checkpoint.read_history(args.output_dir)
+        rounds = history["rounds"]
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -31,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.output_dir}/history.json holds no round yet.", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.output_dir) / checkpoint.PLOT_FILE
-    plot_rounds(rounds, out, title=Path(args.output_dir).resolve().name)
+    task = get_task(history.get("run_config", {}).get("model.task", DEFAULT_TASK))
+    plot_rounds(rounds, out, title=Path(args.output_dir).resolve().name, scores=task.plotted_scores)
     print(f"Wrote {out}")
     return 0
 

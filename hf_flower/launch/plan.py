@@ -52,10 +52,12 @@ class RunPlan:
 def prepare_simulation(argv: list[str] | None) -> RunPlan:
     """`scripts/simulate.py`'s arguments, parsed and checked (the output folder made ready)."""
     from ..arguments import parse_args
+    from ..modeling import check_4bit_support
     from ..preflight import check_run
 
     run_args = parse_args(argv)
     check_run(run_args, prepare_output=True)
+    check_4bit_support(run_args.model)  # the clients train on this machine
     return RunPlan.from_run_args(run_args)
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .. import live_progress
 from ..live_progress import ERROR, MISSING, OK, REJECTED, ClientState, Phase, Reply, RoundProgress
+from ..progress import SUMMARY_METRICS
 
 INDENT = "  "
 CLIENT_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
@@ -50,14 +51,16 @@ def _loss(value: float | None) -> str:
 
 
 def _reply_detail(kind: str, reply: Reply) -> str:
-    """The metrics worth a glance: the training loss and steps, or the evaluation accuracy."""
+    """The metrics worth a glance: the training loss and steps, or the run's evaluation metric
+    (accuracy, exact match or loss: the one the round line shows)."""
     metrics = reply.metrics
     if kind == "train":
         parts = [f"train_loss {_loss(metrics.get('train_loss'))}"]
         if "train_steps" in metrics:
             parts.append(f"{int(metrics['train_steps'])} steps")
     else:
-        parts = [f"eval_accuracy {_loss(metrics.get('eval_accuracy'))}"]
+        key = next((key for key, _ in SUMMARY_METRICS if key in metrics), SUMMARY_METRICS[0][0])
+        parts = [f"{key} {_loss(metrics.get(key))}"]
     return ", ".join(parts)
 
 

@@ -43,6 +43,7 @@ class Task:
         card_template: The model card's template in `hf_flower/templates/`.
         card_metrics: The central metrics the card's metadata reports (`eval_` dropped).
         reported_metrics: The evaluation metrics a client sends the server.
+        plotted_scores: The metrics metrics.png draws beside the loss.
     """
 
     name: str
@@ -52,6 +53,7 @@ class Task:
     card_template: str
     reported_metrics: tuple[str, ...] = ("eval_loss", "eval_runtime")
     card_metrics: tuple[str, ...] = ()
+    plotted_scores: tuple[str, ...] = ("eval_accuracy",)
 
     # --- Arguments and facts ------------------------------------------------------------------
 
@@ -75,8 +77,9 @@ class Task:
         """The transformers `AutoModelFor...` class that loads a full round folder."""
         raise NotImplementedError
 
-    def load_model(self, run_args: RunArguments, facts: RunFacts) -> PreTrainedModel:
-        """The model to train, with `--peft`/`--freeze_modules` applied."""
+    def load_model(self, run_args: RunArguments, facts: RunFacts, on_client: bool = False) -> PreTrainedModel:
+        """The model to train, with `--peft`/`--freeze_modules` applied. `on_client`: the copy a
+        client trains (quantized with `--load_in_4bit`); the server's stays full precision."""
         raise NotImplementedError
 
     def client_data(

@@ -31,6 +31,7 @@ class CausalLM(Task):
     greater_is_better = False
     card_template = "model_card_causal_lm.md"
     card_metrics = ("exact_match", "label_accuracy", "perplexity")
+    plotted_scores = ("eval_exact_match", "eval_label_accuracy")
     reported_metrics = (
         "eval_loss",
         "eval_perplexity",
@@ -50,6 +51,11 @@ class CausalLM(Task):
             raise ValueError(
                 f"--partitioner {run_args.data.partitioner} splits examples by label, and causal-lm "
                 "examples have none. Use --partitioner iid, or give each client its own --data_path."
+            )
+        if run_args.model.load_in_4bit and run_args.peft.peft != "lora":
+            raise ValueError(
+                "--load_in_4bit trains LoRA adapters on a frozen 4-bit base (QLoRA); 4-bit weights "
+                f"cannot be fine-tuned themselves. Use --peft lora (or auto), not --peft {run_args.peft.peft}."
             )
         if run_args.data.eval_max_new_tokens < 1:
             raise ValueError(
@@ -71,10 +77,10 @@ class CausalLM(Task):
 
         return AutoModelForCausalLM
 
-    def load_model(self, run_args, facts: RunFacts):
+    def load_model(self, run_args, facts: RunFacts, on_client: bool = False):
         from ..modeling import load_causal_lm
 
-        return load_causal_lm(run_args.model, run_args.peft)
+        return load_causal_lm(run_args.model, run_args.peft, quantize=on_client)
 
     def client_data(self, run_args, tokenizer, facts, partition_id, num_partitions):
         splits, eval_rows, train_rows = data_lib.client_rows(
@@ -114,13 +120,14 @@ class CausalLM(Task):
         metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
         if len(generation) == len(GENERATION_COLUMNS) and len(dataset):
             references = dataset[REFERENCE]
-            answers = generate_completions(
-                trainer.model,
-                trainer.processing_class,
-                dataset[PROMPT_IDS],
-                run_args.data.eval_max_new_tokens,
-                batch_size=trainer.args.per_device_eval_batch_size,
-            )
+            with trainer.accelerator.autocast():  # the run's mixed precision (--bf16), as in evaluate
+                answers = generate_completions(
+                    trainer.model,
+                    trainer.processing_class,
+                    dataset[PROMPT_IDS],
+                    run_args.data.eval_max_new_tokens,
+                    batch_size=trainer.args.per_device_eval_batch_size,
+                )
             metrics["eval_exact_match"] = exact_match(answers, references)
             accuracy = label_accuracy(answers, references)
             if accuracy is not None:

@@ -224,6 +224,7 @@ def chat_prompt_completion(
     prompt_template: str = SENTIMENT_PROMPT,
     system_prompt: str | None = None,
     max_words: int | None = None,
+    keep: Literal["start", "end"] = "start",
     prompt_column: str = "prompt",
     completion_column: str = "completion",
 ) -> Dataset:
@@ -232,11 +233,13 @@ def chat_prompt_completion(
     Each row becomes `prompt`: `[{"role": "system", ...}?, {"role": "user", "content":
     prompt_template.format(text=...)}]` and `completion`: the label's name (a `ClassLabel`'s name,
     or the label as a string). Train on them with `--prompt_column prompt --completion_column
-    completion`. `max_words` cuts each text to its first words first (a short prompt leaves room
-    for the answer within `--max_length`). Other columns are dropped.
+    completion`. `max_words` cuts each text to its first words first (`keep="end"`: its last
+    words), so prompts stay short. Other columns are dropped.
     """
     if "{text}" not in prompt_template:
         raise ValueError(f"prompt_template must contain '{{text}}', got {prompt_template!r}.")
+    if keep not in ("start", "end"):
+        raise ValueError(f"keep must be 'start' or 'end', got {keep!r}.")
     feature = dataset.features[label_column]
     names = list(feature.names) if isinstance(feature, ClassLabel) else None
     # A module-level function and plain arguments: datasets gives the result a stable fingerprint,
@@ -250,6 +253,7 @@ def chat_prompt_completion(
             "prompt_template": prompt_template,
             "system_prompt": system_prompt,
             "max_words": max_words,
+            "keep": keep,
             "prompt_column": prompt_column,
             "completion_column": completion_column,
         },
@@ -266,12 +270,14 @@ def _chat_row(
     prompt_template,
     system_prompt,
     max_words,
+    keep,
     prompt_column,
     completion_column,
 ):
     text = row[text_column]
     if max_words is not None:
-        text = " ".join(text.split()[:max_words])
+        words = text.split()
+        text = " ".join(words[:max_words] if keep == "start" else words[-max_words:])
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt_template.format(text=text)})
     label = row[label_column]

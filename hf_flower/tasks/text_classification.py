@@ -34,6 +34,11 @@ class TextClassification(Task):
                     f"--{flag} is a causal-lm setting; this run's task is text-classification. Drop it, "
                     "or add --task causal-lm."
                 )
+        if run_args.model.load_in_4bit:
+            raise ValueError(
+                "--load_in_4bit (QLoRA) is a causal-lm setting; this run's task is text-classification, "
+                "whose models are small enough to train in full precision. Drop --load_in_4bit."
+            )
 
     def run_facts(self, run_args) -> RunFacts:
         return {LABEL_NAMES_KEY: data_lib.load_label_names(run_args.data)}
@@ -69,7 +74,7 @@ class TextClassification(Task):
 
         return AutoModelForSequenceClassification
 
-    def load_model(self, run_args, facts: RunFacts):
+    def load_model(self, run_args, facts: RunFacts, on_client: bool = False):
         from ..modeling import load_model
 
         return load_model(run_args.model, facts[LABEL_NAMES_KEY], run_args.peft)

@@ -1,5 +1,6 @@
 """Run one train and one evaluate message through hf-flower's client on every rank; rank 0 writes
-its replies' metrics to the JSON file given as argv[2]. argv[1] is a JSON run config.
+its replies' metrics to the JSON file given as argv[2]. argv[1] is a JSON run config; argv[3], if
+given, the JSON run facts the server would send (default: the classes of conftest's reviews).
 
 Started by tests/test_deployment.py both as `python` (one process) and under `accelerate launch`
 with two ranks, exactly as `scripts/client.py` hands jobs from rank 0 to the other ranks.
@@ -15,14 +16,11 @@ from hf_flower import client_app
 from hf_flower.launch import distributed
 from hf_flower.weights import get_weights
 
-REVIEW_LABELS = ("0", "1")  # conftest's reviews: integer labels 0 and 1
-REVIEW_FACTS = client_app.facts_key({"label-names": list(REVIEW_LABELS)})
+REVIEW_FACTS = {"label-names": ["0", "1"]}  # conftest's reviews: integer labels 0 and 1
 
 
-def instruction(arrays, kind):
-    content = RecordDict(
-        {"arrays": arrays, "config": ConfigRecord({"server-round": 1, "label-names": list(REVIEW_LABELS)})}
-    )
+def instruction(arrays, kind, facts):
+    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1, **facts})})
     metadata = Metadata(
         run_id=1, message_id=f"m-{kind}", src_node_id=1, dst_node_id=7, reply_to_message_id="",
         group_id="1", created_at=time.time(), ttl=3600, message_type=kind,
@@ -30,8 +28,9 @@ def instruction(arrays, kind):
     return Message(metadata=metadata, content=content)
 
 
-def main(run_config_path: str, output_path: str) -> None:
+def main(run_config_path: str, output_path: str, facts_json: str | None = None) -> None:
     run_config = json.loads(open(run_config_path).read())
+    facts = json.loads(facts_json) if facts_json is not None else REVIEW_FACTS
     if not distributed.is_main_process():
         while (job := distributed.receive_job()) is not None:
             client_app.app(message=job[0], context=job[1])
@@ -41,10 +40,12 @@ def main(run_config_path: str, output_path: str) -> None:
         run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
         run_config=run_config,
     )  # fmt: skip
-    start = get_weights(client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS).model)
+    start = get_weights(
+        client_app.load_run(client_app._frozen(run_config), client_app.facts_key(facts)).model
+    )
     results = {}
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
-        message = instruction(start, kind)
+        message = instruction(start, kind, facts)
         distributed.send_job(message, context)
         reply = client_app.app(message=message, context=context)
         assert not reply.has_error(), reply.error.reason
@@ -62,4 +63,4 @@ def main(run_config_path: str, output_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

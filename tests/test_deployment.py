@@ -174,10 +174,10 @@ def test_killed_client_round_finishes_and_restarted_client_rejoins(
     tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes
 ):
     """Point 7: 3 clients, min_train_clients=2. Client 2 is killed while training round 1: the round
-    finishes with the other two; a restarted client 2 rejoins and trains in the next rounds."""
+    finishes with the other two; a restarted client 2 rejoins and trains in round 2."""
     port = free_port()
     server_flags = (
-        "--num_clients", "3", "--num_rounds", "3", "--min_train_clients", "2",
+        "--num_clients", "3", "--num_rounds", "2", "--min_train_clients", "2",
         "--min_evaluate_clients", "2", "--min_available_clients", "3", "--round_timeout", "120",
         "--max_steps", "100", "--per_device_train_batch_size", "4",
     )  # fmt: skip
@@ -207,17 +207,15 @@ def test_killed_client_round_finishes_and_restarted_client_rejoins(
 
     history = checkpoint.read_history(output_dir)
     assert history["status"] == "completed"
-    round1, round2, round3 = history["rounds"][1:]
+    round1, round2 = history["rounds"][1:]
     assert round1["clients"]["train_sampled"] == 3
     assert round1["clients"]["train_succeeded"] == 2
     assert sorted(c["partition-id"] for c in round1["client_results"]["train"]) == [0, 1]
     assert len(round1["failures"]) == 1, round1["failures"]  # the killed node, named once
-    # Flower keeps listing the dead SuperNode until its heartbeat expires, so it may still be
-    # sampled in round 2 (a failure the minimum absorbs); the restarted partition 2 trains again.
-    for record in (round2, round3):
-        assert record["clients"]["train_succeeded"] >= 2
-    rejoined = [c for r in (round2, round3) for c in r["client_results"]["train"] if c["partition-id"] == 2]
-    assert rejoined, "the restarted client never trained"
+    # Round 1 ends when Flower declares the killed SuperNode dead (its heartbeat expired), so by
+    # round 2 only the 3 live nodes are listed: the restarted partition 2 trains again.
+    assert round2["clients"]["train_succeeded"] == 3
+    assert sorted(c["partition-id"] for c in round2["client_results"]["train"]) == [0, 1, 2]
 
 
 def causal_lm_flags(model_dir, data) -> list[str]:

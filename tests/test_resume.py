@@ -25,7 +25,7 @@ STRATEGY = ["--strategy", "FedAdam", "--strategy_kwargs", '{"eta": 0.01, "eta_l"
 
 
 def flags(output_dir, tiny_model_dir, reviews_csv, *extra) -> list[str]:
-    return tiny_run_flags(output_dir, tiny_model_dir, reviews_csv, "--num_rounds", "4", *STRATEGY, *extra)
+    return tiny_run_flags(output_dir, tiny_model_dir, reviews_csv, "--num_rounds", "3", *STRATEGY, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_resumed_run_matches_the_uninterrupted_run(
     resumed = parse_args(flags(output_dir, tiny_model_dir, reviews_csv, "--resume"))
     check_run(resumed, prepare_output=True)
     assert run_simulation(RunPlan.from_run_args(resumed)) == 0
-    assert "round 3/4" in capsys.readouterr().out
+    assert "round 3/3" in capsys.readouterr().out
     assert_resumed_like(output_dir, uninterrupted, 2)
 
 
@@ -73,7 +73,7 @@ def snapshot(path: Path) -> set:
         ("only-half-round", "holds no complete round to continue from"),
         ("other-labels", "labels: saved ['neg', 'pos'], this run's data ['0', '1']"),
         ("other-model", "hidden_size: saved 32, this run 16"),
-        ("nothing-left", "already holds round 4 and --num_rounds is 4: nothing to continue"),
+        ("nothing-left", "already holds round 3 and --num_rounds is 3: nothing to continue"),
         ("adapter-round", "holds LoRA adapters and this run trains every weight (--peft none)"),
         ("other-lora-rank", "r: saved 8, this run 4"),
     ],
@@ -88,7 +88,7 @@ def test_resume_refuses_folders_it_cannot_continue(tmp_path, tiny_model_dir, rev
     elif setup == "other-model":
         make_round(output_dir, 1, tiny_model_dir, hidden_size=32)
     elif setup == "nothing-left":
-        make_round(output_dir, 4, tiny_model_dir)
+        make_round(output_dir, 3, tiny_model_dir)
     elif setup in ("adapter-round", "other-lora-rank"):
         folder = checkpoint.round_dir(output_dir, 1)
         folder.mkdir()

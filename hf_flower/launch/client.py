@@ -12,7 +12,6 @@ loaded across rounds. Under `accelerate launch`, rank 0 hands every job to the o
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from ..constants import (
     CONFIG_KEY,
 )
 from . import distributed, supernode
-from .processes import LOOPBACK, ManagedProcess, free_port, port_is_open
+from .processes import LOOPBACK, ManagedProcess, Stopped, free_port, port_is_open, stop_signals_raise
 from .simulation import flower_env
 
 logger = logging.getLogger(__name__)
@@ -80,10 +79,6 @@ class SuperLinkWatch:
             if port_is_open(self.host, self.port):
                 self.last_seen = now
         return now - self.last_seen < self.timeout
-
-
-class Stop(Exception):
-    """Raised by the signal handler so the loop unwinds through its `finally` blocks."""
 
 
 class HeldWeights:
@@ -217,18 +212,17 @@ def run_client(options: ClientOptions) -> int:
         distributed.shutdown()
         return 0
 
-    def stop(signum, _frame):
-        raise Stop(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, stop)
     runtime_port = free_port()
     runtime_address = f"{LOOPBACK}:{runtime_port}"
     env = flower_env(options.work_dir / ".flwr")
     log_path = options.work_dir / "supernode.log"
     try:
-        with ManagedProcess(
-            supernode_command(options, runtime_port), log_path, env=env, cwd=str(options.work_dir)
-        ) as supernode:
+        with (
+            stop_signals_raise(),
+            ManagedProcess(
+                supernode_command(options, runtime_port), log_path, env=env, cwd=str(options.work_dir)
+            ) as supernode,
+        ):
             supernode.wait_for_port(runtime_port)
             # Bounded retries, so the loop keeps checking whether the SuperLink is still there.
             poller = _runtime_client(runtime_address, "SuperExec", max_time=options.poll_retry_seconds)
@@ -256,7 +250,7 @@ def run_client(options: ClientOptions) -> int:
             code = supernode.process.returncode
             print(f"SuperNode exited with code {code}; it may have been refused:\n{supernode.tail(5)}")
             return 1
-    except (Stop, KeyboardInterrupt) as reason:
+    except (Stopped, KeyboardInterrupt) as reason:
         print(f"Client stopping ({reason or 'interrupted'}).", flush=True)
         return 0
     finally:

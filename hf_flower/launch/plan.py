@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .processes import Stopped, stop_signals_raise
+
 
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
@@ -115,7 +117,14 @@ def launch(prepare: Callable[[list[str] | None], RunPlan], run: Callable[[RunPla
             print(prepared.error, file=sys.stderr)
         return prepared.exit_code
     try:
-        return run(prepared.plan)
+        with stop_signals_raise():
+            return run(prepared.plan)
     except KeyboardInterrupt:  # every Flower process is already stopped by then
         print("Interrupted; the rounds saved so far are kept.", file=sys.stderr)
         return 130
+    except Stopped as stop:
+        print(
+            f"Stopped by {stop}; every Flower process is stopped, the rounds saved so far are kept.",
+            file=sys.stderr,
+        )
+        return stop.exit_code

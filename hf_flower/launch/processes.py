@@ -2,16 +2,59 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 
 LOOPBACK = "127.0.0.1"
+# Signals a scheduler or a closed terminal sends to stop a launcher (Ctrl-C is KeyboardInterrupt).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class Stopped(BaseException):
+    """A stop signal turned into an exception, so every `with ManagedProcess` on the way out stops
+    its process tree (Python's default SIGTERM/SIGHUP handling exits without unwinding)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's code for "killed by this signal"
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Inside the block, SIGTERM and SIGHUP raise `Stopped` (once: a repeat while the processes
+    are being stopped is ignored, so the clean-up finishes)."""
+
+    def handler(signum, _frame):
+        for stop_signal in STOP_SIGNALS:
+            signal.signal(stop_signal, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {stop_signal: signal.signal(stop_signal, handler) for stop_signal in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for stop_signal, old in previous.items():
+            signal.signal(stop_signal, old)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the launcher dies, even by SIGKILL (Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -32,6 +75,7 @@ class ManagedProcess:
 
     Flower's SuperLink starts further processes (the simulation runtime, Ray's workers); stopping
     only the parent would leave them running, so the tree is collected before it is signalled.
+    The child is also SIGTERMed by the kernel if the launcher dies without stopping it (SIGKILL).
     """
 
     def __init__(self, command: list[str], log_path: Path, env: dict | None = None, cwd: str | None = None):
@@ -52,6 +96,7 @@ class ManagedProcess:
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         return self
 

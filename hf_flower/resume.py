@@ -143,7 +143,8 @@ def load_round_arrays(folder: Path, model, auto_model_class):
     """
     from .weights import get_weights, state_dict_to_arrays, validate_arrays
 
-    if (folder / checkpoint.ADAPTER_CONFIG_FILE).is_file():
+    adapter_round = (folder / checkpoint.ADAPTER_CONFIG_FILE).is_file()
+    if adapter_round:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -158,7 +159,7 @@ def load_round_arrays(folder: Path, model, auto_model_class):
         raise OutputDirError(
             f"--resume: the weights in {folder} do not fit this run's model: {err}"
         ) from None
-    if (folder / checkpoint.ADAPTER_CONFIG_FILE).is_file():
+    if adapter_round:
         set_peft_model_state_dict(model, saved)
     else:
         model.load_state_dict(saved)

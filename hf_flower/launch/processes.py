@@ -51,10 +51,15 @@ def stop_signals_raise():
             signal.signal(stop_signal, old)
 
 
+# Looked up here, not in the forked child: loading a library between fork and exec can deadlock
+# when the launcher has threads (the progress view).
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM it when the launcher dies, even by SIGKILL (Linux)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = LOOPBACK) -> int:

@@ -98,7 +98,7 @@ def server_command(args: argparse.Namespace, port: int, output_dir: Path) -> lis
     command = [
         sys.executable, str(ROOT / "scripts" / "server.py"), "--config", args.config,
         "--num_rounds", str(args.num_rounds), "--output_dir", str(output_dir),
-        "--host", LOOPBACK, "--port", str(port),
+        "--host", LOOPBACK, "--port", str(port), "--insecure",
     ]  # fmt: skip
     for flag in ("max_train_samples", "max_test_samples", "transfer_dtype"):
         if getattr(args, flag) is not None:
@@ -111,7 +111,7 @@ def long_lived_client(superlink: str, partition_id: int, work_dir: Path) -> list
     return [
         sys.executable, str(ROOT / "scripts" / "client.py"), "--superlink", superlink,
         "--partition_id", str(partition_id), "--num_partitions", str(NUM_CLIENTS),
-        "--work_dir", str(work_dir), "--superlink_timeout", "30",
+        "--work_dir", str(work_dir), "--superlink_timeout", "30", "--insecure",
     ]  # fmt: skip
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,8 @@ SCHEDULE_SCOPES = ("global", "round")
 DEFAULT_OUTPUT_DIR = "outputs/hf-flower"
 
 # TrainingArguments that get their own run-config key (`training.<kebab-name>`), so they can be
-# set with `flwr run . --run-config`. Any other field travels in `training.extra` as JSON.
+# set with `flwr run . --run-config`. Any other field travels in `training.extra` as JSON. Clients
+# follow only the fields of `client_policy.SERVER_SETTABLE_TRAINING_FIELDS`.
 RUN_CONFIG_TRAINING_FIELDS = (
     "output_dir",
     "learning_rate",
@@ -228,10 +231,23 @@ class FederationArguments:
         fraction_train / fraction_evaluate: Share of connected clients sampled each round.
         min_train_clients / min_evaluate_clients / min_available_clients: Flower's minimums; a round
             with fewer successful training replies than `min_train_clients` stops the run.
-        round_timeout: Seconds the server waits for the replies of one round.
+        round_timeout: Seconds the server waits for the replies of one round (positive, finite).
+        wait_for_clients_timeout: Seconds the server waits for enough clients to connect before it
+            samples a round (`min_available_clients`, `min_train_clients`, `min_evaluate_clients`);
+            then the run stops with a message saying how many connected. Positive, finite.
+        max_examples_per_client: The most examples a client's reply counts for when the strategy
+            weighs it (`num-examples`, which a client reports itself); larger claims are capped and
+            logged. 0 (default): automatic, from the run's partitions or the round's replies
+            (`hf_flower.validation.ExampleCap`).
+        max_update_norm: Reject a training reply whose update (its weights less those it was sent)
+            has an L2 norm above this, as that client's failure. 0 (default): no bound.
         overwrite_output_dir: Replace the rounds already in `output_dir`.
         resume: Continue the run in `output_dir` from its latest complete round (weights, round
-            number, strategy state and history) up to `num_rounds`.
+            number, strategy state and history) up to `num_rounds`. The round is checked against
+            the checksums saved with it first.
+        resume_from_round: Continue from this round instead of the latest (implies `resume`),
+            e.g. when the latest is damaged. Later rounds are moved into
+            `output_dir/set-aside-<time>/`, never deleted. Unset: the latest round.
         client_num_cpus / client_num_gpus: Resources of one virtual client in simulation.
         transfer_dtype: Precision of the weights on the wire, both directions: `float32`,
             `float16` (half the bytes; values beyond 65504 are refused) or `bfloat16` (half the
@@ -264,9 +280,22 @@ class FederationArguments:
     min_evaluate_clients: int = field(default=2, metadata={"help": "Minimum clients evaluated per round."})
     min_available_clients: int = field(default=2, metadata={"help": "Clients to wait for before round 1."})
     round_timeout: float = field(default=3600.0, metadata={"help": "Seconds to wait for a round's replies."})
+    wait_for_clients_timeout: float = field(
+        default=600.0, metadata={"help": "Seconds to wait for enough clients to connect before a round."}
+    )
+    max_examples_per_client: int = field(
+        default=0, metadata={"help": "Cap on a client's reported num-examples (0: automatic)."}
+    )
+    max_update_norm: float = field(
+        default=0.0, metadata={"help": "Reject training updates with a larger L2 norm (0: no bound)."}
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace rounds already saved."})
     resume: bool = field(
         default=False, metadata={"help": "Continue the run in output_dir from its latest complete round."}
+    )
+    resume_from_round: int | None = field(
+        default=None,
+        metadata={"help": "Continue from this round, not the latest (later ones move aside); sets --resume."},
     )
     client_num_cpus: int = field(default=1, metadata={"help": "CPU cores per virtual client (simulation)."})
     client_num_gpus: float = field(default=0.0, metadata={"help": "GPUs per virtual client (simulation)."})
@@ -301,14 +330,7 @@ class FederationArguments:
             raise ValueError(
                 f"Unknown transfer_dtype {self.transfer_dtype!r}; choose one of {list(TRANSFER_DTYPE_NAMES)}."
             )
-        if isinstance(self.strategy_kwargs, str):
-            try:
-                self.strategy_kwargs = json.loads(self.strategy_kwargs) if self.strategy_kwargs else {}
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"strategy_kwargs must be a JSON object such as '{{\"proximal_mu\": 0.1}}': {err}"
-                ) from None
-        self.strategy_kwargs = dict(self.strategy_kwargs or {})
+        self.strategy_kwargs = parse_strategy_kwargs(self.strategy_kwargs)
         for name in ("num_rounds", "num_clients"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
@@ -320,11 +342,50 @@ class FederationArguments:
         for name in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}.")
+        for name in ("round_timeout", "wait_for_clients_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"{name} must be a positive, finite number of seconds, got {value!r}: the server would "
+                    f"never stop waiting. Set --{name} to e.g. {getattr(FederationArguments, name):g}."
+                )
+        if self.max_examples_per_client < 0:
+            raise ValueError(
+                f"max_examples_per_client must be 0 (automatic) or a positive count, got "
+                f"{self.max_examples_per_client}."
+            )
+        if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
+            raise ValueError(
+                f"max_update_norm must be 0 (no bound) or a positive, finite norm, got {self.max_update_norm}."
+            )
+        if self.resume_from_round is not None:
+            if self.resume_from_round < 0:
+                raise ValueError(f"resume_from_round must be 0 or more, not {self.resume_from_round}.")
+            self.resume = True
         if self.resume and self.overwrite_output_dir:
             raise ValueError(
                 "--resume continues the rounds in output_dir and --overwrite_output_dir deletes them: "
                 "pass only one."
             )
+
+
+def parse_strategy_kwargs(value: dict | str | None) -> dict:
+    """`--strategy_kwargs` as a dict: a mapping (from YAML) or a JSON object (from the command line
+    or the run config); anything else is an error naming the flag."""
+    example = "e.g. '{\"proximal_mu\": 0.1}'"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--strategy_kwargs must be a JSON object ({example}): {err}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"--strategy_kwargs must be a JSON object of parameter names and values ({example}), "
+            f"not a {type(value).__name__}: {json.dumps(value, default=str)[:100]}"
+        )
+    return dict(value)
 
 
 @dataclass
@@ -532,7 +593,10 @@ def load_yaml_config(path: str | Path, groups) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
-    config = yaml.safe_load(path.read_text()) or {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a mapping of argument names to values.")
     known = {
@@ -554,6 +618,14 @@ def load_yaml_config(path: str | Path, groups) -> dict[str, Any]:
             "without the leading dashes (see `--help`)."
         )
     return config
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what the YAML error is, on one line: `line 3, column 7: <problem>`."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def parse_args(args: list[str] | None = None) -> RunArguments:
@@ -637,8 +709,14 @@ def to_run_config(run_args: RunArguments) -> dict[str, bool | int | float | str]
     return config
 
 
-def from_run_config(run_config: dict[str, Any]) -> RunArguments:
-    """Rebuild the argument groups from Flower's run config (the inverse of `to_run_config`)."""
+def from_run_config(
+    run_config: dict[str, Any], policy: Callable[[ModelArguments, dict[str, Any]], None] | None = None
+) -> RunArguments:
+    """Rebuild the argument groups from Flower's run config (the inverse of `to_run_config`).
+
+    `policy` (a client's `ClientPolicy.check`) sees the model arguments and the TrainingArguments
+    keyword arguments before anything is built from them, and raises to refuse the run.
+    """
     groups = []
     for group_cls, prefix in RUN_CONFIG_PREFIXES.items():
         kwargs = {}
@@ -648,6 +726,8 @@ def from_run_config(run_config: dict[str, Any]) -> RunArguments:
                 kwargs[name] = _decode(run_config[key], annotation)
         groups.append(group_cls(**kwargs))
     training_kwargs = json.loads(run_config.get("training.extra") or "{}")
+    if not isinstance(training_kwargs, dict):
+        raise ValueError(f"training.extra must be a JSON object (field: value), got {training_kwargs!r}.")
     annotations = typing.get_type_hints(TrainingArguments)
     for name in RUN_CONFIG_TRAINING_FIELDS:
         key = f"training.{_kebab(name)}"
@@ -656,6 +736,9 @@ def from_run_config(run_config: dict[str, Any]) -> RunArguments:
     unknown = sorted(set(training_kwargs) - set(annotations))
     if unknown:
         raise ValueError(f"training.extra names fields TrainingArguments does not have: {unknown}.")
+    model, data, federation, peft, hub = groups
+    if policy is not None:
+        policy(model, training_kwargs)
     refused = sorted(set(training_kwargs) & set(HUB_TRAINING_FIELDS))
     if refused:
         raise ValueError(
@@ -663,7 +746,6 @@ def from_run_config(run_config: dict[str, Any]) -> RunArguments:
             "TrainingArguments (the server pushes rounds with the hub.* keys; tokens come from HF_TOKEN "
             "or `hf auth login`). Remove them from the run config."
         )
-    model, data, federation, peft, hub = groups
     training_kwargs["num_train_epochs"] = federation.local_epochs
     training = TrainingArguments(**join_launched_processes(training_kwargs))
     peft.resolve(model.task)  # `flwr run .` passes the pyproject's `auto`

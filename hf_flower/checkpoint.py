@@ -6,29 +6,35 @@ module owns that layout; nothing else reads or writes it by hand:
 ```
 <output_dir>/
   round-0/  round-1/ ...   config.json, model.safetensors (or adapter_config.json,
-                           adapter_model.safetensors [, merged/]), tokenizer files, metrics.json,
-                           README.md (model card) + metrics.png, strategy_state.safetensors
-                           (the strategy's own state, for --resume)
-  history.json             {"status": "running"|"completed"|"failed", "error": str|null,
-                            "rounds": [<metrics dict of each round, in order>], ...}
+                           adapter_model.safetensors [, merged/]), tokenizer files, metrics.json
+                           (aggregates only), README.md (model card) + metrics.png,
+                           strategy_state.safetensors (the strategy's own state, for --resume),
+                           checksums.json (size and sha256 of every other file)
+  history.json             {"status": "running"|"completed"|"failed"|"interrupted", "error": str|null,
+                            "rounds": [<record of each round, per-client details included>], ...}
   runs/                    TensorBoard event files of the server's per-round metrics
+  set-aside-<time>/        rounds a resumed run moved out of its way (never deleted)
 ```
 
 A round is written into a hidden temporary folder (`.round-N.tmp-<pid>-<random>`) and renamed to
 `round-N` only once every file is on disk, so a crash never leaves a `round-N` that fails to load:
 a reader either sees the complete round or no round. `history.json` is replaced atomically too.
 Leftovers of a crashed run are hidden names that `list_rounds` ignores and `prepare_output_dir`
-removes. One run writes to an output folder at a time; this module knows nothing of processes.
+removes, unless the process named in them still runs. A round damaged later (a copy cut short,
+a full disk, a bad sector) is found by `verify_round` against its checksums.json before anything
+loads it. One run writes to an output folder at a time (`run_lock` sees to that).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +54,8 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 PLOT_FILE = "metrics.png"
+# Size and sha256 of every other file of a round, written last, checked by `verify_round`.
+CHECKSUMS_FILE = "checksums.json"
 # The strategy's state after the round (e.g. FedAdam's moments): tensors + JSON metadata, no pickle.
 STRATEGY_STATE_FILE = "strategy_state.safetensors"
 STRATEGY_STATE_METADATA_KEY = "hf_flower.strategy_state"
@@ -56,7 +64,23 @@ TENSORBOARD_DIR = "runs"
 # in the folder instead of loading the base model that adapter_config.json names.
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 
-HISTORY_STATUSES = ("running", "completed", "failed")
+HISTORY_STATUSES = ("running", "completed", "failed", "interrupted")
+# The parts of a round's record that describe the round as a whole (aggregate metrics, client
+# counts, time, bytes): all that metrics.json holds, as it goes to the Hub with the round. The
+# rest (each client's results, failure reasons, notes naming nodes and partitions) stays in the
+# local history.json, and so does any part a later version adds until it is listed here.
+AGGREGATE_KEYS = (
+    "round",
+    "seconds",
+    "clients",
+    "train",
+    "evaluate",
+    "central",
+    "bytes_sent",
+    "bytes_received",
+)
+# Where `set_aside_rounds_after` moves the rounds a resumed run will train again.
+SET_ASIDE_PREFIX = "set-aside-"
 
 # Hidden names of work in progress; a leading dot keeps them from ever looking like a round.
 TMP_ROUND_MARKER = ".tmp-"  # `.round-3.tmp-<pid>-<random>`: a round being written
@@ -76,6 +100,10 @@ class OutputDirError(ValueError):
     """The output folder cannot be used as it is; the message says what to change."""
 
 
+class DamagedRoundError(OutputDirError):
+    """A round folder's file is not what was saved; the message names the file."""
+
+
 def round_dir(output_dir: str | os.PathLike, round_num: int) -> Path:
     """Path of the folder of round `round_num` (whether or not it exists)."""
     return Path(output_dir) / f"{ROUND_PREFIX}{_check_round_num(round_num)}"
@@ -84,16 +112,15 @@ def round_dir(output_dir: str | os.PathLike, round_num: int) -> Path:
 def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: bool = False) -> Path:
     """Create `output_dir`, check it is writable and free of an earlier run, and return it.
 
-    Leftovers of a crashed run (hidden temporary round folders and history files) are always
-    removed. Rounds or a history.json of an earlier run make this refuse, so a new run never
-    mixes its rounds with old ones; with `overwrite=True` they are deleted instead. With
-    `resume=True` they are kept and continued: the folder must then hold at least one complete
-    round, checked before anything is removed. Nothing else in the folder is touched, so a
-    user's own files next to the rounds survive.
+    Leftovers of a crashed run (hidden temporary round folders and history files) are removed,
+    those named after a process that still runs excepted. Rounds or a history.json of an earlier
+    run make this refuse, so a new run never mixes its rounds with old ones; with `overwrite=True`
+    they are deleted instead. With `resume=True` they are kept and continued: the folder must then
+    hold at least one complete round, checked before anything is removed. Nothing else in the
+    folder is touched, so a user's own files next to the rounds survive. The caller holds the
+    folder's `run_lock`, so no other run is writing here.
     """
     path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise OutputDirError(f"output_dir {path} exists and is not a folder; choose another --output_dir")
     if resume and overwrite:
         raise OutputDirError("--resume keeps the rounds in output_dir, --overwrite_output_dir deletes them")
     if resume and latest_round(path) is None:
@@ -101,19 +128,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: b
             f"--resume: output_dir {path} holds no complete round to continue from; check --output_dir, "
             "or drop --resume to start a new run there"
         )
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        # Really write: permission bits, read-only mounts and ACLs all show up here, and root
-        # ignores the permission bits that `os.access` would look at.
-        probe = path / f"{WRITE_PROBE_PREFIX}{_unique_suffix()}"
-        with open(probe, "x") as f:
-            f.write("probe")
-        probe.unlink()
-    except OSError as e:
-        raise OutputDirError(
-            f"output_dir {path} is not writable ({e.strerror or e}); choose another --output_dir"
-        ) from e
-
+    make_output_dir(path)
     _remove_leftovers(path)
 
     ours = _own_entries(path)
@@ -131,6 +146,26 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: b
     return path
 
 
+def make_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Create `output_dir` (and its parents) and check that files can be written in it."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"output_dir {path} exists and is not a folder; choose another --output_dir")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        # Really write: permission bits, read-only mounts and ACLs all show up here, and root
+        # ignores the permission bits that `os.access` would look at.
+        probe = path / f"{WRITE_PROBE_PREFIX}{_unique_suffix()}"
+        with open(probe, "x") as f:
+            f.write("probe")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(
+            f"output_dir {path} is not writable ({e.strerror or e}); choose another --output_dir"
+        ) from e
+    return path
+
+
 def save_round(
     output_dir: str | os.PathLike,
     round_num: int,
@@ -141,14 +176,18 @@ def save_round(
 
     `write_files(folder)` saves the model (and tokenizer) into a fresh hidden temporary folder,
     e.g. `lambda d: (model.save_pretrained(d), tokenizer.save_pretrained(d))`; `metrics` goes to
-    metrics.json. Every file is fsynced, then the folder is renamed to `round-N` in one step, so
-    `round-N` is either absent or complete. An existing `round-N` is replaced. If anything fails
-    the temporary folder is deleted, earlier rounds are untouched, and the error propagates.
+    metrics.json with its `AGGREGATE_KEYS` only (the round folder is what goes to the Hub), and
+    checksums.json records every file. Every file is fsynced, then the folder is renamed to
+    `round-N` in one step, so `round-N` is either absent or complete. An existing `round-N` is
+    replaced. If anything fails the temporary folder is deleted, earlier rounds are untouched,
+    and the error propagates.
     """
     output_dir = Path(output_dir)
     final = round_dir(output_dir, round_num)
-    # Serialise first: a metric that is not JSON should fail before an expensive model save.
-    metrics_text = _dumps(metrics, what=f"metrics of round {round_num}")
+    # Serialise first: a metric that is not JSON should fail before an expensive model save (all
+    # of `metrics` is checked: the full record goes to history.json).
+    _dumps(metrics, what=f"metrics of round {round_num}")
+    metrics_text = _dumps(aggregate_metrics(metrics), what=f"metrics of round {round_num}")
     output_dir.mkdir(parents=True, exist_ok=True)
 
     tmp = output_dir / f".{final.name}{TMP_ROUND_MARKER}{_unique_suffix()}"
@@ -163,6 +202,7 @@ def save_round(
                 "the folder it is given, e.g. `lambda d: model.save_pretrained(d)`"
             )
         (tmp / METRICS_FILE).write_text(metrics_text, encoding="utf-8")
+        _write_checksums(tmp)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,6 +226,104 @@ def save_round(
     if aside is not None:
         _remove(aside)
     return final
+
+
+def aggregate_metrics(record: Mapping[str, Any]) -> dict:
+    """The `AGGREGATE_KEYS` of `record` (a round's metrics): what may leave this machine
+    (metrics.json, the Hub). The full record stays in history.json."""
+    return {key: record[key] for key in AGGREGATE_KEYS if key in record}
+
+
+def verify_round(folder: str | os.PathLike) -> None:
+    """Check that the files of a round folder are the ones `save_round` wrote, before loading it.
+
+    With checksums.json, every file it lists must exist with its recorded size and sha256.
+    Rounds saved before checksums existed are checked for what can be checked without them:
+    each safetensors file's header and length, and that each JSON file parses. Raises
+    `DamagedRoundError` naming the first damaged file. A folder verified before in this process
+    whose files kept their sizes and times is not read again (the ServerApp's pre-flight and its
+    loading of the resumed round check the same folder).
+    """
+    folder = Path(folder)
+    signature = _files_signature(folder)
+    if _VERIFIED.get(folder.resolve()) == signature:
+        return
+    _verify_files(folder)
+    _VERIFIED[folder.resolve()] = signature
+
+
+def _verify_files(folder: Path) -> None:
+    """`verify_round`'s checks, reading every file."""
+    if not _has_round_files(folder) or not (folder / METRICS_FILE).is_file():
+        raise DamagedRoundError(
+            f"{folder} is incomplete: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (or {ADAPTER_CONFIG_FILE} "
+            f"and {ADAPTER_WEIGHTS_FILE}) and {METRICS_FILE}"
+        )
+    checksums = folder / CHECKSUMS_FILE
+    if not checksums.is_file():
+        for path in sorted(folder.rglob("*.safetensors")):
+            _check_safetensors(path)
+        for path in sorted(folder.rglob("*.json")):
+            _check_json(path)
+        return
+    recorded = _load_json_object(checksums).get("files")
+    if not isinstance(recorded, dict) or not recorded:
+        raise DamagedRoundError(f"{checksums} lists no files; it was edited or damaged")
+    for name, expected in sorted(recorded.items()):
+        path, expected = folder / name, expected if isinstance(expected, dict) else {}
+        if not path.is_file():
+            raise DamagedRoundError(f"{path} is missing (listed in {CHECKSUMS_FILE})")
+        size, saved_size = path.stat().st_size, expected.get("size")
+        if size != saved_size:
+            cut = " (cut short)" if isinstance(saved_size, int) and size < saved_size else ""
+            raise DamagedRoundError(f"{path} is damaged: {size} bytes where {saved_size} were saved{cut}")
+        if _sha256(path) != expected.get("sha256"):
+            raise DamagedRoundError(f"{path} is damaged: its sha256 differs from the one saved with it")
+
+
+# Round folders `verify_round` found intact in this process, with the signature of their files.
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _files_signature(folder: Path) -> tuple:
+    """Each file's path, size and modification time: what changes when a file is written."""
+    stats = ((path, path.stat()) for path in folder.rglob("*") if path.is_file())
+    return tuple(sorted((str(path), st.st_size, st.st_mtime_ns) for path, st in stats))
+
+
+def set_aside_rounds_after(output_dir: str | os.PathLike, round_num: int) -> tuple[list[int], Path | None]:
+    """Move every `round-M` folder with M > `round_num` into a new `set-aside-<time>/` folder.
+
+    A run that continues from round `round_num` trains those rounds again, and saving a round
+    replaces its folder: moved aside, the old ones survive until the user deletes them.
+    history.json keeps the records of rounds up to `round_num` only. Returns the rounds moved
+    and where to (None when there were none).
+    """
+    output_dir = Path(output_dir)
+    later = sorted(
+        (int(match.group(1)), entry)
+        for entry in output_dir.iterdir()
+        if (match := _ROUND_RE.match(entry.name)) and int(match.group(1)) > _check_round_num(round_num)
+    )
+    if not later:
+        return [], None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = output_dir / f"{SET_ASIDE_PREFIX}{stamp}"
+    if target.exists():
+        target = output_dir / f"{SET_ASIDE_PREFIX}{stamp}-{secrets.token_hex(2)}"
+    target.mkdir()
+    for _, entry in later:
+        os.rename(entry, target / entry.name)
+    _fsync_dir(output_dir)
+    try:
+        history = read_history(output_dir)
+    except (FileNotFoundError, OutputDirError):
+        history = None
+    if history is not None and history.get("status") in HISTORY_STATUSES:
+        rounds = history.get("rounds") if isinstance(history.get("rounds"), list) else []
+        kept = [r for r in rounds if isinstance(r, dict) and _round_of(r) <= round_num]
+        write_history(output_dir, {**history, "rounds": kept})
+    return [num for num, _ in later], target
 
 
 def is_complete_round(path: str | os.PathLike) -> bool:
@@ -232,7 +370,7 @@ def read_round_metrics(output_dir: str | os.PathLike, round_num: int) -> dict:
 def write_history(output_dir: str | os.PathLike, history: Mapping[str, Any]) -> None:
     """Atomically replace `output_dir`/history.json with `history`.
 
-    `history` needs a `status` ("running", "completed" or "failed"); `error` defaults to None and
+    `history` needs a `status` (one of `HISTORY_STATUSES`); `error` defaults to None and
     `rounds` to []; any other keys are kept. Non-finite floats are written as null. The file is
     written next to its final place, fsynced and renamed over it, so readers never see half of it.
     """
@@ -297,6 +435,20 @@ def read_history(output_dir: str | os.PathLike) -> dict:
     return _load_json_object(path)
 
 
+def mark_interrupted(output_dir: str | os.PathLike, reason: str) -> bool:
+    """Record in history.json that a run still marked running was stopped from outside (a signal
+    to its launcher, Ctrl-C): its ServerApp was stopped before it could say so itself. Returns
+    whether the history changed; a folder without a usable history is left alone."""
+    try:
+        history = read_history(output_dir)
+    except (OSError, OutputDirError):
+        return False
+    if history.get("status") != "running":
+        return False
+    write_history(output_dir, {**history, "status": "interrupted", "error": reason})
+    return True
+
+
 def best_round(
     history: Mapping[str, Any], metric: str = "central.eval_accuracy", greater_is_better: bool = True
 ) -> int | None:
@@ -329,6 +481,12 @@ def _check_round_num(round_num: int) -> int:
     return round_num
 
 
+def _round_of(record: dict) -> float:
+    """The round number of a history record; infinite (after every round) when it has none."""
+    num = record.get("round")
+    return num if isinstance(num, int) and not isinstance(num, bool) else math.inf
+
+
 def _unique_suffix() -> str:
     """`<pid>-<random>`: unique per process and call, so concurrent writers never collide."""
     return f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -346,6 +504,38 @@ def _has_round_files(path: Path) -> bool:
     return (path / CONFIG_FILE).is_file() and any((path / name).is_file() for name in weights)
 
 
+def _write_checksums(folder: Path) -> None:
+    """checksums.json: the size and sha256 of every file under `folder` (paths relative to it)."""
+    files = {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != CHECKSUMS_FILE
+    }
+    (folder / CHECKSUMS_FILE).write_text(_dumps({"files": files}, what="checksums"), encoding="utf-8")
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file whose header parses and whose tensors end exactly at the end of the file
+    (safetensors' own check: a file cut short fails it)."""
+    try:
+        with safe_open(path, "np"):
+            pass
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise DamagedRoundError(f"{path} is damaged: {type(err).__name__}: {err}") from None
+
+
+def _check_json(path: Path) -> None:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DamagedRoundError(f"{path} is damaged: not valid JSON ({err})") from None
+
+
 def _own_entries(path: Path) -> list[Path]:
     """Round folders and history.json in `path`: what an earlier run left, in round order."""
     rounds = sorted(
@@ -360,10 +550,13 @@ def _remove_leftovers(path: Path) -> None:
     """Delete what a crashed `save_round`/`write_history` left; put back a round set aside.
 
     A `.round-N.old-*` folder means the crash came while replacing round N: if `round-N` did
-    not get its new content, the old round is restored rather than lost.
+    not get its new content, the old round is restored rather than lost. Names hold the writer's
+    pid: what a process that still runs is writing is left alone.
     """
     # Set-aside rounds first, so one is restored before its uncommitted replacement is deleted.
     for entry in sorted(path.iterdir(), key=lambda entry: OLD_ROUND_MARKER not in entry.name):
+        if _writer_is_running(entry.name):
+            continue
         match = _LEFTOVER_ROUND_RE.match(entry.name)
         if match:
             final = path / f"{ROUND_PREFIX}{match.group(1)}"
@@ -376,6 +569,31 @@ def _remove_leftovers(path: Path) -> None:
                 _remove(entry)
         elif entry.name.startswith((TMP_HISTORY_PREFIX, WRITE_PROBE_PREFIX)):
             _remove(entry)
+
+
+def _writer_is_running(name: str) -> bool:
+    """Whether `name`, a hidden `...<marker><pid>-<random>` leftover, names a process that runs."""
+    for marker in (TMP_ROUND_MARKER, OLD_ROUND_MARKER, WRITE_PROBE_PREFIX):
+        _, found, suffix = name.rpartition(marker)
+        pid = suffix.split("-", 1)[0]
+        if found and pid.isdigit():
+            return _pid_exists(int(pid))
+    return False
+
+
+def _pid_exists(pid: int) -> bool:
+    """Whether a process `pid` exists (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except OverflowError:  # beyond any pid
+        return False
+    return True
 
 
 def _remove(path: Path) -> None:

@@ -1,8 +1,8 @@
 """`hf-flower`: one console script, one subcommand per task.
 
     hf-flower simulate --config configs/quickstart.yaml     # a federation on this machine
-    hf-flower server --config configs/quickstart.yaml --host 0.0.0.0 --port 9092
-    hf-flower client --superlink 10.0.0.1:9092 --data_path my_reviews.csv
+    hf-flower server --config configs/quickstart.yaml --port 9092 --insecure   # TLS: see make-certs
+    hf-flower client --superlink 127.0.0.1:9092 --insecure --data_path my_reviews.csv
     hf-flower push outputs/quickstart --hub_model_id alice/minilm-imdb-federated
     hf-flower plot outputs/quickstart
     hf-flower make-certs certs --supernode-keys 2

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from . import data as data_lib
 from .arguments import RunArguments, from_run_config, join_launched_processes
+from .client_policy import ClientPolicy
 from .constants import (
     ARRAYS_KEY,
     CLIENT_KEY,
@@ -36,7 +37,14 @@ from .modeling import load_tokenizer
 from .progress_callback import report_training
 from .strategies import strategy_class
 from .tasks import DEFAULT_TASK, RunFacts, Task, get_task
-from .trainer import FederatedTrainer, OptimizerStateStore, RoundSchedule, round_seed
+from .trainer import (
+    FederatedTrainer,
+    OptimizerStateStore,
+    RoundSchedule,
+    TaskDeadline,
+    TaskExpiredError,
+    round_seed,
+)
 from .weights import get_weights, set_weights
 
 # Client-side halves of Flower's differential-privacy wrappers, by strategy name.
@@ -89,8 +97,9 @@ def load_run(run_config: tuple, run_facts: str) -> ClientRun:
 
     `run_facts` (`facts_key` of the facts the server sent) shape the model, e.g. the run's classes:
     a client never reads them from a data set of its own, which may hold only some of them.
+    The run config is untrusted: this process's `ClientPolicy` checks it before anything is built.
     """
-    run_args = from_run_config(dict(run_config))
+    run_args = from_run_config(dict(run_config), policy=ClientPolicy.from_env().check)
     task, facts = get_task(run_args.model.task), json.loads(run_facts)
     set_seed(run_args.training.seed)
     tokenizer = load_tokenizer(run_args.model)
@@ -243,7 +252,15 @@ def train(msg: Message, context: Context) -> Message:
             train_dataset=client.train,
         )
         report_training(trainer, context, int(config[SERVER_ROUND_KEY]))
+        deadline = TaskDeadline(msg.metadata.created_at + msg.metadata.ttl)
+        trainer.add_callback(deadline)
         output = trainer.train()
+        if deadline.expired:
+            raise TaskExpiredError(
+                f"the server's message expired after {output.global_step} training steps: its round "
+                "ended (--round_timeout) before this client finished; raise --round_timeout or lower "
+                "the local work (--max_steps, --local_epochs)"
+            )
         metrics = {
             "train_loss": mean_over_ranks(trainer, output.training_loss),
             "train_runtime": float(output.metrics["train_runtime"]),

@@ -767,6 +767,12 @@ def _min_partition_size(client_eval_size: float) -> int:
     return size
 
 
+def client_split_sizes(partition_size: int, client_eval_size: float) -> tuple[int, int]:
+    """(train, eval) examples of a client whose partition holds `partition_size`: the counts it reports."""
+    held_out = _holdout_count(partition_size, client_eval_size, "--client_eval_size")
+    return partition_size - held_out, held_out
+
+
 def _client_eval_split(rows: np.ndarray, client_eval_size: float, partition_id: int, seed: int):
     """(eval rows, train rows) of one partition, drawn with a seed of its own."""
     order = np.random.default_rng([seed, partition_id]).permutation(rows)

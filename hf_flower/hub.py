@@ -3,7 +3,9 @@
 `from_pretrained("OWNER/NAME", revision="round-3")` then loads round 3 and
 `from_pretrained("OWNER/NAME")` the latest round, with their model cards. The same code pushes
 live from the ServerApp (`RoundPusher`, in a background thread, so training never waits on the
-network) and after the fact (`scripts/push.py`).
+network) and after the fact (`scripts/push.py`). What is pushed carries aggregate metrics only
+(`round_operations`): which node or partition sent what, and why a client failed, stay in the
+local history.json.
 
 The token is never an argument, in a config or in a log: huggingface_hub finds it in `HF_TOKEN`
 or the login saved by `hf auth login`. `check_push_access` runs before round 1 and refuses a
@@ -14,6 +16,7 @@ rounds are never touched.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -23,15 +26,16 @@ from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 from flwr.common.logger import log
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import filter_repo_objects, validate_repo_id
 
 from . import checkpoint
 
 MAIN_BRANCH = "main"
-# Files of a round folder that stay local: the strategy's state is for --resume, not for users.
-IGNORE_PATTERNS = [checkpoint.STRATEGY_STATE_FILE, ".*"]
+# Files of a round folder that stay local: the strategy's state and the checksums are for
+# --resume, not for users (the Hub keeps its own hashes).
+IGNORE_PATTERNS = [checkpoint.STRATEGY_STATE_FILE, checkpoint.CHECKSUMS_FILE, ".*"]
 # Seconds to wait before each retry of a failed upload (so len + 1 attempts in all). The
 # environment variable, comma-separated seconds, overrides them (tests use short pauses).
 RETRY_DELAYS = (2.0, 10.0, 30.0)
@@ -115,6 +119,24 @@ def _unreachable(api: HfApi, err: Exception) -> HubError:
     )
 
 
+def round_operations(folder: str | os.PathLike) -> list[CommitOperationAdd]:
+    """The files of a round folder as uploads: all but `IGNORE_PATTERNS`, with metrics.json reduced
+    to its aggregates (`checkpoint.aggregate_metrics`): a round saved by an earlier version keeps
+    per-client details in its metrics.json, and those never leave this machine."""
+    folder = Path(folder)
+    files = {
+        path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*")) if path.is_file()
+    }
+    operations = []
+    for name in filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS):
+        content: Path | bytes = files[name]
+        if name == checkpoint.METRICS_FILE:
+            metrics = checkpoint.aggregate_metrics(json.loads(files[name].read_text(encoding="utf-8")))
+            content = (json.dumps(metrics, sort_keys=True, indent=2) + "\n").encode()
+        operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
+    return operations
+
+
 def create_repo(repo_id: str, private: bool, api: HfApi | None = None) -> None:
     """Create the model repo if it does not exist (an existing repo keeps its visibility)."""
     api = api or HfApi()
@@ -167,12 +189,12 @@ class RoundPusher:
             for revision in (branch, MAIN_BRANCH) if update_main else (branch,):
                 self._retry(
                     f"{folder.name} to {revision}",
-                    lambda revision=revision: self.api.upload_folder(
+                    lambda revision=revision: self.api.create_commit(
                         repo_id=self.repo_id,
-                        folder_path=folder,
+                        # Fresh for each attempt: an upload records its progress in them.
+                        operations=round_operations(folder),
                         revision=revision,
                         commit_message=f"Round {round_num}",
-                        ignore_patterns=IGNORE_PATTERNS,
                     ),
                 )
         except Exception as err:  # noqa: BLE001 - reported at the end; the local round is kept

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from . import checkpoint, hub, resume
-from .arguments import RunArguments
+from .arguments import RunArguments, to_run_config, training_overrides
+from .client_policy import unsettable_training_fields
 from .constants import LABEL_NAMES_KEY
 from .modeling import load_model_config
 from .strategies import build_strategy, strategy_class
@@ -32,19 +35,32 @@ def check_transfer(run_args: RunArguments) -> None:
         )
 
 
+def check_client_policy(run_args: RunArguments) -> None:
+    """Training settings that every client refuses from a server (`client_policy`) stop the run
+    here, at once, rather than as every client's failure in round 1."""
+    refusals = unsettable_training_fields(training_overrides(run_args.training))
+    if refusals:
+        raise ValueError(
+            "Clients do not follow these training settings from a server: " + "; ".join(refusals) + ". "
+            "Remove them from the config or command line."
+        )
+
+
 def check_run(run_args: RunArguments, prepare_output: bool = False) -> RunFacts:
     """Validate task, model, data, partitions, strategy, Hub access and output folder; return the
     run's facts (`Task.run_facts`, e.g. its classes), which every client will share.
 
     With `prepare_output`, also create `output_dir` (refusing one that already holds rounds unless
-    `overwrite_output_dir`; with `resume`, checking that its rounds belong to this model and
-    labels before anything in it is touched).
+    `overwrite_output_dir`; with `resume`, checking the round it continues from against its
+    checksums and that it belongs to this model and labels before anything in it is touched,
+    then moving later rounds aside). The caller holds the folder's `run_lock`.
     """
     task = get_task(run_args.model.task)
     task.check_args(run_args)
     check_federation(run_args)
     build_strategy(run_args.federation)
     check_transfer(run_args)
+    check_client_policy(run_args)
     if run_args.hub.push_to_hub:
         hub.check_push_access(run_args.hub.hub_model_id)
     output_dir, federation = run_args.training.output_dir, run_args.federation
@@ -54,7 +70,22 @@ def check_run(run_args: RunArguments, prepare_output: bool = False) -> RunFacts:
     facts = task.run_facts(run_args)
     task.check_run(run_args, facts)
     if prepare_output and federation.resume:
-        resume.check_resumable(output_dir, run_args, model_config, facts.get(LABEL_NAMES_KEY))
+        resumed_round = resume.check_resumable(output_dir, run_args, model_config, facts.get(LABEL_NAMES_KEY))
         checkpoint.prepare_output_dir(output_dir, overwrite=False, resume=True)
-    task.partition_sizes(run_args)
+        resume.set_aside_later_rounds(output_dir, resumed_round)
+    partition_sizes(run_args)
     return facts
+
+
+# `partition_sizes` results of this process, by run configuration.
+_PARTITION_SIZES: dict[str, list[int]] = {}
+
+
+def partition_sizes(run_args: RunArguments) -> list[int]:
+    """Examples in each client's partition (`Task.partition_sizes`), computed once per run
+    configuration in a process: `check_run` computes them as a check, and the ServerApp reads
+    them again to cap the example counts clients report (`validation.ExampleCap`)."""
+    key = json.dumps(to_run_config(run_args), sort_keys=True)
+    if key not in _PARTITION_SIZES:
+        _PARTITION_SIZES[key] = get_task(run_args.model.task).partition_sizes(run_args)
+    return list(_PARTITION_SIZES[key])

@@ -2,24 +2,30 @@
 ServerApp starts again.
 
 A run is continued from its latest complete `round-N` folder (a half-written round is a hidden
-temporary folder, never a `round-N`): its weights become the initial weights, its
-`strategy_state.safetensors` restores the strategy's own state, and the history is rebuilt from
-the `metrics.json` of every complete round (so a crash between saving a round and rewriting
-history.json loses nothing). An adapter round (`--peft lora`) continues the same way: its adapter
-weights are loaded into the run's PEFT model. The folder must belong to the same model, adapter
-setup and labels: that is checked before anything in it is touched.
+temporary folder, never a `round-N`), or from the round `--resume_from_round` names: its weights
+become the initial weights, its `strategy_state.safetensors` restores the strategy's own state,
+and the history is rebuilt from history.json's records of every complete round up to it, or that
+round's `metrics.json` where history.json has none (so a crash between saving a round and
+rewriting history.json loses nothing). An adapter round (`--peft lora`) continues the same way:
+its adapter weights are loaded into the run's PEFT model. The round is checked against its
+checksums, and the folder must belong to the same model, adapter setup and labels: all that is
+checked before anything in it is touched. Rounds after the one continued from are moved aside
+(`set_aside_later_rounds`), never deleted.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
 from . import checkpoint
 from .checkpoint import OutputDirError
 from .constants import LABEL_NAMES_KEY
+
+logger = logging.getLogger(__name__)
 
 # Config keys that fix the shapes of the weights: a round whose config differs in any of them
 # belongs to another model.
@@ -44,29 +50,82 @@ class ResumePoint:
     rounds: list[dict]
 
 
-def find_resume_point(output_dir: str | os.PathLike) -> ResumePoint:
-    """The latest complete round in `output_dir` and the metrics of every complete round up to it."""
-    done = checkpoint.latest_round(output_dir)
-    if done is None:
+def find_resume_point(output_dir: str | os.PathLike, from_round: int | None = None) -> ResumePoint:
+    """Round `from_round` (default: the latest complete round) in `output_dir`, checked against its
+    checksums, and the records of every complete round up to it.
+
+    A damaged round raises `OutputDirError` naming the file and the latest intact round before it.
+    """
+    complete = checkpoint.list_rounds(output_dir)
+    if not complete:
         raise OutputDirError(
             f"--resume: output_dir {output_dir} holds no complete round to continue from; check "
             "--output_dir, or drop --resume to start a new run there"
         )
-    rounds = [checkpoint.read_round_metrics(output_dir, n) for n in checkpoint.list_rounds(output_dir)]
-    return ResumePoint(done, checkpoint.round_dir(output_dir, done), rounds)
+    if from_round is not None and from_round not in complete:
+        raise OutputDirError(
+            f"--resume_from_round {from_round}: output_dir {output_dir} holds no complete round "
+            f"{from_round}; its complete rounds are {complete}"
+        )
+    done = complete[-1] if from_round is None else from_round
+    folder = checkpoint.round_dir(output_dir, done)
+    try:
+        checkpoint.verify_round(folder)
+    except checkpoint.DamagedRoundError as err:
+        advice = _earlier_round_advice(output_dir, complete, done)
+        raise OutputDirError(f"--resume: {err}. {advice}") from None
+    return ResumePoint(done, folder, _round_records(output_dir, [n for n in complete if n <= done]))
+
+
+def _earlier_round_advice(output_dir, complete: list[int], damaged: int) -> str:
+    """How to continue when round `damaged` cannot be: from the latest intact round before it."""
+    for candidate in reversed([n for n in complete if n < damaged]):
+        try:
+            checkpoint.verify_round(checkpoint.round_dir(output_dir, candidate))
+        except checkpoint.DamagedRoundError:
+            continue
+        return (
+            f"Round {candidate} is the latest intact round before it: continue from there with "
+            f"--resume_from_round {candidate} (the later rounds are then moved into "
+            f"{checkpoint.SET_ASIDE_PREFIX}<time>/, not deleted)."
+        )
+    return "No earlier round is intact: start a new run (--overwrite_output_dir, or another --output_dir)."
+
+
+def _round_records(output_dir, round_nums: list[int]) -> list[dict]:
+    """Each round's record: history.json's (with the per-client details that metrics.json leaves
+    out), or the round's metrics.json when history.json has none for it."""
+    try:
+        history = checkpoint.read_history(output_dir).get("rounds")
+    except (FileNotFoundError, OutputDirError):
+        history = None
+    recorded = {r.get("round"): r for r in history or [] if isinstance(r, dict)}
+    return [recorded.get(n) or checkpoint.read_round_metrics(output_dir, n) for n in round_nums]
+
+
+def set_aside_later_rounds(output_dir: str | os.PathLike, round_num: int) -> None:
+    """Move the rounds after `round_num` out of the way of a run that continues from it, saying so."""
+    moved, target = checkpoint.set_aside_rounds_after(output_dir, round_num)
+    if moved:
+        logger.warning(
+            "Resuming from round %s: moved %s to %s, as this run trains those rounds again. Nothing was "
+            "deleted: delete that folder once you no longer need them.",
+            round_num, ", ".join(f"round-{n}" for n in moved), target,
+        )  # fmt: skip
 
 
 def check_resumable(
     output_dir: str | os.PathLike, run_args, model_config, label_names: list[str] | None
 ) -> int:
-    """Refuse to resume a folder of another model, adapter setup or label set, or one with nothing
-    left to do.
+    """Refuse to resume from a damaged round, or a folder of another model, adapter setup or label
+    set, or one with nothing left to do.
 
-    Reads only the latest round's config.json (a full round) or adapter_config.json (an adapter
-    round), and the run's classes from history.json; returns that round's number. Raises
-    `OutputDirError` naming the difference and the fix.
+    Reads only the resumed round (`--resume_from_round`, else the latest): its checksums, its
+    config.json (a full round) or adapter_config.json (an adapter round), and the run's classes
+    from history.json; returns that round's number. Raises `OutputDirError` naming the
+    difference and the fix.
     """
-    point = find_resume_point(output_dir)
+    point = find_resume_point(output_dir, run_args.federation.resume_from_round)
     num_rounds = run_args.federation.num_rounds
     if point.round >= num_rounds:
         raise OutputDirError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import math
 import tempfile
 import time
 from collections.abc import Iterable
@@ -26,7 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 from transformers import Trainer, set_seed
 
-from . import adapters, checkpoint, hub, live_progress, model_card, progress, resume, wire
+from . import adapters, checkpoint, data, hub, live_progress, model_card, progress, resume, run_lock, wire
 from .arguments import RunArguments, from_run_config, to_run_config
 from .constants import (
     ARRAYS_HELD_KEY,
@@ -41,34 +42,42 @@ from .constants import (
     SERVER_ROUND_KEY,
 )
 from .modeling import load_tokenizer
-from .preflight import check_run
+from .preflight import check_run, partition_sizes
 from .strategies import (
     ResumedStrategy,
     averages_replies,
     build_strategy,
     get_strategy_state,
+    nodes_waited_for,
     set_strategy_state,
 )
 from .tasks import RunFacts, Task, get_task
 from .tracking import RoundTracker
+from .validation import ExampleCap, ExpectedReply, validate_reply
 from .weights import (
     RunningMean,
     arrays_nbytes,
+    arrays_to_state_dict,
     cast_arrays,
     get_weights,
     set_weights,
     to_float32_arrays,
     trainable_state_dict,
-    validate_arrays,
 )
 
 app = ServerApp()
 # How often the server asks the SuperLink for replies while a round runs.
 REPLY_POLL_SECONDS = 0.2
+# The shortest life a message gets (Flower refuses a ttl of 0) when its round is already over.
+MIN_TTL_SECONDS = 1.0
 
 
 class RoundFailedError(RuntimeError):
     """Too few clients succeeded in a round to continue."""
+
+
+class ClientsMissingError(RuntimeError):
+    """Too few clients connected within `--wait_for_clients_timeout` for the strategy to sample a round."""
 
 
 class HubPushError(RuntimeError):
@@ -77,11 +86,13 @@ class HubPushError(RuntimeError):
 
 @dataclasses.dataclass
 class RoundStats:
-    """What the grid saw of one round: who was asked, who answered, what failed, bytes moved."""
+    """What the grid saw of one round: who was asked, who answered, what failed, bytes moved, and
+    `notes` on replies used with a change (a capped example count)."""
 
     sampled: dict[str, int] = dataclasses.field(default_factory=dict)
     succeeded: dict[str, int] = dataclasses.field(default_factory=dict)
     failures: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
     metrics: dict[str, dict] = dataclasses.field(default_factory=dict)
     clients: dict[str, list] = dataclasses.field(default_factory=dict)
     bytes_sent: int = 0
@@ -91,9 +102,16 @@ class RoundStats:
 class TrackingGrid(Grid):
     """A `Grid` that records each round's replies and refuses rounds with too few good replies.
 
-    Training replies are checked against the model's trainable part (names, shapes, finite values),
-    then upcast to float32, before the strategy sees them, so strategies always average float32; a
-    bad reply counts as that client's failure. Outgoing weights are cast to `transfer_dtype`.
+    Every reply is checked as it arrives (`validation.validate_reply`: records, weights, metrics,
+    example count); one that fails, or cannot even be read, counts as that client's failure, named
+    in the round's record, and the strategy never sees it. The example counts of the replies kept
+    are capped (`validation.ExampleCap`) before the strategy or the running mean weighs them, and
+    training weights are upcast to float32, so strategies always average float32. Outgoing weights
+    are cast to `expected.transfer_dtype`.
+
+    The strategy waits for clients by polling `get_node_ids` (Flower's `sample_nodes`, once a
+    second, without end): here that wait ends after `wait_for_clients_timeout` seconds with a
+    `ClientsMissingError`. Each wait has its own deadline, from its first poll.
 
     Weights a node already holds do not travel again: a long-lived client (`scripts/client.py`)
     keeps the last weights it received and says so in its reply, and the next message to it that
@@ -110,17 +128,27 @@ class TrackingGrid(Grid):
     def __init__(
         self,
         grid: Grid,
-        reference_state_dict: dict,
+        expected: ExpectedReply,
         min_train_clients: int,
-        transfer_dtype: str = "float32",
         average_on_arrival: bool = False,
+        example_cap: ExampleCap | None = None,
+        wait_for_clients_timeout: float = 600.0,
+        clients_wanted: int = 0,
     ):
         self._grid = grid
         self._average_on_arrival = average_on_arrival
-        self._reference = reference_state_dict
+        self._expected = expected
         self._min_train_clients = min_train_clients
-        self._transfer_dtype = transfer_dtype
+        self._transfer_dtype = expected.transfer_dtype
+        self._example_cap = example_cap or ExampleCap()
+        self._wait_for_clients_timeout = wait_for_clients_timeout
+        self._clients_wanted = clients_wanted
+        # When the strategy's current wait for clients began (its first `get_node_ids` since the
+        # last `send_and_receive`); None between waits.
+        self._waiting_since: float | None = None
         self.rounds: dict[int, RoundStats] = {}
+        # round -> when it ends (`_round_deadline`).
+        self._round_deadlines: dict[int, float] = {}
         # node id -> object id of the weights that node said it holds.
         self._held: dict[int, str] = {}
         # object id -> the wire records of the weights packed last (`wire.packed_records`).
@@ -140,7 +168,21 @@ class TrackingGrid(Grid):
         return self._grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        """The connected nodes; raises `ClientsMissingError` when the strategy has been polling
+        for more than `wait_for_clients_timeout` seconds without sending a message."""
+        nodes = list(self._grid.get_node_ids())
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        elif now - self._waiting_since > self._wait_for_clients_timeout:
+            raise ClientsMissingError(
+                f"Waited {self._wait_for_clients_timeout:g} s for clients: {len(nodes)} connected, the "
+                f"strategy waits for {self._clients_wanted or 'more'} (--min_available_clients, "
+                "--min_train_clients, --min_evaluate_clients). Start more clients (SuperNodes), check that "
+                "they reach the SuperLink (address, TLS certificate, --authorized_keys), or lower those "
+                "minimums; --wait_for_clients_timeout sets how long to wait."
+            )
+        return nodes
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self._grid.push_messages(messages)
@@ -152,6 +194,7 @@ class TrackingGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         messages = list(messages)
+        self._waiting_since = None  # the strategy stopped waiting for clients: it sends
         if not messages:
             return []
         kind = messages[0].metadata.message_type
@@ -160,35 +203,39 @@ class TrackingGrid(Grid):
         stats.sampled[kind] = len(messages)
         self.reply_board.start(server_round, kind, messages)
         self._cast_outgoing(messages)
+        sent_weights = self._sent_weights(kind, messages)
         average = RunningMean() if kind == MessageType.TRAIN and self._average_on_arrival else None
+        floor = self._example_cap.floor(kind)
         rejected: dict[str, str] = {}
 
         def receive(reply: Message) -> None:
-            """Each reply as it arrives: its bytes counted; a training reply checked, then folded
-            into the running mean (it keeps its metrics) or upcast to float32 for the strategy."""
+            """Each reply as it arrives: its bytes counted and the reply validated; training weights
+            then folded into the running mean (the reply keeps its metrics; a count that the round's
+            cap may lower waits for the round), or upcast to float32 for the strategy."""
             self.reply_board.reply(reply)
             if reply.has_error():
                 return
-            stats.bytes_received += _message_nbytes(reply)
+            try:
+                stats.bytes_received += _message_nbytes(reply)
+                validate_reply(kind, reply.content, self._expected, sent_weights)
+            except Exception as err:  # noqa: BLE001 - whatever a reply raises is its client's failure
+                rejected[reply.metadata.reply_to_message_id] = f"its reply was rejected: {err}"
+                return
             if kind != MessageType.TRAIN:
                 return
-            try:
-                wire.unpack(reply.content)
-                validate_arrays(reply.content[ARRAYS_KEY], self._reference)
-                weight = float(reply.content[METRICS_KEY][NUM_EXAMPLES_KEY])
-            except (KeyError, ValueError) as err:
-                rejected[reply.metadata.reply_to_message_id] = f"its update was rejected: {err}"
-                return
-            if average is not None:
-                average.add(reply.content[ARRAYS_KEY], weight)
-                del reply.content[ARRAYS_KEY]
-            else:
+            if average is None:
                 reply.content[ARRAYS_KEY] = to_float32_arrays(reply.content[ARRAYS_KEY])
+            elif floor is not None and _examples(reply) <= floor:
+                average.add(reply.content[ARRAYS_KEY], _examples(reply))
+                del reply.content[ARRAYS_KEY]
 
-        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        deadline = self._round_deadline(server_round, timeout)
         sent, replies = self._push_and_pull(messages, deadline, receive)
         stats.bytes_sent += sum(_message_nbytes(m) for m in sent)
         good = self._check_replies(kind, server_round, sent, replies, rejected, stats)
+        self._cap_examples(kind, server_round, good, stats)
+        if kind == MessageType.EVALUATE:
+            _keep_shared_metrics(server_round, good)
         stats.succeeded[kind] = len(good)
         self.reply_board.finish(good, stats.failures)
         if good:
@@ -200,11 +247,48 @@ class TrackingGrid(Grid):
                 f"than min_train_clients={self._min_train_clients}.\n" + "\n".join(stats.failures)
             )
         if average is not None and good:
+            for reply in good:  # the claims held back for the round's cap, now capped
+                if ARRAYS_KEY in reply.content.array_records:
+                    average.add(reply.content[ARRAYS_KEY], _examples(reply))
+                    del reply.content[ARRAYS_KEY]
             # One reply holding the mean aggregates like all of them (`strategies.averages_replies`).
             metrics = MetricRecord({**stats.metrics[kind], NUM_EXAMPLES_KEY: average.total_weight})
             mean = RecordDict({ARRAYS_KEY: average.mean(), METRICS_KEY: metrics})
             return [Message(mean, reply_to=sent[0])]
         return good
+
+    def _sent_weights(self, kind: str, messages: list[Message]) -> dict | None:
+        """The weights this round's training messages carry, as clients decode them, when
+        `--max_update_norm` measures updates from them (Flower's strategies send every node the
+        same weights)."""
+        arrays = messages[0].content.array_records.get(ARRAYS_KEY)
+        if kind != MessageType.TRAIN or not self._expected.max_update_norm or arrays is None:
+            return None
+        return arrays_to_state_dict(arrays, self._expected.reference)
+
+    def _cap_examples(self, kind: str, server_round: int, good: list[Message], stats: RoundStats) -> None:
+        """Lower, in place, every kept reply's example count above the round's cap; log and note each."""
+        if not good:
+            return
+        limit = self._example_cap.limit(kind, [_examples(reply) for reply in good])
+        for reply in good:
+            count = _examples(reply)
+            if count <= limit:
+                continue
+            reply.content[METRICS_KEY][NUM_EXAMPLES_KEY] = limit
+            note = (
+                f"round {server_round} {kind}: node {reply.metadata.src_node_id} ({_partition(reply)}): "
+                f"{NUM_EXAMPLES_KEY} {count} capped to {limit} ({self._example_cap.describe(kind)})"
+            )
+            stats.notes.append(note)
+            log(WARNING, "%s", note)
+
+    def _round_deadline(self, server_round: int, timeout: float | None) -> float:
+        """The `time.monotonic()` by which round `server_round` ends: `timeout` (`--round_timeout`)
+        after its first exchange, so training and federated evaluation share it."""
+        if timeout is None:
+            return math.inf
+        return self._round_deadlines.setdefault(server_round, time.monotonic() + timeout)
 
     def _cast_outgoing(self, messages: list[Message]) -> None:
         """Weights in `transfer_dtype` for the wire; messages sharing one record share its cast."""
@@ -260,6 +344,8 @@ class TrackingGrid(Grid):
 
         def push(batch: list[Message], by_reference: bool) -> None:
             outgoing = [self._outgoing(m, by_reference) for m in batch]
+            for message in outgoing:
+                _expire_at(message, deadline)
             for message_id, message, original in zip(self._grid.push_messages(outgoing), outgoing, batch):
                 if message_id:
                     sent[message_id], originals[message_id] = message, original
@@ -296,14 +382,15 @@ class TrackingGrid(Grid):
         for reply in replies:
             node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
-            self._remember_held(node, reply)
             if reply.has_error():
                 failure = f"node {node}: {reply.error.reason}"
             elif reply.metadata.reply_to_message_id in rejected:
                 failure = f"node {node} ({_partition(reply)}): {rejected[reply.metadata.reply_to_message_id]}"
             else:
+                self._remember_held(node, reply)
                 good.append(reply)
                 continue
+            self._held.pop(node, None)  # what a failed or refused reply says is not believed
             stats.failures.append(f"round {server_round} {kind}: {failure}")
             log(WARNING, "Round %s %s: %s", server_round, kind, failure)
         for message in messages:
@@ -322,6 +409,15 @@ class TrackingGrid(Grid):
             self._held.pop(node, None)
 
 
+def _expire_at(message: Message, deadline: float) -> None:
+    """Make `message` expire when its round ends (`deadline`, a `time.monotonic()` value): the
+    SuperLink then drops it, and a client stops working on it (`client_app.TaskDeadline`)."""
+    remaining = deadline - time.monotonic()
+    if math.isfinite(remaining):
+        age = time.time() - message.metadata.created_at
+        message.metadata.ttl = min(message.metadata.ttl, age + max(remaining, MIN_TTL_SECONDS))
+
+
 def _is_not_held(reply: Message) -> bool:
     return reply.has_error() and reply.error.code == ARRAYS_NOT_HELD_CODE
 
@@ -331,14 +427,42 @@ def _message_nbytes(message: Message) -> int:
 
 
 def _partition(reply: Message) -> str:
+    """The partition a reply says it comes from, for messages: any reply, valid or not."""
     client = reply.content.config_records.get(CLIENT_KEY)
-    return f"partition {client[PARTITION_ID_KEY]}" if client else "partition unknown"
+    partition = client.get(PARTITION_ID_KEY) if client is not None else None
+    return f"partition {partition}" if type(partition) is int else "partition unknown"
+
+
+def _examples(reply: Message) -> int:
+    """A validated reply's example count."""
+    return int(reply.content[METRICS_KEY][NUM_EXAMPLES_KEY])
+
+
+def _keep_shared_metrics(server_round: int, replies: list[Message]) -> None:
+    """Drop, in place, evaluation metrics that not every kept reply reports (e.g. `eval_label_accuracy`,
+    which depends on a client's data): Flower's strategies aggregate only replies with one set of
+    metric names, and a mean over some clients would pass for the round's."""
+    shared = set.intersection(*(set(reply.content[METRICS_KEY]) for reply in replies)) if replies else set()
+    dropped = set()
+    for reply in replies:
+        metrics = reply.content[METRICS_KEY]
+        for name in [name for name in metrics if name not in shared]:
+            dropped.add(name)
+            del metrics[name]
+    if dropped:
+        log(INFO, "Round %s evaluate: %s not reported by every client", server_round, sorted(dropped))
 
 
 def _client_summary(reply: Message) -> dict:
     client = reply.content.config_records.get(CLIENT_KEY, ConfigRecord())
     metrics = next(iter(reply.content.metric_records.values()))
     return {"node_id": reply.metadata.src_node_id, **dict(client), **dict(metrics)}
+
+
+def partition_counts(run_args: RunArguments) -> list[tuple[int, int]]:
+    """The (train, eval) example counts a client of each of the run's partitions reports."""
+    eval_size = run_args.data.client_eval_size
+    return [data.client_split_sizes(size, eval_size) for size in partition_sizes(run_args)]
 
 
 @contextlib.contextmanager
@@ -440,6 +564,7 @@ class RoundCheckpointer:
             "central": {},
             "client_results": stats.clients,
             "failures": list(stats.failures),
+            "notes": list(stats.notes),
             "bytes_sent": stats.bytes_sent,
             "bytes_received": stats.bytes_received,
         }
@@ -539,7 +664,14 @@ class RoundCheckpointer:
         self.history["best_round"] = checkpoint.best_round(
             self.history, f"central.{self.task.best_metric}", self.task.greater_is_better
         )
-        checkpoint.write_history(self.output_dir, self.history)
+        try:
+            checkpoint.write_history(self.output_dir, self.history)
+        except OSError as write_error:  # e.g. a full disk
+            if error is None:
+                raise
+            # The run's own error is what the user must see: report it first, and let it propagate.
+            log(ERROR, "The run failed: %s: %s", type(error).__name__, error)
+            log(ERROR, "Recording that in %s failed too: %s", checkpoint.HISTORY_FILE, write_error)
         self.tracker.close()
         return worker_error or push_error
 
@@ -548,6 +680,8 @@ class RoundCheckpointer:
 def main(grid: Grid, context: Context) -> None:
     """Run `num_rounds` of the configured strategy and save every aggregated round."""
     run_args = from_run_config(context.run_config)
+    # Under a launcher its lock covers this run; started by `flwr run .`, the run locks the folder.
+    run_lock.hold_for_process(run_args.training.output_dir)
     task = get_task(run_args.model.task)
     facts = check_run(run_args, prepare_output=True)
     set_seed(run_args.training.seed)
@@ -560,10 +694,12 @@ def main(grid: Grid, context: Context) -> None:
     initial_arrays = get_weights(model, "float32")
     tracking_grid = TrackingGrid(
         grid,
-        trainable_state_dict(model),
+        ExpectedReply.for_run(run_args, task, trainable_state_dict(model)),
         federation.min_train_clients,
-        federation.transfer_dtype,
         average_on_arrival=averages_replies(strategy),
+        example_cap=ExampleCap.for_run(federation.max_examples_per_client, partition_counts(run_args)),
+        wait_for_clients_timeout=federation.wait_for_clients_timeout,
+        clients_wanted=nodes_waited_for(strategy),
     )
     resume_point = None
     if federation.resume:

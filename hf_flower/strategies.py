@@ -212,3 +212,16 @@ AVERAGING_STRATEGIES = frozenset({"FedAvg", "FedProx", "FedAvgM", "FedAdam", "Fe
 def averages_replies(strategy: Strategy) -> bool:
     """Whether `strategy` aggregates training replies by their examples-weighted mean."""
     return type(strategy).__name__ in AVERAGING_STRATEGIES
+
+
+def nodes_waited_for(strategy: Strategy) -> int:
+    """How many connected nodes `strategy` waits for before it samples a round: the most of its
+    `min_available_nodes` and the minimums it samples for training and (when it evaluates)
+    evaluation, those of the strategy a differential-privacy wrapper wraps included."""
+    wanted = 0
+    for _, part in _stateful_parts(strategy):
+        minimums = [getattr(part, "min_available_nodes", 0), getattr(part, "min_train_nodes", 0)]
+        if getattr(part, "fraction_evaluate", 0.0) > 0:
+            minimums.append(getattr(part, "min_evaluate_nodes", 0))
+        wanted = max(wanted, *minimums)
+    return wanted

@@ -13,18 +13,21 @@ would see the data in the same order, and the optimizer's moments would start fr
   dropout differ between rounds and are the same in every run with that seed.
 - `OptimizerStateStore`: with `--keep_optimizer_state`, the optimizer's state (AdamW's moments)
   is kept between rounds on the client side, never in a message to the server.
+- `TaskDeadline`: training stops when the message it answers expires (the server makes each
+  message expire when its round's `--round_timeout` ends): a reply after that is dropped anyway.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, get_scheduler
+from transformers import Trainer, TrainerCallback, get_scheduler
 
 OPTIMIZER_STATE_KEY = "optimizer-state"
 
@@ -164,3 +167,31 @@ class FederatedTrainer(Trainer):
         proximal = sum((p - g).pow(2).sum() for p, g in zip(local_params, self.global_params))
         loss = loss + self.proximal_mu / 2 * proximal
         return (loss, outputs) if return_outputs else loss
+
+
+class TaskExpiredError(RuntimeError):
+    """The message a client was training for expired: its round is over on the server."""
+
+
+class TaskDeadline(TrainerCallback):
+    """Stop training at `deadline` (a `time.time()` value: the message's `created_at + ttl`, as
+    Flower itself reads it, so client and server clocks are assumed to agree as Flower assumes).
+
+    Under `accelerate launch` every rank stops at the same step: the ranks agree on "expired" with
+    one all-reduce per step, or a rank that stopped alone would leave the others waiting in the
+    next gradient all-reduce. `expired` says whether it stopped training.
+    """
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.expired = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        expired = torch.tensor([float(time.time() > self.deadline)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "nccl":
+                expired = expired.cuda()
+            torch.distributed.all_reduce(expired, op=torch.distributed.ReduceOp.MAX)
+        if expired.item() > 0:
+            self.expired = control.should_training_stop = True
+        return control

@@ -66,6 +66,10 @@ class NonFiniteWeightsError(ValueError):
     """Received arrays hold NaN or inf: the sender's training diverged."""
 
 
+class WeightsOutOfRangeError(ValueError):
+    """Received arrays hold values beyond the bound the receiver accepts."""
+
+
 def transfer_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     """The torch dtype of a `--transfer_dtype` name (None keeps each tensor's own dtype)."""
     if name is None or isinstance(name, torch.dtype):
@@ -164,16 +168,36 @@ def validate_arrays(
     arrays: Mapping[str, Array],
     reference: Mapping[str, torch.Tensor],
     check_finite: bool = True,
+    dtype: str | torch.dtype | None = None,
+    max_magnitude: float | None = None,
 ) -> None:
     """Check that ``arrays`` fit ``reference`` (e.g. `trainable_state_dict(model)`).
 
     Checks, in this order: the same keys; the same shapes (the first differing key in the
-    reference's order is named); with ``check_finite``, no NaN/inf in float arrays. Shapes and
-    values are read from the array bytes themselves, not only from the metadata next to them.
+    reference's order is named); with ``dtype`` (a `TRANSFER_DTYPES` name), exactly that dtype
+    for the reference's floating-point tensors and the reference's own dtype for the others;
+    with ``check_finite``, no NaN/inf in float arrays; with ``max_magnitude``, no value beyond
+    it. Shapes, dtypes and values are read from the array bytes themselves, not only from the
+    metadata next to them.
 
-    Raises ``WeightsMismatchError`` or ``NonFiniteWeightsError``; returns nothing when fine.
+    Raises ``WeightsMismatchError``, ``NonFiniteWeightsError`` or ``WeightsOutOfRangeError``;
+    returns nothing when fine.
     """
-    _decode_all(arrays, reference, check_finite)
+    _decode_all(arrays, reference, check_finite, transfer_dtype(dtype), max_magnitude)
+
+
+def update_norm(arrays: Mapping[str, Array], start: Mapping[str, torch.Tensor]) -> float:
+    """The L2 norm of ``arrays - start`` over all tensors: how far an update moved the weights.
+
+    ``arrays`` must already be validated against ``start`` (same keys and shapes). Each tensor is
+    read in place from the message bytes; only one tensor's difference exists at a time.
+    """
+    total = 0.0
+    with _readonly_views():
+        for name, base in start.items():
+            difference = _decode(name, arrays[name]).float() - base.float()
+            total += float(torch.linalg.vector_norm(difference)) ** 2
+    return math.sqrt(total)
 
 
 def arrays_to_state_dict(
@@ -277,17 +301,17 @@ def pack_arrays(arrays: Mapping[str, Array]) -> tuple[Array, dict[str, list]] | 
 
 
 def unpack_arrays(packed: Array, layout: Mapping[str, list]) -> ArrayRecord:
-    """The arrays `pack_arrays` packed, as an ``ArrayRecord`` in their original order."""
-    names, ndims, dims = list(layout["names"]), list(layout["ndims"]), list(layout["dims"])
+    """The arrays `pack_arrays` packed, as an ``ArrayRecord`` in their original order.
+
+    The layout comes from the sender: it is checked whole (`_packed_shapes`) before any value
+    is read, so a malformed one is a ``WeightsMismatchError``, never a crash or a wrong split.
+    """
     with _readonly_views():
         flat = _decode("packed", packed)
-    shapes, start = [], 0
-    for ndim in ndims:
-        shapes.append(tuple(dims[start : start + ndim]))
-        start += ndim
-    if flat.dim() != 1 or len(names) != len(ndims) or start != len(dims):
+    names, shapes = _packed_shapes(layout)
+    if flat.dim() != 1:
         raise WeightsMismatchError(
-            "Received packed weights with an inconsistent layout; the message is corrupt."
+            f"Received packed weights of shape {tuple(flat.shape)}; expected one flat array."
         )
     if sum(math.prod(shape) for shape in shapes) != flat.numel():
         raise WeightsMismatchError(
@@ -301,6 +325,36 @@ def unpack_arrays(packed: Array, layout: Mapping[str, list]) -> ArrayRecord:
             out[name] = _tensor_to_array(name, flat[offset : offset + count].reshape(shape), None)
             offset += count
     return out
+
+
+def _packed_shapes(layout: Mapping[str, list]) -> tuple[list[str], list[tuple[int, ...]]]:
+    """The names and shapes a packed layout describes, after checking that it is one `pack_arrays`
+    could have written: distinct names, one non-negative rank per name, non-negative dims that
+    add up to those ranks."""
+    names, ndims, dims = (layout.get(key) for key in ("names", "ndims", "dims"))
+    valid = (
+        isinstance(names, list)
+        and all(isinstance(name, str) for name in names)
+        and len(set(names)) == len(names)
+        and _non_negative_ints(ndims)
+        and _non_negative_ints(dims)
+        and len(ndims) == len(names)
+        and sum(ndims) == len(dims)
+    )
+    if not valid:
+        raise WeightsMismatchError(
+            "Received packed weights with an inconsistent layout (names, ndims and dims must be lists "
+            "of distinct names and non-negative integers that match); the message is corrupt."
+        )
+    shapes, start = [], 0
+    for ndim in ndims:
+        shapes.append(tuple(dims[start : start + ndim]))
+        start += ndim
+    return names, shapes
+
+
+def _non_negative_ints(values) -> bool:
+    return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
 
 
 class RunningMean:
@@ -345,8 +399,11 @@ def _decode_all(
     arrays: Mapping[str, Array],
     reference: Mapping[str, torch.Tensor],
     check_finite: bool,
+    dtype: torch.dtype | None = None,
+    max_magnitude: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Validate ``arrays`` against ``reference`` and return read-only tensor views of them."""
+    """Validate ``arrays`` against ``reference`` and return read-only tensor views of them
+    (``dtype`` and ``max_magnitude``: see `validate_arrays`)."""
     _check_keys(arrays, reference)
     with _readonly_views():
         decoded = {name: _decode(name, arrays[name]) for name in reference}
@@ -356,6 +413,15 @@ def _decode_all(
             raise WeightsMismatchError(
                 f"{name}: received shape {received} but the model has {expected}. " + _ARCHITECTURE_HINT
             )
+    if dtype is not None:
+        for name, ref in reference.items():
+            expected = dtype if ref.dtype.is_floating_point else ref.dtype
+            if decoded[name].dtype != expected:
+                raise WeightsMismatchError(
+                    f"{name}: received {decoded[name].dtype} values, expected {expected} (the run's "
+                    "--transfer_dtype for floating-point weights). Run the sender with this run's "
+                    "configuration."
+                )
     if check_finite:
         for name in reference:
             view = decoded[name]
@@ -365,7 +431,26 @@ def _decode_all(
                     "diverged. Lower the learning rate, check the data (inputs and labels), "
                     "or clip gradients (`max_grad_norm`)."
                 )
+    if max_magnitude is not None:
+        for name in reference:
+            largest = _max_magnitude(decoded[name])
+            if not largest <= max_magnitude:
+                raise WeightsOutOfRangeError(
+                    f"{name}: received a value of magnitude {largest:.3g}, beyond the {max_magnitude:g} "
+                    "accepted; the sender's update diverged or was crafted."
+                )
     return decoded
+
+
+def _max_magnitude(view: torch.Tensor) -> float:
+    """The largest absolute value of a tensor (NaN if it holds one), in one read pass."""
+    if view.numel() == 0:
+        return 0.0
+    if view.dtype.is_complex:
+        return float(view.abs().max())
+    low, high = torch.aminmax(view if view.dtype != torch.bool else view.to(torch.uint8))
+    low, high = float(low), float(high)
+    return float("nan") if math.isnan(low) or math.isnan(high) else max(-low, high)
 
 
 def _all_finite(view: torch.Tensor) -> bool:

@@ -35,6 +35,9 @@ NEGATIVE_WORDS = ["bad", "awful", "boring", "terrible", "hated", "dull", "worst"
 REVIEW_LABELS = ("0", "1")
 # ...and the run facts a client caches its model under (`client_app.facts_key`).
 REVIEW_FACTS = '{"label-names": ["0", "1"]}'
+# The pid in the names of a dead run's leftovers: above Linux's highest pid_max (2**22), so no
+# process ever has it (a real dead pid could be reused by the time a test looks).
+NO_SUCH_PID = 2**22 + 1
 FILLER_WORDS = ["the", "movie", "film", "was", "plot", "actors", "and", "a", "really", "story"]
 
 

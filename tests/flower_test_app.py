@@ -23,12 +23,12 @@ def _round(msg) -> int:
 
 
 def _should(action: str, msg, context) -> bool:
-    rule = PLAN.get(action)
-    return (
-        rule is not None
-        and msg.metadata.message_type == "train"
-        and int(context.node_config["partition-id"]) == rule["partition"]
-        and _round(msg) == rule["round"]
+    """Whether the plan names this client and round for `action` (one rule or a list of them)."""
+    rules = PLAN.get(action) or []
+    rules = [rules] if isinstance(rules, dict) else rules
+    partition = int(context.node_config["partition-id"])
+    return msg.metadata.message_type == "train" and any(
+        partition == rule["partition"] and _round(msg) == rule["round"] for rule in rules
     )
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NO_SUCH_PID
 from safetensors.numpy import load_file
 
 from hf_flower import checkpoint
@@ -33,7 +34,7 @@ def interrupted_after(reference: Path, output_dir: Path, last_round: int) -> Non
     checkpoint.write_history(
         output_dir, {**history, "status": "running", "rounds": history["rounds"][: last_round + 1]}
     )
-    half = output_dir / f".round-{last_round + 1}{checkpoint.TMP_ROUND_MARKER}4242-deadbeef"
+    half = output_dir / f".round-{last_round + 1}{checkpoint.TMP_ROUND_MARKER}{NO_SUCH_PID}-deadbeef"
     half.mkdir()
     (half / checkpoint.CONFIG_FILE).write_text('{"model_type": "be')  # cut off mid-write
 

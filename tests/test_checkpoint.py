@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_tiny_bert
+from conftest import NO_SUCH_PID, make_tiny_bert
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -116,10 +116,10 @@ def test_list_and_latest_rounds(tmp_path, tiny_model):
 
 def test_resaving_a_round_replaces_it(tmp_path, tiny_model):
     out = prepare_output_dir(tmp_path, overwrite=False)
-    save_round(out, 1, save_model(tiny_model), {"round": 1, "version": "old"})
+    save_round(out, 1, save_model(tiny_model), {"round": 1, "seconds": 1.0})
     (out / "round-1" / "stale.txt").write_text("from the first save")
-    save_round(out, 1, save_model(tiny_model), {"round": 1, "version": "new"})
-    assert read_round_metrics(out, 1)["version"] == "new"
+    save_round(out, 1, save_model(tiny_model), {"round": 1, "seconds": 2.0})
+    assert read_round_metrics(out, 1)["seconds"] == 2.0
     assert not (out / "round-1" / "stale.txt").exists()
     assert hidden_entries(out) == []
     assert list_rounds(out) == [1]
@@ -142,7 +142,7 @@ def test_failing_write_files_leaves_nothing(tmp_path, tiny_model):
 
     # Failing while replacing an existing round keeps the old round.
     with pytest.raises(RuntimeError, match="disk full"):
-        save_round(out, 0, crash_halfway, {"round": 0, "version": "new"})
+        save_round(out, 0, crash_halfway, {"round": 0, "seconds": 2.0})
     assert read_round_metrics(out, 0) == {"round": 0}
     assert hidden_entries(out) == []
 
@@ -165,11 +165,11 @@ def test_crash_leftovers_are_ignored_and_cleaned(tmp_path, tiny_model):
     save_round(out, 0, save_model(tiny_model), {"round": 0})
     save_round(out, 1, save_model(tiny_model), {"round": 1})
     # A crash while round 2 was being written: a hidden temporary folder with partial files.
-    leftover = out / f".round-2.tmp-{os.getpid()}-deadbeef"
+    leftover = out / f".round-2.tmp-{NO_SUCH_PID}-deadbeef"
     leftover.mkdir()
     tiny_model.config.save_pretrained(leftover)
     (leftover / WEIGHTS_FILE).write_bytes(b"partial")
-    (out / f".{HISTORY_FILE}.tmp-123-abcd").write_text('{"status": "runn')
+    (out / f".{HISTORY_FILE}.tmp-{NO_SUCH_PID}-abcd").write_text('{"status": "runn')
 
     assert list_rounds(out) == [0, 1]
     assert latest_round(out) == 1
@@ -185,8 +185,8 @@ def test_crash_while_replacing_a_round_restores_it(tmp_path, tiny_model):
     out = tmp_path / "run"
     save_round(out, 0, save_model(tiny_model), {"round": 0})
     # A crash between moving round-0 aside and renaming the new one into place.
-    os.rename(out / "round-0", out / ".round-0.old-1-abcd")
-    new_copy = out / ".round-0.tmp-1-ef01"
+    os.rename(out / "round-0", out / f".round-0.old-{NO_SUCH_PID}-abcd")
+    new_copy = out / f".round-0.tmp-{NO_SUCH_PID}-ef01"
     save_model(tiny_model)(new_copy)
     assert list_rounds(out) == []
 
@@ -194,7 +194,7 @@ def test_crash_while_replacing_a_round_restores_it(tmp_path, tiny_model):
     assert hidden_entries(out) == [] and list_rounds(out) == []
 
     save_round(out, 0, save_model(tiny_model), {"round": 0})
-    os.rename(out / "round-0", out / ".round-0.old-1-abcd")
+    os.rename(out / "round-0", out / f".round-0.old-{NO_SUCH_PID}-abcd")
     with pytest.raises(OutputDirError, match="round-0"):
         prepare_output_dir(out, overwrite=False)
     assert list_rounds(out) == [0]

@@ -29,8 +29,8 @@ def context(run_config, partition_id=0):
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
 
 
-def instruction(arrays, kind=MessageType.TRAIN, server_round=1, **config):
-    """A message as a SuperNode hands it to the ClientApp."""
+def instruction(arrays, kind=MessageType.TRAIN, server_round=1, ttl=3600.0, **config):
+    """A message as a SuperNode hands it to the ClientApp (sent now, living `ttl` seconds)."""
     content = RecordDict(
         {
             "arrays": arrays,
@@ -41,7 +41,7 @@ def instruction(arrays, kind=MessageType.TRAIN, server_round=1, **config):
     )
     metadata = Metadata(
         run_id=1, message_id="m1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
-        group_id=str(server_round), created_at=time.time(), ttl=3600, message_type=kind,
+        group_id=str(server_round), created_at=time.time(), ttl=ttl, message_type=kind,
     )  # fmt: skip
     return Message(metadata=metadata, content=content)
 
@@ -63,6 +63,30 @@ def test_train_replies_new_weights_and_reuses_the_model(run_config):
     client_app.train(instruction(start, server_round=2), ctx)
     assert client_app.load_run.cache_info().misses == task_misses + 1
     assert client_app.load_partition.cache_info().misses == partition_misses + 1
+
+
+def test_training_stops_when_the_message_expires(run_config, monkeypatch):
+    """The server makes a message expire when its round ends (`--round_timeout`): the client stops
+    training there, at a step boundary, and says so instead of replying late."""
+    from hf_flower import trainer
+
+    stops = []
+    original = trainer.TaskDeadline.on_step_end
+
+    def record(self, args, state, control, **kwargs):
+        control = original(self, args, state, control, **kwargs)
+        stops.append((state.global_step, control.should_training_stop))
+        return control
+
+    monkeypatch.setattr(trainer.TaskDeadline, "on_step_end", record)
+    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
+    message = instruction(get_weights(task.model), ttl=0.01)
+    time.sleep(0.05)
+    reply = client_app.train(message, context(run_config))
+    assert stops == [(1, True)]  # of --max_steps 3
+    assert reply.has_error()
+    assert "message expired after 1 training steps" in reply.error.reason
+    assert "--round_timeout" in reply.error.reason
 
 
 def test_evaluate_reports_loss_accuracy_f1(run_config):

@@ -80,7 +80,7 @@ def server_command(tmp_path, model_dir, csv, port, *flags):
         sys.executable, str(ROOT / "scripts" / "server.py"),
         "--model_name_or_path", str(model_dir), "--dataset", str(csv), "--max_length", "32",
         "--test_size", "40", "--num_rounds", "2", "--learning_rate", "5e-3",
-        "--output_dir", str(tmp_path / "run"), "--port", str(port), *flags,
+        "--output_dir", str(tmp_path / "run"), "--port", str(port), "--insecure", *flags,
     ]  # fmt: skip
 
 
@@ -93,7 +93,7 @@ def client_command(port, data, work_dir, launcher=(sys.executable,)):
     )
     return [
         *launcher, str(ROOT / "scripts" / "client.py"), "--superlink", f"127.0.0.1:{port}", *serves,
-        "--superlink_timeout", "10", "--work_dir", str(work_dir),
+        "--superlink_timeout", "10", "--work_dir", str(work_dir), "--insecure",
     ]  # fmt: skip
 
 
@@ -110,10 +110,27 @@ def write_labelled_reviews(path, labels: list[str], seed: int) -> Path:
     return path
 
 
-def test_server_with_own_data_clients_two_rank_and_plain(tmp_path, tiny_model_dir, no_leftover_processes):
-    """Issue 3 point 1 and issue 12's deployment: one 2-rank `accelerate launch` client and two
-    plain ones, each with its own file. The server's data names the classes; one client holds
-    only `positive` rows, one lists `positive` first, one holds both, `negative` first."""
+def kill_launcher_only(proc: ManagedProcess, within: float = 10.0) -> list[str]:
+    """SIGKILL the client launcher alone, as the OOM killer would; return its processes (SuperNode
+    and the rest) still alive `within` seconds later: none, since they die with their parent."""
+    root = psutil.Process(proc.process.pid)
+    children = root.children(recursive=True)
+    assert children, "the client started no SuperNode"
+    root.kill()
+    proc.process.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=within)
+    return [" ".join(p.cmdline()) for p in alive]
+
+
+def test_own_data_clients_two_rank_and_plain_survive_a_killed_client(
+    tmp_path, tiny_model_dir, no_leftover_processes
+):
+    """One 2-rank `accelerate launch` client and two plain ones, each with its own file (issue 3
+    point 1, issue 12): the server's data names the classes; one client holds only `positive` rows,
+    one lists `positive` first, one holds both, `negative` first. With min_train_clients=2, the
+    third client's launcher is SIGKILLed while it trains round 1: its SuperNode dies with it within
+    10 s (issue 11), the round finishes with the other two, and the restarted client trains in
+    round 2."""
     port = free_port()
     server_csv = write_labelled_reviews(tmp_path / "server.csv", ["negative", "positive"] * 60, seed=0)
     own = {
@@ -122,75 +139,29 @@ def test_server_with_own_data_clients_two_rank_and_plain(tmp_path, tiny_model_di
         "c2": write_labelled_reviews(tmp_path / "c2.csv", ["negative", "positive"] * 70, seed=3),
     }
     server_flags = (
-        "--num_clients", "3", "--min_train_clients", "3", "--min_evaluate_clients", "3",
+        "--num_clients", "3", "--min_train_clients", "2", "--min_evaluate_clients", "2",
         "--min_available_clients", "3", "--client_eval_size", "0.2", "--local_epochs", "10",
-        "--learning_rate", "3e-3", "--per_device_train_batch_size", "8",
+        "--learning_rate", "3e-3", "--per_device_train_batch_size", "8", "--round_timeout", "120",
     )  # fmt: skip
     accelerate_launch = (ACCELERATE, "launch", "--config_file", str(MULTI_CPU))
-    with (
-        ManagedProcess(
-            server_command(tmp_path, tiny_model_dir, server_csv, port, *server_flags), tmp_path / "server.log"
-        ) as server,
-        ManagedProcess(
-            client_command(port, own["c0"], tmp_path / "c0", accelerate_launch), tmp_path / "c0.log"
-        ) as ddp_client,
-        ManagedProcess(client_command(port, own["c1"], tmp_path / "c1"), tmp_path / "c1.log") as client1,
-        ManagedProcess(client_command(port, own["c2"], tmp_path / "c2"), tmp_path / "c2.log") as client2,
-    ):
-        assert wait_for_exit(server, 300) == 0, server.tail(40)
-        # The server stopped its SuperLink: clients leave within --superlink_timeout.
-        for client in (ddp_client, client1, client2):
-            assert wait_for_exit(client, 60) == 0, client.tail(40)
 
-    output_dir = tmp_path / "run"
-    assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
-    history = checkpoint.read_history(output_dir)
-    assert history["status"] == "completed"
-    for record in history["rounds"][1:]:
-        assert record["clients"]["train_succeeded"] == 3
-        # A client's file is all its data: its rows less its own eval split (0.2, rounded up).
-        assert sorted(c["num-examples"] for c in record["client_results"]["train"]) == [48, 80, 112]
-    # Round 2 trains from the aggregate every client just evaluated: it travels by id only, so
-    # round 2 sends half of round 1 (less the .npy headers saved by packing the evaluate weights).
-    round1, round2 = history["rounds"][1:]
-    assert round1["bytes_sent"] / 2 - 64 * 1024 < round2["bytes_sent"] < round1["bytes_sent"] / 2
-    classify = pipeline("text-classification", model=str(output_dir / "round-2"))
-    assert classify("great excellent superb loved wonderful")[0]["label"] == "positive"
-    assert classify("awful terrible worst boring hated")[0]["label"] == "negative"
-    assert "round 2/2 | clients 3/3" in (tmp_path / "server.log").read_text()
-    assert "Client connected" in (tmp_path / "c0.log").read_text()
-    shutil.rmtree(output_dir / ".flwr", ignore_errors=True)
-
-
-def kill_tree(proc: ManagedProcess) -> None:
-    """SIGKILL a client and everything it started, as a crashed machine would."""
-    root = psutil.Process(proc.process.pid)
-    for p in [*root.children(recursive=True), root]:
-        p.kill()
-    proc.process.wait(timeout=10)
-
-
-def test_killed_client_round_finishes_and_restarted_client_rejoins(
-    tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes
-):
-    """Point 7: 3 clients, min_train_clients=2. Client 2 is killed while training round 1: the round
-    finishes with the other two; a restarted client 2 rejoins and trains in round 2."""
-    port = free_port()
-    server_flags = (
-        "--num_clients", "3", "--num_rounds", "2", "--min_train_clients", "2",
-        "--min_evaluate_clients", "2", "--min_available_clients", "3", "--round_timeout", "120",
-        "--max_steps", "100", "--per_device_train_batch_size", "4",
-    )  # fmt: skip
-    server_cmd = server_command(tmp_path, tiny_model_dir, reviews_csv, port, *server_flags)
-
-    def client(i, name):
-        command = client_command(port, i, tmp_path / name)
-        command[command.index("--num_partitions") + 1] = "3"
+    def client(name, launcher=(sys.executable,)):
+        # Heartbeats every 10 s: the SuperLink declares a killed node dead after ~20 s, not ~60.
+        command = [
+            *client_command(port, own[name[:2]], tmp_path / name, launcher),
+            "--heartbeat_interval",
+            "10",
+        ]
         return ManagedProcess(command, tmp_path / f"{name}.log")
 
     output_dir = tmp_path / "run"
-    with ManagedProcess(server_cmd, tmp_path / "server.log") as server, client(0, "c0"), client(1, "c1"):
-        victim = client(2, "c2").__enter__()
+    server_cmd = server_command(tmp_path, tiny_model_dir, server_csv, port, *server_flags)
+    with (
+        ManagedProcess(server_cmd, tmp_path / "server.log") as server,
+        client("c0", accelerate_launch) as ddp_client,
+        client("c1") as client1,
+    ):
+        victim = client("c2").__enter__()
         try:
             deadline = time.monotonic() + 180
             # Kill it once it is training round 1 (Trainer's progress bar is in its log).
@@ -198,24 +169,37 @@ def test_killed_client_round_finishes_and_restarted_client_rejoins(
                 if checkpoint.list_rounds(output_dir) == [0] and "it/s]" in (tmp_path / "c2.log").read_text():
                     break
                 time.sleep(0.2)
-            kill_tree(victim)
+            assert kill_launcher_only(victim) == []
             # The restarted client is a new SuperNode; the server waits for 3 before round 2.
-            with client(2, "c2-restarted"):
+            with client("c2-restarted") as restarted:
                 assert wait_for_exit(server, 300) == 0, server.tail(40)
+                # The server stopped its SuperLink: clients leave within --superlink_timeout.
+                for survivor in (ddp_client, client1, restarted):
+                    assert wait_for_exit(survivor, 60) == 0, survivor.tail(40)
         finally:
             victim.stop()
 
+    assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
     history = checkpoint.read_history(output_dir)
     assert history["status"] == "completed"
     round1, round2 = history["rounds"][1:]
-    assert round1["clients"]["train_sampled"] == 3
-    assert round1["clients"]["train_succeeded"] == 2
-    assert sorted(c["partition-id"] for c in round1["client_results"]["train"]) == [0, 1]
+    # A client's file is all its data: its rows less its own eval split (0.2, rounded up).
+    assert round1["clients"]["train_sampled"] == 3 and round1["clients"]["train_succeeded"] == 2
+    assert sorted(c["num-examples"] for c in round1["client_results"]["train"]) == [48, 80]
     assert len(round1["failures"]) == 1, round1["failures"]  # the killed node, named once
-    # Round 1 ends when Flower declares the killed SuperNode dead (its heartbeat expired), so by
-    # round 2 only the 3 live nodes are listed: the restarted partition 2 trains again.
+    # Round 1 ends when Flower declares the killed SuperNode dead (two heartbeats missed), so by
+    # round 2 only the 3 live nodes are listed: the restarted client trains again.
     assert round2["clients"]["train_succeeded"] == 3
-    assert sorted(c["partition-id"] for c in round2["client_results"]["train"]) == [0, 1, 2]
+    assert sorted(c["num-examples"] for c in round2["client_results"]["train"]) == [48, 80, 112]
+    # Round 2 trains from the aggregate the surviving clients just evaluated: it travels to them by
+    # id only, and in full to the restarted client alone (round 1: in full to all three).
+    assert round2["bytes_sent"] < round1["bytes_sent"] / 2
+    classify = pipeline("text-classification", model=str(output_dir / "round-2"))
+    assert classify("great excellent superb loved wonderful")[0]["label"] == "positive"
+    assert classify("awful terrible worst boring hated")[0]["label"] == "negative"
+    assert "round 2/2 | clients 3/3" in (tmp_path / "server.log").read_text()
+    assert "Client connected" in (tmp_path / "c0.log").read_text()
+    shutil.rmtree(output_dir / ".flwr", ignore_errors=True)
 
 
 def causal_lm_flags(model_dir, data) -> list[str]:
@@ -259,7 +243,7 @@ def test_server_with_two_rank_and_plain_causal_lm_clients(
     server = [
         sys.executable, str(ROOT / "scripts" / "server.py"), *causal_lm_flags(tiny_chat_model_dir, chat_jsonl),
         "--num_rounds", "2", "--local_epochs", "2", "--per_device_train_batch_size", "4",
-        "--output_dir", str(tmp_path / "run"), "--port", str(port),
+        "--output_dir", str(tmp_path / "run"), "--port", str(port), "--insecure",
     ]  # fmt: skip
     accelerate_launch = (ACCELERATE, "launch", "--config_file", str(MULTI_CPU))
     with (

@@ -1,12 +1,17 @@
 """Bad input stops `hf-flower simulate` before any Flower process starts, with one clear message."""
 
+import errno
+import logging
+
 import pytest
 from conftest import build_tiny_model, write_reviews_csv
 
+from hf_flower import checkpoint
 from hf_flower.arguments import parse_args
 from hf_flower.commands import simulate
 from hf_flower.launch.plan import prepare_simulation, run_prepare
 from hf_flower.modeling import ModelError, load_model
+from hf_flower.server_app import RoundFailedError
 
 
 @pytest.fixture
@@ -106,3 +111,42 @@ def test_checkpoint_with_other_label_count(tmp_path):
     run_args = parse_args(["--model_name_or_path", str(three_labels)])
     with pytest.raises(ModelError, match="does not fit 2 labels"):
         load_model(run_args.model, ["negative", "positive"])
+
+
+def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(capfd, base_flags, tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("num_rounds: 2\nstrategy_kwargs: {eta: 0.1\nnum_clients: 2\n")
+    assert simulate.main(base_flags + ["--config", str(config)]) == 2
+    problem = "line 3, column 12: expected ',' or '}', but got ':'"
+    # All the launcher and its preparing process wrote: one line, no traceback.
+    assert capfd.readouterr().err == f"error: --config {config} is not valid YAML: {problem}\n"
+
+
+def test_strategy_kwargs_that_are_not_an_object_name_the_flag(capsys, base_flags):
+    message = "--strategy_kwargs must be a JSON object of parameter names and values"
+    run_and_expect(capsys, base_flags + ["--strategy_kwargs", "[1,2]"], message)
+
+
+def test_a_failed_history_write_does_not_hide_the_runs_error(
+    tmp_path, tiny_model_dir, reviews_csv, monkeypatch, caplog
+):
+    """A full disk at the end of a failed run: the run's error is reported first and stays the
+    error the ServerApp raises (`finish` returns nothing new); the failed write is reported too."""
+    from test_round_checkpointer import make_checkpointer
+
+    checkpointer = make_checkpointer(tmp_path, tiny_model_dir, reviews_csv, in_background=False)
+
+    def full_disk(output_dir, history):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_history", full_disk)
+    with caplog.at_level(logging.ERROR):
+        assert checkpointer.finish(RoundFailedError("Round 1: 1 of 3 clients trained")) is None
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == [
+        "The run failed: RoundFailedError: Round 1: 1 of 3 clients trained",
+        "Recording that in history.json failed too: [Errno 28] No space left on device",
+    ]
+    # A run that went well has nothing else to report: the failed write is its error.
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpointer.finish(None)

@@ -9,10 +9,12 @@ travels only in its `HF_TOKEN`. One 2-round simulation that pushes is shared by 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -83,19 +85,65 @@ def fake_hub():
         yield hub
 
 
+@dataclass
+class PushedRun:
+    """The fixture's run, and the second run it started on the same folder while the first ran."""
+
+    output_dir: Path
+    result: subprocess.CompletedProcess
+    second: subprocess.CompletedProcess
+    second_refused_after: float
+
+
 @pytest.fixture(scope="module")
-def pushed_run(fake_hub, tmp_path_factory, tiny_model_dir, reviews_csv):
-    """A 2-round simulation that pushes every round to REPO_ID on the fake Hub."""
+def pushed_run(fake_hub, tmp_path_factory, tiny_model_dir, reviews_csv) -> PushedRun:
+    """A 2-round simulation that pushes every round to REPO_ID on the fake Hub. Once it has saved
+    round 0, a second `simulate.py` on the same folder tries to start over it (issue 11: one run
+    per output folder)."""
     tmp_path = tmp_path_factory.mktemp("pushed")
+    output_dir = tmp_path / "run"
     argv = tiny_flags(tmp_path, tiny_model_dir, reviews_csv, "--push_to_hub", "--hub_model_id", REPO_ID)
-    result = run_script("simulate.py", argv, hub_env(fake_hub))
+    command = [sys.executable, str(ROOT / "scripts" / "simulate.py"), *argv]
+    first = subprocess.Popen(
+        command, env=hub_env(fake_hub), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not checkpoint.round_dir(output_dir, 0).exists() and first.poll() is None:
+            assert time.monotonic() < deadline, "the run saved no round 0 in 180 s"
+            time.sleep(0.2)
+        started = time.monotonic()
+        # The harshest second run: one that would delete the folder's rounds.
+        second = run_script("simulate.py", [*argv, "--overwrite_output_dir"], hub_env(fake_hub), timeout=120)
+        refused_after = time.monotonic() - started
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    result = subprocess.CompletedProcess(command, first.returncode, stdout, stderr)
     assert_no_leftovers(tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return tmp_path / "run", result
+    return PushedRun(output_dir, result, second, refused_after)
+
+
+def test_a_second_run_on_the_folder_is_refused_and_the_first_completes(pushed_run):
+    second = pushed_run.second
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert "in use by another hf-flower run: pid " in second.stderr
+    assert "Simulating" not in second.stdout  # it started no Flower process
+    assert pushed_run.second_refused_after < 30, pushed_run.second_refused_after
+    # The first run went on untouched: every round saved, intact, and in its history.
+    output_dir = pushed_run.output_dir
+    assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
+    for round_num in (0, 1, 2):
+        checkpoint.verify_round(checkpoint.round_dir(output_dir, round_num))
+    history = checkpoint.read_history(output_dir)
+    assert history["status"] == "completed" and [r["round"] for r in history["rounds"]] == [0, 1, 2]
 
 
 def test_every_round_loads_back_by_revision(pushed_run, fake_hub, tmp_path):
-    output_dir, result = pushed_run
+    output_dir, result = pushed_run.output_dir, pushed_run.result
     assert f"hub: rounds [0, 1, 2] pushed to {REPO_ID}" in result.stdout
     assert TOKEN not in result.stdout + result.stderr
     assert TOKEN not in json.dumps(checkpoint.read_history(output_dir))
@@ -144,7 +192,7 @@ def test_every_round_loads_back_by_revision(pushed_run, fake_hub, tmp_path):
 
 
 def test_round_card_metadata_table_and_plot(pushed_run):
-    output_dir, _ = pushed_run
+    output_dir = pushed_run.output_dir
     history = checkpoint.read_history(output_dir)
     card = ModelCard.load(output_dir / "round-2" / checkpoint.CARD_FILE)
     data = card.data
@@ -170,7 +218,7 @@ def test_round_card_metadata_table_and_plot(pushed_run):
 def test_tensorboard_and_plot_script(pushed_run, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    output_dir, _ = pushed_run
+    output_dir = pushed_run.output_dir
     events = EventAccumulator(str(output_dir / checkpoint.TENSORBOARD_DIR))
     events.Reload()
     assert [s.step for s in events.Scalars("central/eval_accuracy")] == [0, 1, 2]
@@ -183,11 +231,38 @@ def test_tensorboard_and_plot_script(pushed_run, tmp_path):
     assert (tmp_path / "plot.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_push_script_pushes_a_finished_run(pushed_run, fake_hub):
-    output_dir, _ = pushed_run
+def assert_aggregates_only(pushed_metrics: bytes) -> dict:
+    """A pushed metrics.json: the round's aggregate metrics, nothing that names or singles out a client."""
+    text = pushed_metrics.decode()
+    for private in ("client_results", "failures", "notes", "node_id", "partition-id", "Traceback"):
+        assert private not in text, private
+    return json.loads(text)
+
+
+def test_pushed_metrics_hold_aggregates_only(pushed_run, fake_hub):
+    output_dir = pushed_run.output_dir
+    history = checkpoint.read_history(output_dir)
+    repo = fake_hub.repos[REPO_ID]
+    for revision, round_num in (("round-1", 1), ("round-2", 2), ("main", 2)):
+        metrics = assert_aggregates_only(repo.files(revision)[checkpoint.METRICS_FILE].data)
+        assert metrics["train"] == history["rounds"][round_num]["train"]
+        assert checkpoint.CHECKSUMS_FILE not in repo.files(revision)
+    # Each client's results stay in the local history.
+    assert {c["partition-id"] for c in history["rounds"][1]["client_results"]["train"]} == {0, 1}
+
+
+def test_push_script_pushes_a_finished_run(pushed_run, fake_hub, tmp_path):
+    output_dir = pushed_run.output_dir
+    # Round 1 as an earlier version saved it: each client's results in metrics.json, no checksums.
+    earlier = tmp_path / "run"
+    for name in ("round-1", "round-2"):
+        shutil.copytree(output_dir / name, earlier / name)
+    (earlier / "round-1" / checkpoint.CHECKSUMS_FILE).unlink()
+    record = checkpoint.read_history(output_dir)["rounds"][1]
+    (earlier / "round-1" / checkpoint.METRICS_FILE).write_text(json.dumps(record))
     result = run_script(
         "push.py",
-        [str(output_dir), "--hub_model_id", "alice-lab/later", "--rounds", "1", "2"],
+        [str(earlier), "--hub_model_id", "alice-lab/later", "--rounds", "1", "2"],
         hub_env(fake_hub),
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -197,12 +272,13 @@ def test_push_script_pushes_a_finished_run(pushed_run, fake_hub):
         assert repo.files(name)["model.safetensors"].sha256 == sha256(
             output_dir / folder / "model.safetensors"
         )
+    pushed = assert_aggregates_only(repo.files("round-1")[checkpoint.METRICS_FILE].data)
+    assert pushed["train"] == record["train"]
+    assert "client_results" in (earlier / "round-1" / checkpoint.METRICS_FILE).read_text()  # untouched
 
 
 def test_push_script_refuses_a_round_without_weights(pushed_run, tmp_path, capsys):
-    import shutil
-
-    output_dir, _ = pushed_run
+    output_dir = pushed_run.output_dir
     copy = tmp_path / "run"
     shutil.copytree(output_dir / "round-1", copy / "round-1")
     (copy / "round-1" / checkpoint.WEIGHTS_FILE).unlink()
@@ -212,6 +288,12 @@ def test_push_script_refuses_a_round_without_weights(pushed_run, tmp_path, capsy
     err = capsys.readouterr().err
     assert "round-1 is incomplete" in err and checkpoint.WEIGHTS_FILE in err
     assert (copy / "round-1" / checkpoint.CONFIG_FILE).is_file()  # nothing local removed
+
+    # Weights cut short (a copy onto a full disk) are named before anything is uploaded.
+    weights = copy / "round-1" / checkpoint.WEIGHTS_FILE
+    weights.write_bytes((output_dir / "round-1" / checkpoint.WEIGHTS_FILE).read_bytes()[:-10])
+    assert push.main([str(copy), "--hub_model_id", REPO_ID]) == 2
+    assert f"{weights} is damaged" in capsys.readouterr().err
 
 
 def test_a_repo_of_someone_else_stops_the_run_before_training(

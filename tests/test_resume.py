@@ -7,16 +7,20 @@ rounds from 1 again, would diverge from the uninterrupted run.
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import tiny_run_flags
 from resume_checks import assert_resumed_like, interrupted_after
+from safetensors.numpy import save_file
 
 from hf_flower import checkpoint
 from hf_flower.arguments import parse_args
 from hf_flower.checkpoint import OutputDirError
+from hf_flower.commands import simulate
+from hf_flower.launch.flower import LOGS_DIRNAME
 from hf_flower.launch.plan import RunPlan
 from hf_flower.launch.simulation import run_simulation
 from hf_flower.preflight import check_run
@@ -40,15 +44,32 @@ def uninterrupted(tmp_path_factory, tiny_model_dir, reviews_csv):
 def test_resumed_run_matches_the_uninterrupted_run(
     uninterrupted, tmp_path, tiny_model_dir, reviews_csv, capsys
 ):
+    """A run killed while writing round 3, whose round 2 was then cut short (a copy onto a full
+    disk): `--resume` names the file before any Flower process starts, and `--resume_from_round 1`
+    continues from round 1 to the same end as the uninterrupted run."""
     output_dir = tmp_path / "run"
     interrupted_after(uninterrupted, output_dir, 2)
     assert checkpoint.latest_round(output_dir) == 2  # the half-written round 3 does not count
+    weights = checkpoint.round_dir(output_dir, 2) / checkpoint.WEIGHTS_FILE
+    damaged = weights.read_bytes()[:-1000]
+    weights.write_bytes(damaged)
 
-    resumed = parse_args(flags(output_dir, tiny_model_dir, reviews_csv, "--resume"))
+    started = time.monotonic()
+    assert simulate.main(flags(output_dir, tiny_model_dir, reviews_csv, "--resume")) == 2
+    refused_after = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert f"error: --resume: {weights} is damaged" in err and "(cut short)" in err
+    assert "continue from there with --resume_from_round 1" in err
+    assert "Simulating" not in out and not (output_dir / LOGS_DIRNAME).exists()  # no Flower process
+    assert refused_after < 20, refused_after  # the launcher's preparation only (Flower's start: 50 s)
+
+    resumed = parse_args(flags(output_dir, tiny_model_dir, reviews_csv, "--resume_from_round", "1"))
     check_run(resumed, prepare_output=True)
+    (aside,) = output_dir.glob(f"{checkpoint.SET_ASIDE_PREFIX}*")
+    assert (aside / "round-2" / checkpoint.WEIGHTS_FILE).read_bytes() == damaged  # kept, not deleted
     assert run_simulation(RunPlan.from_run_args(resumed)) == 0
     assert "round 3/3" in capsys.readouterr().out
-    assert_resumed_like(output_dir, uninterrupted, 2)
+    assert_resumed_like(output_dir, uninterrupted, 1)
 
 
 def make_round(output_dir: Path, round_num: int, tiny_model_dir: Path, **config_changes) -> Path:
@@ -94,7 +115,7 @@ def test_resume_refuses_folders_it_cannot_continue(tmp_path, tiny_model_dir, rev
         folder.mkdir()
         adapter = {"base_model_name_or_path": str(tiny_model_dir), "r": 8, "lora_alpha": 16}
         (folder / checkpoint.ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter))
-        (folder / checkpoint.ADAPTER_WEIGHTS_FILE).write_bytes(b"")
+        save_file({"lora_A": np.zeros((8, 16), dtype=np.float32)}, folder / checkpoint.ADAPTER_WEIGHTS_FILE)
         (folder / checkpoint.METRICS_FILE).write_text(json.dumps({"round": 1}))
     before = snapshot(output_dir)
     lora = ("--peft", "lora", "--lora_r", "4") if setup == "other-lora-rank" else ()

@@ -10,6 +10,7 @@ from hf_flower.arguments import parse_args
 from hf_flower.modeling import load_tokenizer
 from hf_flower.preflight import check_run
 from hf_flower.tasks import get_task
+from hf_flower.validation import ExpectedReply
 from hf_flower.weights import get_weights
 
 
@@ -21,7 +22,7 @@ def make_checkpointer(tmp_path, tiny_model_dir, reviews_csv, in_background: bool
     tokenizer = load_tokenizer(run_args.model)
     model = task.load_model(run_args, facts)
     test_set = task.central_test_set(run_args, tokenizer, facts)
-    grid = server_app.TrackingGrid(None, {}, min_train_clients=2)
+    grid = server_app.TrackingGrid(None, ExpectedReply({}), min_train_clients=2)
     return server_app.RoundCheckpointer(run_args, task, facts, model, tokenizer, test_set, grid)
 
 

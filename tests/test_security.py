@@ -1,9 +1,11 @@
-"""TLS and SuperNode authentication on loopback: `scripts/server.py` with a certificate from
-`hf_flower.launch.certs` and two registered keys, two registered clients that complete a round, an
-unregistered client the SuperLink refuses, and a client without TLS that cannot connect.
+"""TLS and SuperNode authentication on loopback, as the README's recipe does it: certificates from
+`make_certs.py --host server.example.org`, `scripts/server.py` with them and two registered keys,
+two registered clients (connecting to 127.0.0.1) that complete a round, an unregistered client the
+SuperLink refuses, and a plaintext (`--insecure`) client that cannot connect.
 
-One deployment (module fixture) serves every test here; all its processes are stopped before the
-tests look at what it left.
+One deployment (module fixture) serves the slow tests here; all its processes are stopped before
+the tests look at what it left. The fast tests check the certificates, `make_certs.py`'s refusals
+and the TLS options of both launchers without starting anything.
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from transformers import AutoModelForSequenceClassification
 
 from hf_flower import checkpoint
+from hf_flower.commands import client as client_command_module
+from hf_flower.commands import make_certs
 from hf_flower.launch import certs
+from hf_flower.launch.client import ClientOptions, supernode_command
+from hf_flower.launch.plan import prepare_server, run_prepare
 from hf_flower.launch.processes import ManagedProcess, free_port
+from hf_flower.launch.server import ServerOptions, superlink_command
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 OURS = (
     "flower-superlink",
@@ -42,6 +48,8 @@ OURS = (
 # ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED, code 2004, reported through flwr_exit).
 REFUSED = "[code: 2004] Failed to activate SuperNode."
 CONNECTION_FAILED = "Failed to initialize the connection to the SuperLink."
+# The name the README's recipe makes the certificate for; clients here still connect to 127.0.0.1.
+SERVER_NAME = "server.example.org"
 SUPERLINK_TIMEOUT = 15
 SERVER_TIMEOUT = 150
 
@@ -99,8 +107,7 @@ def client_command(d: Deployment, name: str, partition_id: int, tls: bool, key: 
         "--partition_id", str(partition_id), "--num_partitions", "2",
         "--superlink_timeout", str(SUPERLINK_TIMEOUT), "--work_dir", str(d.tmp / name),
     ]  # fmt: skip
-    if tls:
-        command += ["--root_certificates", str(d.certs["ca.crt"])]
+    command += ["--root_certificates", str(d.certs["ca.crt"])] if tls else ["--insecure"]
     if key is not None:
         command += ["--auth_private_key", str(key)]
     return command
@@ -128,11 +135,13 @@ def wait_all(procs: dict[str, ManagedProcess], timeout: float) -> dict[str, int 
 def deployment(tmp_path_factory, tiny_model_dir, reviews_csv) -> Deployment:
     tmp = tmp_path_factory.mktemp("secure")
     started = time.monotonic()
+    # The README's step 1: `make_certs.py certs --host server.example.org --supernode-keys N`.
+    assert make_certs.main([str(tmp / "certs"), "--host", SERVER_NAME, "--supernode-keys", "3"]) == 0
     d = Deployment(
         tmp=tmp,
         port=free_port(),
-        certs=certs.write_tls_files(tmp / "certs"),
-        keys=certs.write_supernode_keys(tmp / "certs" / "keys", 3),
+        certs={name: tmp / "certs" / name for name in certs.TLS_FILES},
+        keys=certs.supernode_key_paths(tmp / "certs" / "keys", 3),
     )
     d.seconds["certs"] = time.monotonic() - started
     before = our_processes(d.port, tmp)
@@ -174,14 +183,21 @@ def deployment(tmp_path_factory, tiny_model_dir, reviews_csv) -> Deployment:
     return d
 
 
-def test_certificates_and_keys_are_what_flower_expects(tmp_path):
-    files = certs.write_tls_files(tmp_path, hosts=["127.0.0.1", "myserver.example.org"])
-    ca = x509.load_pem_x509_certificate(files["ca.crt"].read_bytes())
-    server = x509.load_pem_x509_certificate(files["server.pem"].read_bytes())
-    server.verify_directly_issued_by(ca)
+def server_names(server_pem: Path) -> tuple[list[str], list[str]]:
+    """The DNS names and IP addresses a server certificate is valid for."""
+    server = x509.load_pem_x509_certificate(server_pem.read_bytes())
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    assert sans.get_values_for_type(x509.DNSName) == ["myserver.example.org"]
+    ips = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    return sans.get_values_for_type(x509.DNSName), ips
+
+
+def test_certificates_and_keys_are_what_flower_expects(tmp_path):
+    files = certs.write_tls_files(tmp_path, hosts=["10.0.0.1", "myserver.example.org"])
+    ca = x509.load_pem_x509_certificate(files["ca.crt"].read_bytes())
+    x509.load_pem_x509_certificate(files["server.pem"].read_bytes()).verify_directly_issued_by(ca)
+    # The names clients use, and always the loopback names the server's launcher connects to.
+    names = (["myserver.example.org", "localhost"], ["10.0.0.1", "127.0.0.1"])
+    assert server_names(files["server.pem"]) == names
     ((private, public),) = certs.write_supernode_keys(tmp_path / "keys", 1)
     assert (private.name, public.name) == ("client-0", "client-0.pub")
     key = load_ssh_private_key(private.read_bytes(), password=None)
@@ -205,11 +221,83 @@ def test_make_certs_script(tmp_path):
         "ca.crt", "ca.key", "server.pem", "server.key",
         "keys/client-0", "keys/client-0.pub", "keys/client-1", "keys/client-1.pub",
     }  # fmt: skip
-    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
-    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert server_names(tmp_path / "server.pem") == (["localhost"], ["127.0.0.1"])
 
 
+@pytest.mark.parametrize("days", ["0", "-1"])
+def test_make_certs_refuses_an_expired_validity_and_writes_nothing(tmp_path, days, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        make_certs.main([str(tmp_path / "certs"), "--days", days])
+    assert exit_.value.code == 2
+    assert f"--days must be at least 1, got {days}" in capsys.readouterr().err
+    assert not (tmp_path / "certs").exists()
+
+
+def test_make_certs_never_replaces_a_ca_unless_told(tmp_path, capsys):
+    (tmp_path / "ca.crt").write_text("the federation's CA")
+    with pytest.raises(SystemExit) as exit_:
+        make_certs.main([str(tmp_path), "--supernode-keys", "1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'ca.crt'} already exists" in err and "--overwrite" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ca.crt"]  # nothing written
+    assert (tmp_path / "ca.crt").read_text() == "the federation's CA"
+
+
+def test_key_writes_never_follow_a_symlink(tmp_path):
+    target = tmp_path / "victim"
+    target.write_text("not a key")
+    link = tmp_path / "ca.key"
+    link.symlink_to(target)
+    with pytest.raises(FileExistsError, match=f"{link} already exists"):
+        certs.write_private(link, b"secret")
+    certs.write_private(link, b"secret", overwrite=True)  # replaces the link, not its target
+    assert target.read_text() == "not a key"
+    assert not link.is_symlink() and link.read_bytes() == b"secret"
+    assert link.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_plaintext_server_needs_insecure(tmp_path):
+    with pytest.raises(ValueError, match=r"would run without TLS and .* or pass --insecure"):
+        ServerOptions()
+    with pytest.raises(ValueError, match=r"without TLS on 0\.0\.0\.0, where other machines can reach it"):
+        ServerOptions(host="0.0.0.0")
+    assert "--insecure" in superlink_command(ServerOptions(insecure=True), 9092)
+    # The command line says so before anything starts: exit 2 and one `error:` line.
+    prepared = run_prepare(prepare_server, ["--output_dir", str(tmp_path / "run"), "--host", "0.0.0.0"])
+    assert prepared.plan is None and prepared.exit_code == 2
+    assert prepared.error.startswith("error: The SuperLink would run without TLS on 0.0.0.0")
+
+
+def test_server_tls_files_turn_tls_on(tmp_path):
+    files = {name: tmp_path / name for name in ("server.pem", "server.key", "ca.crt")}
+    for path in files.values():
+        path.write_text("")
+    tls = dict(ssl_certfile=str(files["server.pem"]), ssl_keyfile=str(files["server.key"]))
+    options = ServerOptions(host="0.0.0.0", ssl_ca_certfile=str(files["ca.crt"]), **tls)
+    command = superlink_command(options, 9092)
+    assert "--insecure" not in command and command[command.index("--ssl-certfile") + 1] == tls["ssl_certfile"]
+    with pytest.raises(ValueError, match="--insecure turns TLS off"):
+        ServerOptions(insecure=True, ssl_ca_certfile=str(files["ca.crt"]), **tls)
+
+
+def test_a_client_uses_tls_with_the_system_roots_unless_told_otherwise(tmp_path):
+    def command(**options) -> list[str]:
+        client = ClientOptions(superlink=f"{SERVER_NAME}:9092", node_config={}, work_dir=tmp_path, **options)
+        return supernode_command(client, 9094)
+
+    default = command()
+    assert "--insecure" not in default and "--root-certificates" not in default  # Flower: system CAs
+    ca = tmp_path / "ca.crt"
+    ca.write_text("")
+    with_ca = command(root_certificates=str(ca))
+    assert with_ca[with_ca.index("--root-certificates") + 1] == str(ca) and "--insecure" not in with_ca
+    assert "--insecure" in command(insecure=True)
+    argv = ["--superlink", "h:1", "--partition_id", "0", "--num_partitions", "1", "--insecure"]
+    assert client_command_module.main([*argv, "--root_certificates", str(ca)]) == 2
+
+
+@pytest.mark.slow
 def test_registered_clients_complete_the_run_over_tls(deployment):
     d = deployment
     assert d.server_code == 0, d.log("server.log")[-4000:]
@@ -230,8 +318,11 @@ def test_registered_clients_complete_the_run_over_tls(deployment):
     connection = tomli.loads((d.output_dir / ".flwr" / "config.toml").read_text())["superlink"]["local"]
     assert connection["root-certificates"] == str(d.certs["ca.crt"])
     assert "insecure" not in connection
+    # The certificate of the README's recipe names the server, and the launcher's 127.0.0.1 too.
+    assert server_names(d.certs["server.pem"]) == ([SERVER_NAME, "localhost"], ["127.0.0.1"])
 
 
+@pytest.mark.slow
 def test_unregistered_client_is_refused(deployment):
     d = deployment
     log = d.supernode_log("unregistered")
@@ -239,6 +330,7 @@ def test_unregistered_client_is_refused(deployment):
     assert d.client_codes["unregistered"] not in (0, None), d.log("unregistered.log")[-3000:]
 
 
+@pytest.mark.slow
 def test_client_without_tls_cannot_connect(deployment):
     d = deployment
     log = d.supernode_log("insecure")
@@ -248,5 +340,6 @@ def test_client_without_tls_cannot_connect(deployment):
     assert d.client_codes["insecure"] not in (0, None), d.log("insecure.log")[-3000:]
 
 
+@pytest.mark.slow
 def test_no_process_left_behind(deployment):
     assert not deployment.left_behind, deployment.left_behind

@@ -14,7 +14,6 @@ import pytest
 import tomli_w
 from conftest import tiny_run_flags
 from huggingface_hub import ModelCard
-from resume_checks import assert_resumed_like, interrupted_after
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
@@ -58,98 +57,85 @@ def tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *flags):
     return parse_args(tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, *flags))
 
 
-def test_saved_rounds_are_the_weighted_average_of_replies(
+def assert_weighted_average(output_dir: Path, record_dir: Path, server_round: int, partitions) -> list[int]:
+    """The saved round equals the examples-weighted mean of `partitions`' recorded replies;
+    returns their example counts."""
+    weights, examples = [], []
+    for partition in partitions:
+        path = record_dir / f"round-{server_round}" / f"partition-{partition}.safetensors"
+        weights.append(load_file(path))
+        with safe_open(path, "np") as f:
+            examples.append(int(f.metadata()["num_examples"]))
+    saved = load_file(output_dir / f"round-{server_round}" / "model.safetensors")
+    assert set(saved) == set(weights[0])
+    total = sum(examples)
+    for key in saved:
+        expected = sum(w[key].astype(np.float64) * n / total for w, n in zip(weights, examples))
+        np.testing.assert_allclose(saved[key], expected, rtol=1e-5, atol=1e-6, err_msg=key)
+    # The clients really trained: their replies differ from each other.
+    assert any(not np.array_equal(weights[0][k], weights[1][k]) for k in saved)
+    return examples
+
+
+def test_rounds_average_good_replies_reject_nan_and_stop_below_minimum(
     tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes, capsys
 ):
-    run_args = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv)
+    """One 3-client run, min_train_clients=2: round 1 averages all three replies; in round 2
+    partition 2 sends NaN, which is rejected while the round goes on with the other two; in
+    round 3 two clients fail, fewer than the minimum, and the run stops with rounds 0-2 saved."""
+    run_args = tiny_run_args(
+        tmp_path, tiny_model_dir, reviews_csv,
+        "--num_clients", "3", "--num_rounds", "3", "--min_train_clients", "2",
+        "--min_evaluate_clients", "2", "--min_available_clients", "3", "--evaluate_initial_model", "false",
+    )  # fmt: skip
     record_dir = tmp_path / "replies"
-    app_dir = make_app(tmp_path, run_args, {"record_dir": str(record_dir)})
-
-    assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 0
-
-    output_dir = Path(run_args.training.output_dir)
-    assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
-    history = checkpoint.read_history(output_dir)
-    assert history["status"] == "completed"
-    assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
-    printed = capsys.readouterr().out
-    assert printed.count("round 1/2 | clients 2/2") == 1 and printed.count("round 2/2 | clients 2/2") == 1
-    # Inside each round, plain lines (stdout is no terminal here): every client's steps, reported
-    # from its Ray worker through HF_FLOWER_PROGRESS_DIR, and each of its replies.
-    assert "\r" not in printed and "\x1b" not in printed
-    for server_round in (1, 2):
-        for partition in (0, 1):
-            head = f"round {server_round}/2 client {partition}: "
-            assert re.search(rf"{head}step (\d+)/\1 \(100%\), loss \d", printed), printed
-            assert f"{head}replied to train" in printed and f"{head}replied to evaluate" in printed
-
-    for server_round in (1, 2):
-        replies = sorted((record_dir / f"round-{server_round}").glob("*.safetensors"))
-        assert len(replies) == 2
-        weights, examples = [], []
-        for path in replies:
-            weights.append(load_file(path))
-            with safe_open(path, "np") as f:
-                examples.append(int(f.metadata()["num_examples"]))
-        saved = load_file(output_dir / f"round-{server_round}" / "model.safetensors")
-        assert set(saved) == set(weights[0])
-        total = sum(examples)
-        for key in saved:
-            expected = sum(w[key].astype(np.float64) * n / total for w, n in zip(weights, examples))
-            np.testing.assert_allclose(saved[key], expected, rtol=1e-5, atol=1e-6, err_msg=key)
-        # The clients really trained: their replies differ from each other.
-        assert any(not np.array_equal(weights[0][k], weights[1][k]) for k in saved)
-        metrics = checkpoint.read_round_metrics(output_dir, server_round)
-        assert metrics["clients"]["train_succeeded"] == 2
-        assert sorted(c["num-examples"] for c in metrics["client_results"]["train"]) == sorted(examples)
-        assert 0.0 <= metrics["central"]["eval_accuracy"] <= 1.0
-
-    model = AutoModelForSequenceClassification.from_pretrained(output_dir / "round-2")
-    assert model.config.id2label == {0: "0", 1: "1"}
-
-
-def test_failed_client_stops_the_run_when_below_minimum(
-    tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes, capsys
-):
-    run_args = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, "--num_rounds", "3")
-    app_dir = make_app(tmp_path, run_args, {"drop_key": {"partition": 1, "round": 2}})
+    plan = {
+        "record_dir": str(record_dir),
+        "nan_update": {"partition": 2, "round": 2},
+        "drop_key": [{"partition": 1, "round": 3}, {"partition": 2, "round": 3}],
+    }
+    app_dir = make_app(tmp_path, run_args, plan)
 
     assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 1
 
     output_dir = Path(run_args.training.output_dir)
+    assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
     history = checkpoint.read_history(output_dir)
+    assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
+    # --evaluate_initial_model false: round 0 is saved but not evaluated; later rounds are.
+    assert history["rounds"][0]["central"] == {}
+    round1, round2 = history["rounds"][1:]
+
+    examples = assert_weighted_average(output_dir, record_dir, 1, [0, 1, 2])
+    assert round1["clients"]["train_succeeded"] == 3 and round1["failures"] == []
+    assert sorted(c["num-examples"] for c in round1["client_results"]["train"]) == sorted(examples)
+
+    assert_weighted_average(output_dir, record_dir, 2, [0, 1])
+    assert round2["clients"]["train_sampled"] == 3 and round2["clients"]["train_succeeded"] == 2
+    assert len(round2["failures"]) == 1
+    assert "partition 2" in round2["failures"][0] and "NaN" in round2["failures"][0]
+    assert sorted(c["partition-id"] for c in round2["client_results"]["train"]) == [0, 1]
+    for record in (round1, round2):
+        assert 0.0 <= record["central"]["eval_accuracy"] <= 1.0
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir / "round-2")
+    assert model.config.id2label == {0: "0", 1: "1"}
+
     assert history["status"] == "failed"
-    assert "Round 2: 1 of 2 clients trained successfully" in history["error"]
-    assert "client partition 1 failed during training of round 2" in history["error"]
+    assert "Round 3: 1 of 3 clients trained successfully" in history["error"]
+    assert "client partition 1 failed during training of round 3" in history["error"]
     assert "WeightsMismatchError" in history["error"]
-    assert checkpoint.list_rounds(output_dir) == [0, 1]
+
     printed = capsys.readouterr().out
+    assert printed.count("round 1/3 | clients 3/3") == 1 and printed.count("round 2/3 | clients 2/3") == 1
     assert "status: failed" in printed
-    assert "round 2/3 client 1: FAILED in train (" in printed  # as soon as its reply came
-
-
-def test_nan_update_is_rejected_and_round_continues_above_minimum(
-    tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes
-):
-    run_args = tiny_run_args(
-        tmp_path, tiny_model_dir, reviews_csv,
-        "--num_clients", "3", "--num_rounds", "1", "--min_train_clients", "2",
-        "--min_evaluate_clients", "2", "--min_available_clients", "3", "--evaluate_initial_model", "false",
-    )  # fmt: skip
-    app_dir = make_app(tmp_path, run_args, {"nan_update": {"partition": 2, "round": 1}})
-
-    assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 0
-
-    output_dir = Path(run_args.training.output_dir)
-    metrics = checkpoint.read_round_metrics(output_dir, 1)
-    assert metrics["clients"]["train_sampled"] == 3
-    assert metrics["clients"]["train_succeeded"] == 2
-    assert len(metrics["failures"]) == 1
-    assert "partition 2" in metrics["failures"][0] and "NaN" in metrics["failures"][0]
-    # --evaluate_initial_model false: round 0 is saved but not evaluated; round 1 is.
-    assert checkpoint.read_round_metrics(output_dir, 0)["central"] == {}
-    assert 0.0 <= metrics["central"]["eval_accuracy"] <= 1.0
-    assert sorted(c["partition-id"] for c in metrics["client_results"]["train"]) == [0, 1]
+    assert "round 3/3 client 1: FAILED in train (" in printed  # as soon as its reply came
+    # Inside each round, plain lines (stdout is no terminal here): every client's steps, reported
+    # from its Ray worker through HF_FLOWER_PROGRESS_DIR, and each of its replies.
+    assert "\r" not in printed and "\x1b" not in printed
+    for partition in (0, 1, 2):
+        head = f"round 1/3 client {partition}: "
+        assert re.search(rf"{head}step (\d+)/\1 \(100%\), loss \d", printed), printed
+        assert f"{head}replied to train" in printed and f"{head}replied to evaluate" in printed
 
 
 LORA_FLAGS = ("--peft", "lora", "--lora_r", "4", "--transfer_dtype", "bfloat16", "--save_merged")
@@ -203,12 +189,32 @@ def test_lora_rounds_are_peft_folders_and_only_adapters_travel(lora_run, tiny_mo
     assert "AutoPeftModelForSequenceClassification.from_pretrained" in card.text
 
 
-def test_lora_run_resumes_like_the_uninterrupted_run(
-    lora_run, tmp_path, tiny_model_dir, reviews_csv, no_leftover_processes
-):
-    """Adapter rounds resume: the adapters and the classification head (`modules_to_save`)."""
-    interrupted_after(lora_run / "run", tmp_path / "run", 1)
-    resumed = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *LORA_FLAGS, "--resume")
-    check_run(resumed, prepare_output=True)
-    assert run_simulation(RunPlan.from_run_args(resumed)) == 0
-    assert_resumed_like(tmp_path / "run", lora_run / "run", 1)
+def test_lora_round_loads_back_as_resume_continues_it(lora_run, tmp_path, tiny_model_dir, reviews_csv):
+    """What `--resume` starts from after an adapter round: the saved adapters and classification
+    head (`modules_to_save`) in a fresh PEFT model, which then computes what the saved round does.
+    (A whole resumed run is checked for full rounds in test_resume.py and for adapters in
+    test_causal_lm.py.)"""
+    import torch
+    from peft import AutoPeftModelForSequenceClassification
+
+    from hf_flower import resume
+    from hf_flower.tasks import get_task
+    from hf_flower.weights import decode_arrays, get_weights
+
+    run_args = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *LORA_FLAGS)
+    task = get_task(run_args.model.task)
+    model = task.load_model(run_args, check_run(run_args))
+    fresh = decode_arrays(get_weights(model, "float32"))
+    round_1 = lora_run / "run" / "round-1"
+
+    arrays = decode_arrays(resume.load_round_arrays(round_1, model, task.auto_model_class()))
+
+    assert arrays.keys() == fresh.keys()
+    assert any(".modules_to_save." in key for key in arrays)
+    assert all(
+        not torch.equal(arrays[k], fresh[k]) for k in arrays if ".lora_B." in k or ".modules_to_save." in k
+    )
+    inputs = {"input_ids": torch.tensor([[2, 5, 6, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    saved = AutoPeftModelForSequenceClassification.from_pretrained(round_1).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**inputs).logits, saved(**inputs).logits)

@@ -1,9 +1,11 @@
-"""`hf_flower.launch.supernode`: Flower's SuperNode with its polling waits capped."""
+"""`hf_flower.launch.supernode`: Flower's SuperNode with its polling waits capped and its heartbeat set."""
 
 import time
 
 import pytest
-from flwr.supernode import start_client_internal
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
+from flwr.supercore import heartbeat
+from flwr.supernode import fleet_http_connection, start_client_internal
 
 from hf_flower.launch import supernode
 
@@ -31,3 +33,38 @@ def test_cap_sleeps_notices_a_changed_flower(monkeypatch):
     monkeypatch.setattr(start_client_internal, "time", object())
     with pytest.raises(RuntimeError, match="not the one hf-flower supports"):
         supernode.cap_sleeps(0.5)
+
+
+@pytest.fixture
+def restore_heartbeat(monkeypatch):
+    for module in (fleet_http_connection, heartbeat):
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", HEARTBEAT_DEFAULT_INTERVAL)
+
+
+def test_heartbeat_interval_is_what_the_node_announces_and_keeps(restore_heartbeat):
+    supernode.set_heartbeat_interval(10)
+    # Announced when the node activates and with each heartbeat; the sender waits by it.
+    assert fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10
+    assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == 10
+
+
+@pytest.mark.parametrize("seconds", [0, 9.5, 1801])
+def test_heartbeat_interval_outside_what_the_superlink_accepts_is_refused(restore_heartbeat, seconds):
+    with pytest.raises(ValueError, match=r"must be in \[10, 1800\] seconds"):
+        supernode.set_heartbeat_interval(seconds)
+    assert fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == HEARTBEAT_DEFAULT_INTERVAL
+
+
+def test_client_passes_the_heartbeat_interval_to_its_supernode(tmp_path):
+    from hf_flower.launch.client import ClientOptions, supernode_command
+
+    options = ClientOptions(
+        "127.0.0.1:9092", {"partition-id": 0}, tmp_path, insecure=True, heartbeat_interval=10
+    )
+    command = supernode_command(options, 9099)
+    assert command[command.index(supernode.HEARTBEAT_INTERVAL_FLAG) + 1] == "10"
+    assert supernode.HEARTBEAT_INTERVAL_FLAG not in supernode_command(
+        ClientOptions("127.0.0.1:9092", {"partition-id": 0}, tmp_path, insecure=True), 9099
+    )
+    with pytest.raises(ValueError, match="heartbeat interval"):
+        ClientOptions("127.0.0.1:9092", {}, tmp_path, insecure=True, heartbeat_interval=5)

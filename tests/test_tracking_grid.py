@@ -17,6 +17,7 @@ from hf_flower.constants import (
 )
 from hf_flower.launch.client import HeldWeights, serve
 from hf_flower.server_app import TrackingGrid
+from hf_flower.validation import ExampleCap, ExpectedReply
 from hf_flower.weights import get_weights, pack_arrays
 
 
@@ -25,6 +26,11 @@ def server_identity(monkeypatch):
     """What a running ServerApp process has set before any message is built."""
     for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
+
+
+# What an honest client reports besides its example count (`client_app.train` / `evaluate`).
+TRAIN_METRICS = {"train_loss": 0.5, "train_runtime": 1.0, "train_steps": 2}
+EVALUATE_METRICS = {"eval_loss": 0.6, "eval_runtime": 1.0}
 
 
 class FakeNode:
@@ -42,13 +48,16 @@ class FakeNode:
     def app(self, message: Message, context) -> Message:
         arrays = message.content[ARRAYS_KEY]
         self.received.append(arrays)
+        train = message.metadata.message_type == MessageType.TRAIN
         content = RecordDict(
             {
-                "metrics": MetricRecord({NUM_EXAMPLES_KEY: 1}),
+                "metrics": MetricRecord(
+                    {**(TRAIN_METRICS if train else EVALUATE_METRICS), NUM_EXAMPLES_KEY: 1}
+                ),
                 CLIENT_KEY: ConfigRecord({"partition-id": 0}),
             }
         )
-        if message.metadata.message_type == MessageType.TRAIN:
+        if train:
             content[ARRAYS_KEY] = arrays
         return Message(content, reply_to=message)
 
@@ -108,7 +117,7 @@ def test_weights_a_node_holds_travel_by_id_and_the_rest_packed():
     _, aggregate = weights(1)
     nodes = {1: FakeNode(), 2: FakeNode()}
     fake = FakeGrid(nodes)
-    grid = TrackingGrid(fake, reference, min_train_clients=2)
+    grid = TrackingGrid(fake, ExpectedReply(reference), min_train_clients=2)
 
     assert len(send(grid, MessageType.TRAIN, initial, 1)) == 2
     assert len(send(grid, MessageType.EVALUATE, aggregate, 1)) == 2
@@ -127,7 +136,9 @@ def test_weights_a_node_holds_travel_by_id_and_the_rest_packed():
 
 def test_packed_replies_reach_the_strategy_as_ordinary_records():
     reference, initial = weights(0)
-    grid = TrackingGrid(FakeGrid({1: FakeNode(), 2: FakeNode()}), reference, min_train_clients=2)
+    grid = TrackingGrid(
+        FakeGrid({1: FakeNode(), 2: FakeNode()}), ExpectedReply(reference), min_train_clients=2
+    )
     for reply in send(grid, MessageType.TRAIN, initial, 1):
         assert PACKED_ARRAYS_KEY not in reply.content.array_records
         assert_same_arrays(reply.content[ARRAYS_KEY], initial)
@@ -136,7 +147,7 @@ def test_packed_replies_reach_the_strategy_as_ordinary_records():
 def test_a_node_that_lost_its_weights_gets_them_in_full():
     reference, initial = weights(0)
     nodes = {1: FakeNode(), 2: FakeNode()}
-    grid = TrackingGrid(FakeGrid(nodes), reference, min_train_clients=2)
+    grid = TrackingGrid(FakeGrid(nodes), ExpectedReply(reference), min_train_clients=2)
     send(grid, MessageType.EVALUATE, initial, 1)
 
     nodes[2].held = HeldWeights()  # node 2 restarted under the same node id
@@ -156,7 +167,9 @@ def test_clients_that_say_nothing_always_get_full_per_tensor_weights():
             self.packed.append(PACKED_ARRAYS_KEY in message.content.array_records)
             return self.app(message, None)
 
-    grid = TrackingGrid(FakeGrid({1: PlainNode(), 2: PlainNode()}), reference, min_train_clients=2)
+    grid = TrackingGrid(
+        FakeGrid({1: PlainNode(), 2: PlainNode()}), ExpectedReply(reference), min_train_clients=2
+    )
     send(grid, MessageType.EVALUATE, initial, 1)
     send(grid, MessageType.TRAIN, initial, 2)
     assert grid.rounds[2].bytes_sent == 2 * nbytes(initial)
@@ -177,12 +190,18 @@ def test_replies_averaged_on_arrival_aggregate_like_all_of_them():
             reply = super().app(message, context)
             reply.content[ARRAYS_KEY] = updates[self.node]
             reply.content["metrics"] = MetricRecord(
-                {NUM_EXAMPLES_KEY: examples[self.node], "train_loss": self.node}
+                {**TRAIN_METRICS, NUM_EXAMPLES_KEY: examples[self.node], "train_loss": float(self.node)}
             )
             return reply
 
     nodes = {n: TrainingNode(n) for n in (1, 2)}
-    grid = TrackingGrid(FakeGrid(nodes), reference, min_train_clients=2, average_on_arrival=True)
+    grid = TrackingGrid(
+        FakeGrid(nodes),
+        ExpectedReply(reference),
+        min_train_clients=2,
+        average_on_arrival=True,
+        example_cap=ExampleCap(fixed=100),
+    )
     (averaged,) = send(grid, MessageType.TRAIN, initial, 1)
 
     expected = {key: (updates[1][key].numpy() * 30 + updates[2][key].numpy() * 10) / 40 for key in reference}
@@ -214,7 +233,7 @@ def test_replies_are_reported_to_a_launcher_as_they_arrive(tmp_path, monkeypatch
             return Message(Error(code=0, reason="client partition 2 failed\ntraceback"), reply_to=message)
 
     nodes = {1: FakeNode(), 2: RejectedNode(), 3: FailingNode()}
-    grid = TrackingGrid(FakeGrid(nodes), reference, min_train_clients=1)
+    grid = TrackingGrid(FakeGrid(nodes), ExpectedReply(reference), min_train_clients=1)
     assert len(send(grid, MessageType.TRAIN, initial, 4, nodes=(1, 2, 3))) == 1
 
     phase = live_progress.read_rounds(tmp_path)[4].phases["train"]
@@ -223,6 +242,28 @@ def test_replies_are_reported_to_a_launcher_as_they_arrive(tmp_path, monkeypatch
     assert [(r.node_id, r.partition_id, r.status) for r in replies] == [
         (1, 0, "ok"), (2, 0, "rejected"), (3, None, "error"),
     ]  # fmt: skip
-    assert replies[0].metrics == {NUM_EXAMPLES_KEY: 1.0}
-    assert "its update was rejected" in replies[1].error
+    assert replies[0].metrics == {**TRAIN_METRICS, NUM_EXAMPLES_KEY: 1.0}
+    assert "its reply was rejected" in replies[1].error
     assert replies[2].error == "client partition 2 failed"
+
+
+def test_a_round_has_one_deadline_and_its_messages_expire_with_it(monkeypatch):
+    """`--round_timeout` bounds a round's training and federated evaluation together, and every
+    message of the round expires when the round ends (its client stops working on it)."""
+    import time
+
+    reference, initial = weights(0)
+    fake = FakeGrid({1: FakeNode(), 2: FakeNode()})
+    grid = TrackingGrid(fake, ExpectedReply(reference), min_train_clients=2)
+    send(grid, MessageType.TRAIN, initial, server_round=1)  # timeout=5
+    assert all(4.5 < m.metadata.ttl <= 5.1 for m in fake.pushed)
+    trained_at = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: trained_at + 3.0)  # 3 s of the round pass
+    fake.pushed.clear()
+    send(grid, MessageType.EVALUATE, initial, server_round=1)
+    ttls = [m.metadata.ttl - (time.time() - m.metadata.created_at) for m in fake.pushed]
+    assert all(1.5 < ttl <= 2.1 for ttl in ttls), ttls  # what is left of the round's 5 s
+    monkeypatch.setattr(time, "monotonic", lambda: trained_at + 3.5)
+    fake.pushed.clear()
+    send(grid, MessageType.TRAIN, initial, server_round=2)  # the next round has its own 5 s
+    assert all(4.5 < m.metadata.ttl <= 5.1 for m in fake.pushed), [m.metadata.ttl for m in fake.pushed]

@@ -1,18 +1,28 @@
 """One federated client: a SuperNode and a long-lived process that trains with `transformers.Trainer`.
 
-On one CPU or GPU:
+On one CPU or GPU, against a server with a certificate from a public CA (the system's trusted CAs
+verify it):
 
-    hf-flower client --superlink 10.0.0.1:9092 --partition_id 0 --num_partitions 2
+    hf-flower client --superlink server.example.org:9092 --data_path my_reviews.csv
+
+Trying things out against an unencrypted server (`hf-flower server --insecure`) on this machine:
+
+    hf-flower client --superlink 127.0.0.1:9092 --insecure --partition_id 0 --num_partitions 2
 
 On every GPU of this machine (DDP through Accelerate; rank 0 talks to the SuperLink):
 
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml --num_processes "$(nvidia-smi -L | wc -l)" \
-        -m hf_flower.commands.client --superlink 10.0.0.1:9092 --data_path my_reviews.csv
+        -m hf_flower.commands.client --superlink server.example.org:9092 --data_path my_reviews.csv
 
-With TLS and SuperNode authentication:
+With the federation's own CA (`hf-flower make-certs`), SuperNode authentication, and only one model
+(at one revision) that the server may make this client load:
 
     hf-flower client --superlink server.example.org:9092 --root_certificates certs/ca.crt \
-        --auth_private_key keys/client-0 --data_path my_reviews.csv
+        --auth_private_key keys/client-0 --data_path my_reviews.csv \
+        --allowed_models sentence-transformers/all-MiniLM-L6-v2@main
+
+The run config the server sends is checked before it is used (`hf_flower/client_policy.py`):
+remote model code only with --trust_remote_code, Hub, file and process settings never.
 """
 
 import sys
@@ -22,6 +32,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from ..client_policy import ClientPolicy
 from ..launch.client import ClientOptions, run_client
 
 
@@ -35,11 +46,18 @@ class ClientArguments:
             in `num_partitions` (for trying things out on one machine).
         data_path: This client's own data (a .csv/.json/.jsonl/.parquet file or a `save_to_disk`
             folder), the real deployment case.
-        root_certificates: CA certificate of the SuperLink; without it the connection is insecure.
+        root_certificates: CA certificate of the SuperLink; without it, the system's trusted CAs.
+        insecure: Connect without TLS, on purpose (plaintext), e.g. to `hf-flower server --insecure`.
+        trust_remote_code: Let the server's run load models that ship their own Python code.
+        allowed_models: The only models (Hub ids or folders, `id@revision` to pin a revision) this
+            client loads, comma-separated; any other is refused. Default: any model.
         auth_private_key: Private key of this SuperNode (its `.pub` beside it), when the server
             enforces SuperNode authentication.
         superlink_timeout: Seconds to keep trying when the SuperLink cannot be reached, then exit.
         pull_interval: Seconds between the SuperNode's requests for work (Flower's default is 3).
+        heartbeat_interval: Seconds between the SuperNode's heartbeats (10 to 1800; Flower's
+            default is 30). The server declares a client dead after two missed ones, so a shorter
+            interval frees a round from a crashed client sooner.
         work_dir: Folder for this client's logs.
     """
 
@@ -47,13 +65,25 @@ class ClientArguments:
     partition_id: int | None = field(default=None, metadata={"help": "Partition of the run's data set."})
     num_partitions: int | None = field(default=None, metadata={"help": "Number of partitions."})
     data_path: str | None = field(default=None, metadata={"help": "This client's own data file or folder."})
-    root_certificates: str | None = field(default=None, metadata={"help": "CA certificate for TLS."})
+    root_certificates: str | None = field(
+        default=None, metadata={"help": "CA certificate for TLS (default: the system's trusted CAs)."}
+    )
+    insecure: bool = field(default=False, metadata={"help": "Connect without TLS (plaintext), on purpose."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow runs whose model ships its own Python code."}
+    )
+    allowed_models: str | None = field(
+        default=None, metadata={"help": "Only models this client loads: `id[@revision],...` (default: any)."}
+    )
     auth_private_key: str | None = field(default=None, metadata={"help": "SuperNode private key."})
     superlink_timeout: float = field(
         default=120.0, metadata={"help": "Seconds without a SuperLink before exiting."}
     )
     pull_interval: float = field(
         default=0.5, metadata={"help": "Seconds between the SuperNode's requests for work."}
+    )
+    heartbeat_interval: float | None = field(
+        default=None, metadata={"help": "Seconds between heartbeats, 10-1800 (default: Flower's 30)."}
     )
     work_dir: str | None = field(default=None, metadata={"help": "Folder for the client's logs."})
 
@@ -83,9 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             node_config=args.node_config(),
             work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="hf-flower-client-")),
             root_certificates=args.root_certificates,
+            insecure=args.insecure,
+            policy=ClientPolicy.from_flags(args.trust_remote_code, args.allowed_models),
             auth_private_key=args.auth_private_key,
             superlink_timeout=args.superlink_timeout,
             pull_interval=args.pull_interval,
+            heartbeat_interval=args.heartbeat_interval,
         )
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -7,7 +7,8 @@ Round N goes to branch `round-N` and `main` is moved to the last round pushed, s
     hf-flower push outputs/quickstart --hub_model_id alice/minilm-imdb-federated --rounds 2 3
 
 The token comes from HF_TOKEN or `hf auth login`, never from a flag. The round folders are
-checked before anything is uploaded; nothing local is changed.
+checked (complete, and each file as saved: its checksums) before anything is uploaded; nothing
+local is changed. Each round's metrics.json goes up with aggregate metrics only.
 """
 
 import argparse
@@ -31,7 +32,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def rounds_to_push(output_dir: Path, rounds: list[int] | None) -> list[int]:
-    """The rounds to push, each a complete folder; a clear error for a missing or incomplete one."""
+    """The rounds to push, each a complete, undamaged folder; a clear error for any other."""
     if not output_dir.is_dir():
         raise ValueError(f"{output_dir} is not a folder; pass the --output_dir of a run.")
     named = sorted(
@@ -52,6 +53,10 @@ def rounds_to_push(output_dir: Path, rounds: list[int] | None) -> list[int]:
                 f"{folder} is incomplete: it needs {checkpoint.CONFIG_FILE}, {checkpoint.WEIGHTS_FILE} (or its "
                 f"sharded index) and {checkpoint.METRICS_FILE}, and holds {files}. Leave it out with --rounds."
             )
+        try:
+            checkpoint.verify_round(folder)
+        except checkpoint.DamagedRoundError as err:
+            raise ValueError(f"{err}; leave round {round_num} out with --rounds.") from None
     return wanted
 
 

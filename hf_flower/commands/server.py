@@ -1,10 +1,12 @@
 """The server of a real deployment: a SuperLink, our ServerApp, every round saved.
 
-Start it, then start clients (`hf-flower client`) on the machines that hold the data:
+Start it, then start clients (`hf-flower client`) on the machines that hold the data. Without
+TLS files it refuses to start unless `--insecure` says plaintext is meant (trying things out on
+this machine; clients then pass `--insecure` too):
 
-    hf-flower server --config configs/quickstart.yaml --host 0.0.0.0 --port 9092
+    hf-flower server --config configs/quickstart.yaml --port 9092 --insecure
 
-With TLS and SuperNode authentication (see `hf-flower make-certs`):
+With TLS and SuperNode authentication (see `hf-flower make-certs`), for clients on other machines:
 
     hf-flower server --config configs/quickstart.yaml --host 0.0.0.0 --port 9092 \
         --ssl_certfile certs/server.pem --ssl_keyfile certs/server.key --ssl_ca_certfile certs/ca.crt \

@@ -12,9 +12,10 @@ loaded across rounds. Under `accelerate launch`, rank 0 hands every job to the o
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context, Error, Message
@@ -28,6 +29,7 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
 from .. import client_app, wire
+from ..client_policy import ClientPolicy
 from ..constants import (
     ARRAYS_HELD_KEY,
     ARRAYS_ID_KEY,
@@ -45,18 +47,35 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ClientOptions:
-    """How this client reaches the SuperLink and which data it serves."""
+    """How this client reaches the SuperLink, which data it serves and what it lets a run do.
+
+    TLS: `root_certificates` (the CA that signed the SuperLink's certificate), or else the system's
+    trusted CAs; plaintext only with `insecure`.
+    """
 
     superlink: str
     node_config: dict
     work_dir: Path
     root_certificates: str | None = None
+    insecure: bool = False
+    policy: ClientPolicy = field(default_factory=ClientPolicy)
     auth_private_key: str | None = None
     superlink_timeout: float = 120.0
     # The SuperNode's wait between requests for work (`supernode.py`); Flower's own is 3 s.
     pull_interval: float = 0.5
+    # Seconds between the SuperNode's heartbeats (`supernode.py`); None keeps Flower's 30 s.
+    heartbeat_interval: float | None = None
     poll_interval: float = 0.2
     poll_retry_seconds: float = 5.0
+
+    def __post_init__(self):
+        if self.heartbeat_interval is not None:
+            supernode.check_heartbeat_interval(self.heartbeat_interval)
+        if self.insecure and self.root_certificates:
+            raise ValueError("--insecure turns TLS off: give it or --root_certificates, not both.")
+        for path in filter(None, [self.root_certificates, self.auth_private_key]):
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{path} does not exist.")
 
 
 class SuperLinkWatch:
@@ -112,7 +131,11 @@ class HeldWeights:
 
 
 def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
-    """`flower-supernode` with process isolation, its runtime API on a free loopback port."""
+    """`flower-supernode` with process isolation, its runtime API on a free loopback port.
+
+    Without `--root-certificates` or `--insecure`, the SuperNode verifies the SuperLink with the
+    system's trusted CAs (Flower's default), so a server with a public certificate needs no flag.
+    """
     node_config = " ".join(f"{k}={_toml_value(v)}" for k, v in options.node_config.items())
     command = [
         sys.executable, "-m", supernode.__name__, supernode.PULL_INTERVAL_FLAG, str(options.pull_interval),
@@ -123,9 +146,11 @@ def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
         "--node-config", node_config,
         "--max-wait-time", str(options.superlink_timeout),
     ]  # fmt: skip
+    if options.heartbeat_interval is not None:
+        command += [supernode.HEARTBEAT_INTERVAL_FLAG, str(options.heartbeat_interval)]
     if options.root_certificates:
         command += ["--root-certificates", options.root_certificates]
-    else:
+    elif options.insecure:
         command += ["--insecure"]
     if options.auth_private_key:
         command += ["--auth-supernode-private-key", options.auth_private_key]
@@ -207,6 +232,8 @@ def follower_loop() -> None:
 
 def run_client(options: ClientOptions) -> int:
     """Serve the federation until the run ends, the SuperLink is gone too long, or a signal."""
+    # The ClientApp runs in this process (every rank) and reads its policy from the environment.
+    os.environ.update(options.policy.to_env())
     if not distributed.is_main_process():
         follower_loop()
         distributed.shutdown()
@@ -229,7 +256,11 @@ def run_client(options: ClientOptions) -> int:
             print(f"Client connected to {options.superlink} (SuperNode log: {log_path})", flush=True)
             watch = SuperLinkWatch(options.superlink, options.superlink_timeout)
             held = HeldWeights()
+            last_job = time.monotonic()  # when the other ranks last heard from this one
             while supernode.running() and watch.alive():
+                if time.monotonic() - last_job >= distributed.IDLE_NOTICE_SECONDS:
+                    distributed.send_idle()
+                    last_job = time.monotonic()
                 try:
                     response = poller.AcquireTask(
                         AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
@@ -240,6 +271,7 @@ def run_client(options: ClientOptions) -> int:
                     continue
                 if response.HasField("task") and response.token:
                     handle_task(runtime_address, response.token, held)
+                    last_job = time.monotonic()
                 else:
                     time.sleep(options.poll_interval)
             if supernode.running():

@@ -19,9 +19,14 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from ..constants import ARRAYS_KEY, CONFIG_KEY
 from ..weights import decode_arrays, state_dict_to_arrays
 
-# Idle ranks wait in a broadcast while the server waits for other clients: give them all day.
-COLLECTIVE_TIMEOUT = timedelta(hours=24)
+# How long a rank waits in a collective for the others: torch's default for gloo. Idle ranks wait
+# in a broadcast for rank 0's next job for as long as the federation takes, so rank 0 sends them an
+# idle notice every `IDLE_NOTICE_SECONDS` while it has no job: ranks wait without end only while
+# rank 0 is alive, and leave with an error within the timeout when it hangs.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+IDLE_NOTICE_SECONDS = 60.0
 STOP = "stop"
+IDLE = "idle"
 
 
 def state() -> PartialState:
@@ -64,6 +69,8 @@ def send_job(message: Message, context: Context) -> None:
     header = {
         "kind": message.metadata.message_type,
         "group_id": message.metadata.group_id,
+        "created_at": message.metadata.created_at,
+        "ttl": message.metadata.ttl,
         "config": dict(message.content[CONFIG_KEY]),
         "run_id": context.run_id,
         "node_id": context.node_id,
@@ -74,6 +81,12 @@ def send_job(message: Message, context: Context) -> None:
     _broadcast_bytes(json.dumps(header).encode())
     for tensor in weights.values():
         dist.broadcast(tensor.contiguous().to(_device()), src=0)
+
+
+def send_idle() -> None:
+    """Rank 0: tell every other rank there is no job yet (their wait starts again)."""
+    if is_distributed():
+        _broadcast_bytes(json.dumps({"kind": IDLE}).encode())
 
 
 def send_stop() -> None:
@@ -95,7 +108,9 @@ def shutdown() -> None:
 
 def receive_job() -> tuple[Message, Context] | None:
     """Other ranks: wait for rank 0's next job; None when it says stop."""
-    header = json.loads(_broadcast_bytes(None))
+    header = {"kind": IDLE}
+    while header["kind"] == IDLE:
+        header = json.loads(_broadcast_bytes(None))
     if header["kind"] == STOP:
         return None
     weights = {}
@@ -113,8 +128,8 @@ def receive_job() -> tuple[Message, Context] | None:
         dst_node_id=header["node_id"],
         reply_to_message_id="",
         group_id=header["group_id"],
-        created_at=time.time(),
-        ttl=3600.0,
+        created_at=header["created_at"],  # rank 0's deadline (`trainer.TaskDeadline`)
+        ttl=header["ttl"],
         message_type=header["kind"],
     )
     context = Context(

@@ -4,19 +4,28 @@ Parsing the arguments (`TrainingArguments` imports torch) and the pre-flight che
 data set and the model's config) cost a launcher about 400 MB that it would hold for the whole
 run while it only starts processes and prints rounds. `prepare_in_child` does both in a
 short-lived process and hands back a `RunPlan`: the launcher itself never imports torch.
+
+The output folder's `run_lock` is the launcher's, held for the whole run: as soon as the child
+knows the folder it asks the launcher to lock it (`claim`), and touches it only once the launcher
+holds the lock, so a second run on the folder is refused before it deletes or writes anything.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import multiprocessing
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from .. import checkpoint, run_lock
+from ..checkpoint import OutputDirError
 from .processes import Stopped, stop_signals_raise
+
+# `claim(output_dir)`: make sure this run may use the folder (lock it) before anything touches it.
+Claim = Callable[[str], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +40,10 @@ class RunPlan:
     client_num_cpus: int
     client_num_gpus: float
     options: Any = None  # the launcher's own argument group (e.g. `ServerOptions`), if any
+    # Whether the ServerApp runs under the launcher's processes, so the launcher's lock covers it.
+    # Not when `server.py --superlink` submits to a SuperLink started elsewhere: the ServerApp
+    # locks the folder itself, and the launcher must not hold it against it.
+    serverapp_under_launcher: bool = True
 
     @classmethod
     def from_run_args(cls, run_args, options: Any = None) -> RunPlan:
@@ -48,29 +61,34 @@ class RunPlan:
             client_num_cpus=federation.client_num_cpus,
             client_num_gpus=float(federation.client_num_gpus),
             options=options,
+            serverapp_under_launcher=getattr(options, "superlink", None) is None,
         )
 
 
-def prepare_simulation(argv: list[str] | None) -> RunPlan:
-    """`scripts/simulate.py`'s arguments, parsed and checked (the output folder made ready)."""
+def prepare_simulation(argv: list[str] | None, claim: Claim = run_lock.ensure_not_in_use) -> RunPlan:
+    """`scripts/simulate.py`'s arguments, parsed and checked (the output folder claimed, then made
+    ready)."""
     from ..arguments import parse_args
     from ..modeling import check_4bit_support
     from ..preflight import check_run
 
     run_args = parse_args(argv)
+    claim(run_args.training.output_dir)
     check_run(run_args, prepare_output=True)
     check_4bit_support(run_args.model)  # the clients train on this machine
     return RunPlan.from_run_args(run_args)
 
 
-def prepare_server(argv: list[str] | None) -> RunPlan:
-    """`scripts/server.py`'s arguments (the run's and `ServerOptions`), parsed and checked."""
+def prepare_server(argv: list[str] | None, claim: Claim = run_lock.ensure_not_in_use) -> RunPlan:
+    """`scripts/server.py`'s arguments (the run's and `ServerOptions`), parsed and checked (the
+    output folder claimed, then made ready)."""
     from ..arguments import HfFlowerParser, RunArguments, finalize
     from ..preflight import check_run
     from .server import ServerOptions
 
     *groups, options = HfFlowerParser((ServerOptions,)).parse_args_and_config(argv)
     run_args = finalize(RunArguments(*groups))
+    claim(run_args.training.output_dir)
     check_run(run_args, prepare_output=True)
     return RunPlan.from_run_args(run_args, options)
 
@@ -84,8 +102,13 @@ class Prepared:
     error: str = ""
 
 
-def run_prepare(prepare: Callable[[list[str] | None], RunPlan], argv: list[str] | None) -> Prepared:
-    """`prepare(argv)` here, its refusals turned into an exit code and one `error:` line."""
+def run_prepare(
+    prepare: Callable[..., RunPlan], argv: list[str] | None, claim: Claim = run_lock.ensure_not_in_use
+) -> Prepared:
+    """`prepare(argv, claim)` here, its refusals turned into an exit code and one `error:` line.
+
+    The default `claim` only refuses a folder another run holds: preparing in this process (as
+    tests do) takes no lock."""
     from ..hub import HubError
 
     if not sys.stderr.isatty():  # one-off bars (datasets' first read of a file) would flood a log with \r
@@ -95,36 +118,94 @@ def run_prepare(prepare: Callable[[list[str] | None], RunPlan], argv: list[str] 
         datasets.disable_progress_bars()
         huggingface_hub.utils.disable_progress_bars()
     try:
-        return Prepared(plan=prepare(argv))
+        return Prepared(plan=prepare(argv, claim))
     except (ValueError, OSError, HubError) as err:
         return Prepared(exit_code=2, error=f"error: {err}")
     except SystemExit as exit_:  # --help, or argparse's own usage errors (already printed)
         return Prepared(exit_code=exit_.code if isinstance(exit_.code, int) else 2)
 
 
-def prepare_in_child(prepare: Callable[[list[str] | None], RunPlan], argv: list[str] | None) -> Prepared:
-    """`prepare(argv)` in a fresh child process (spawned, so nothing of it stays here)."""
+def prepare_in_child(
+    prepare: Callable[..., RunPlan], argv: list[str] | None
+) -> tuple[Prepared, run_lock.RunLock | None]:
+    """`prepare(argv)` in a fresh child process (spawned, so nothing of it stays here).
+
+    When the child claims the output folder, the lock is taken here, in the launcher, and the
+    child goes on only once it is held. Returns the child's answer and that lock (None when the
+    child failed before claiming a folder); the caller releases it.
+    """
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as child:
-        return child.submit(run_prepare, prepare, argv).result()
+    ours, theirs = context.Pipe()
+    child = context.Process(target=_prepare_and_answer, args=(prepare, argv, theirs))
+    child.start()
+    theirs.close()
+    lock = None
+    try:
+        while True:
+            try:
+                kind, value = ours.recv()
+            except EOFError:  # it died without answering; its traceback is on stderr
+                child.join()
+                error = f"error: preparing the run failed: its process exited with code {child.exitcode}"
+                return Prepared(exit_code=1, error=error), lock
+            if kind == "done":
+                return value, lock
+            try:
+                lock = run_lock.RunLock(value)
+                ours.send(None)
+            except OutputDirError as refused:
+                ours.send(str(refused))
+    except BaseException:  # Ctrl-C or a stop signal while preparing: nothing of the run is left
+        child.terminate()
+        if lock is not None:
+            lock.release()
+        raise
+    finally:
+        child.join()
 
 
-def launch(prepare: Callable[[list[str] | None], RunPlan], run: Callable[[RunPlan], int], argv) -> int:
-    """A launcher's whole life: `prepare(argv)` in a child, then `run(plan)` here; its exit code."""
-    prepared = prepare_in_child(prepare, argv)
+def _prepare_and_answer(prepare: Callable[..., RunPlan], argv: list[str] | None, launcher) -> None:
+    """The child's side of `prepare_in_child`: claims go to the launcher, the answer goes back."""
+
+    def claim(output_dir: str) -> None:
+        launcher.send(("claim", output_dir))
+        refusal = launcher.recv()
+        if refusal is not None:
+            raise OutputDirError(refusal)
+
+    launcher.send(("done", run_prepare(prepare, argv, claim)))
+
+
+def launch(prepare: Callable[..., RunPlan], run: Callable[[RunPlan], int], argv) -> int:
+    """A launcher's whole life: `prepare(argv)` in a child, then `run(plan)` here; its exit code.
+
+    The output folder stays locked from the child's claim until `run` has stopped every process
+    it started (with `--superlink`, until preparing is done: the ServerApp then locks it)."""
+    prepared, lock = prepare_in_child(prepare, argv)
+    if lock is not None and (prepared.plan is None or not prepared.plan.serverapp_under_launcher):
+        lock.release()
+        lock = None
     if prepared.plan is None:
         if prepared.error:
             print(prepared.error, file=sys.stderr)
         return prepared.exit_code
     try:
-        with stop_signals_raise():
+        with lock or nullcontext(), stop_signals_raise():
             return run(prepared.plan)
     except KeyboardInterrupt:  # every Flower process is already stopped by then
+        _mark_interrupted(prepared.plan, "KeyboardInterrupt")
         print("Interrupted; the rounds saved so far are kept.", file=sys.stderr)
         return 130
     except Stopped as stop:
+        _mark_interrupted(prepared.plan, f"Stopped by {stop}")
         print(
             f"Stopped by {stop}; every Flower process is stopped, the rounds saved so far are kept.",
             file=sys.stderr,
         )
         return stop.exit_code
+
+
+def _mark_interrupted(plan: RunPlan, reason: str) -> None:
+    """history.json says the run was interrupted, when the ServerApp stopped with the launcher."""
+    if plan.serverapp_under_launcher:
+        checkpoint.mark_interrupted(plan.output_dir, f"{reason}: the launcher stopped the run")

@@ -18,6 +18,10 @@ LOOPBACK = "127.0.0.1"
 # Signals a scheduler or a closed terminal sends to stop a launcher (Ctrl-C is KeyboardInterrupt).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# How long a stopped process tree may take to exit before it is killed. Flower's SuperLink and
+# SuperExec leave within half a second of SIGTERM; `flwr-simulation` and Ray's monitor ignore it,
+# and their state is not ours to keep (rounds are saved atomically by the ServerApp).
+STOP_GRACE_SECONDS = 3.0
 
 
 class Stopped(BaseException):
@@ -128,7 +132,7 @@ class ManagedProcess:
         except OSError:
             return ""
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """SIGTERM the process tree, wait up to `grace` seconds, then SIGKILL what is left."""
         if self.process is None:
             return

@@ -27,6 +27,8 @@ from .flower import (
 from .plan import RunPlan
 from .processes import LOOPBACK, ManagedProcess, free_port
 
+LOOPBACK_HOSTS = (LOOPBACK, "localhost", "::1")
+
 
 @dataclass
 class ServerOptions:
@@ -36,8 +38,11 @@ class ServerOptions:
         host / port: Address of the SuperLink's one HTTP(S) port (Fleet, Control and ServerApp
             APIs). Use `--host 0.0.0.0` so other machines can connect. Port 0 picks a free one.
         superlink: Address of a SuperLink that is already running; then none is started.
-        ssl_certfile / ssl_keyfile / ssl_ca_certfile: TLS certificate, key and CA. Without them
-            the SuperLink runs without TLS (`--insecure`), for trying things out only.
+        ssl_certfile / ssl_keyfile / ssl_ca_certfile: TLS certificate, key and CA
+            (`hf-flower make-certs`). The certificate must be valid for 127.0.0.1, the address
+            this launcher uses to reach its own SuperLink.
+        insecure: Run without TLS, on purpose: anyone on the network can read the weights and
+            talk to the port. Without TLS files the server refuses to start unless this is set.
         authorized_keys: Public keys (`ssh-keygen -t ecdsa -b 384`) of the SuperNodes allowed to
             join; giving any turns SuperNode authentication on.
     """
@@ -48,12 +53,22 @@ class ServerOptions:
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
     ssl_ca_certfile: str | None = None
+    insecure: bool = field(default=False, metadata={"help": "Run without TLS, on purpose (plaintext)."})
     authorized_keys: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         tls = [self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certfile]
         if any(tls) and not all(tls):
             raise ValueError("TLS needs all of --ssl_certfile, --ssl_keyfile and --ssl_ca_certfile.")
+        if self.insecure and all(tls):
+            raise ValueError("--insecure turns TLS off: give it or the --ssl_* files, not both.")
+        if not self.insecure and not all(tls):
+            where = "" if self.loopback_only else f" on {self.host}, where other machines can reach it,"
+            raise ValueError(
+                f"The SuperLink would run without TLS{where} and anyone who reaches its port could read "
+                "the weights. Give --ssl_certfile, --ssl_keyfile and --ssl_ca_certfile (`hf-flower "
+                "make-certs` writes them), or pass --insecure to run unencrypted on purpose."
+            )
         for path in [p for p in tls if p] + list(self.authorized_keys):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path} does not exist.")
@@ -61,6 +76,11 @@ class ServerOptions:
     @property
     def tls(self) -> bool:
         return self.ssl_certfile is not None
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether only this machine can reach the SuperLink's port."""
+        return self.host in LOOPBACK_HOSTS
 
 
 def superlink_command(options: ServerOptions, port: int) -> list[str]:
@@ -96,6 +116,12 @@ def run_server(plan: RunPlan, app_dir: Path | None = None) -> int:
     every round completed. `app_dir`: the Flower app to submit; by default one written from the
     imported package."""
     options: ServerOptions = plan.options
+    if options.insecure and not options.loopback_only:
+        print(
+            f"warning: the SuperLink listens on {options.host} without TLS (--insecure): weights and "
+            "run configs cross the network in plaintext. Use it only on a network you control.",
+            file=sys.stderr,
+        )
     output_dir = Path(plan.output_dir)
     flwr_home = output_dir / FLWR_HOME_DIRNAME
     env = flower_env(flwr_home, output_dir / LOGS_DIRNAME / PROGRESS_DIRNAME)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..client_policy import ClientPolicy
 from .app import write_app_dir
 from .flower import (
     FLWR_HOME_DIRNAME,
@@ -43,8 +44,11 @@ def run_simulation(plan: RunPlan, app_dir: Path | None = None) -> int:
     write_connection(flwr_home, f"{LOOPBACK}:{port}")
     app_dir = app_dir or write_app_dir(flwr_home, plan.run_config)
     env = flower_env(flwr_home, output_dir / LOGS_DIRNAME / PROGRESS_DIRNAME)
+    # The clients' policy, for Ray's workers (they inherit this environment).
+    env.update(ClientPolicy.of_operator(plan.run_config).to_env())
     superlink_cmd = [
         flower_executable("flower-superlink"),
+        # Plaintext on purpose: it listens on 127.0.0.1 only and serves this launcher's own run.
         "--insecure",
         "--simulation",
         "--disable-runtime-dependency-installation",

@@ -1,4 +1,5 @@
-"""`flower-supernode`, with a shorter wait between its pulls from the SuperLink.
+"""`flower-supernode`, with a shorter wait between its pulls from the SuperLink and, optionally, a
+shorter heartbeat.
 
 Flower 1.42's SuperNode sleeps a fixed 3 s after every pull that brings no message, and 0.5 s
 between checks for the ClientApp's reply (`flwr/supernode/start_client_internal.py`, no option
@@ -8,19 +9,29 @@ with those waits capped at `--pull-interval` seconds. Each idle SuperNode then a
 for work every `--pull-interval` seconds instead of every 3 s, a small request; keep Flower's 3 s
 for federations of thousands of nodes.
 
-Usage: `python -m hf_flower.launch.supernode --pull-interval 0.5 <flower-supernode arguments>`.
+The SuperLink declares a node dead after two missed heartbeats, and a SuperNode sends one every
+`HEARTBEAT_DEFAULT_INTERVAL` seconds (30, a constant in Flower 1.42): a crashed client holds its
+round for about a minute. `--heartbeat-interval` sets that interval (the SuperLink accepts 10 s
+to 30 min), so a dead client is noticed sooner at the cost of more heartbeat requests.
+
+Usage: `python -m hf_flower.launch.supernode --pull-interval 0.5 [--heartbeat-interval 30]
+<flower-supernode arguments>`.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import types
 
-from flwr.supernode import start_client_internal
+from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
+from flwr.supercore import heartbeat
+from flwr.supernode import fleet_http_connection, start_client_internal
 from flwr.supernode.cli import flower_supernode
 
 PULL_INTERVAL_FLAG = "--pull-interval"
+HEARTBEAT_INTERVAL_FLAG = "--heartbeat-interval"
 
 
 def cap_sleeps(seconds: float) -> None:
@@ -38,14 +49,42 @@ def cap_sleeps(seconds: float) -> None:
     start_client_internal.time = capped
 
 
-def main(argv: list[str]) -> int | None:
-    """Cap the polling waits, then run `flower-supernode` with the remaining arguments."""
-    if len(argv) < 2 or argv[0] != PULL_INTERVAL_FLAG:
-        raise SystemExit(
-            f"usage: python -m hf_flower.launch.supernode {PULL_INTERVAL_FLAG} S [flower-supernode args]"
+def check_heartbeat_interval(seconds: float) -> None:
+    """Refuse an interval the SuperLink would refuse when the node connects."""
+    if not HEARTBEAT_MIN_INTERVAL <= seconds <= HEARTBEAT_MAX_INTERVAL:
+        raise ValueError(
+            f"the heartbeat interval must be in [{HEARTBEAT_MIN_INTERVAL}, {HEARTBEAT_MAX_INTERVAL}] "
+            f"seconds (the SuperLink refuses others), got {seconds}"
         )
-    cap_sleeps(float(argv[1]))
-    sys.argv = ["flower-supernode", *argv[2:]]
+
+
+def set_heartbeat_interval(seconds: float) -> None:
+    """Make the SuperNode announce, and keep, a heartbeat every `seconds` instead of Flower's 30."""
+    check_heartbeat_interval(seconds)
+    # The connection announces the interval to the SuperLink; the sender waits by it.
+    for module in (fleet_http_connection, heartbeat):
+        if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
+            raise RuntimeError(
+                f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; this flwr release is "
+                "not the one hf-flower supports (see pyproject.toml)"
+            )
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds
+
+
+def main(argv: list[str]) -> int | None:
+    """Cap the polling waits (and set the heartbeat), then run `flower-supernode` with the
+    remaining arguments."""
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_flower.launch.supernode",
+        usage=f"%(prog)s {PULL_INTERVAL_FLAG} S [{HEARTBEAT_INTERVAL_FLAG} S] [flower-supernode args]",
+    )
+    parser.add_argument(PULL_INTERVAL_FLAG, type=float, required=True)
+    parser.add_argument(HEARTBEAT_INTERVAL_FLAG, type=float)
+    ours, flower_args = parser.parse_known_args(argv)
+    cap_sleeps(ours.pull_interval)
+    if ours.heartbeat_interval is not None:
+        set_heartbeat_interval(ours.heartbeat_interval)
+    sys.argv = ["flower-supernode", *flower_args]
     return flower_supernode()
 
 

@@ -3,7 +3,8 @@ its replies' metrics to the JSON file given as argv[2]. argv[1] is a JSON run co
 given, the JSON run facts the server would send (default: the classes of conftest's reviews).
 
 Started by tests/test_deployment.py both as `python` (one process) and under `accelerate launch`
-with two ranks, exactly as `scripts/client.py` hands jobs from rank 0 to the other ranks.
+with two ranks, exactly as `scripts/client.py` hands jobs (and idle notices) from rank 0 to the
+other ranks.
 """
 
 import json
@@ -46,6 +47,9 @@ def main(run_config_path: str, output_path: str, facts_json: str | None = None) 
     results = {}
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):
         message = instruction(start, kind, facts)
+        # What rank 0 of `scripts/client.py` sends while it waits for the server: the other ranks
+        # keep waiting for the job.
+        distributed.send_idle()
         distributed.send_job(message, context)
         reply = client_app.app(message=message, context=context)
         assert not reply.has_error(), reply.error.reason

@@ -1,0 +1,537 @@
+"""No reply can break or steer a run: `validate_reply`, the example cap and the bounded waits.
+
+The fuzz tests run a real Flower strategy's `start()` over `TrackingGrid` and an in-process grid
+whose clients are plain functions: three honest ones (the weights they were sent plus a fixed
+step) and one that sends a malformed reply. The run must finish with the honest clients, name the
+bad reply in the round's failures, and aggregate exactly what the honest replies give.
+"""
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedMedian
+from flwr.supercore.task_identity import TaskIdentity
+
+from hf_flower import wire
+from hf_flower.arguments import FederationArguments
+from hf_flower.constants import (
+    ARRAYS_HELD_KEY,
+    ARRAYS_KEY,
+    CLIENT_KEY,
+    METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    PACKED_LAYOUT_KEY,
+    PARTITION_ID_KEY,
+)
+from hf_flower.server_app import ClientsMissingError, TrackingGrid
+from hf_flower.strategies import averages_replies, nodes_waited_for
+from hf_flower.tasks import get_task
+from hf_flower.validation import (
+    MAX_WEIGHT_MAGNITUDE,
+    ExampleCap,
+    ExpectedReply,
+    InvalidReplyError,
+    validate_reply,
+)
+from hf_flower.weights import arrays_to_state_dict, get_weights, state_dict_to_arrays
+
+TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
+TASK = get_task("text-classification")
+
+
+@pytest.fixture(autouse=True)
+def server_identity(monkeypatch):
+    """What a running ServerApp process has set before any message is built."""
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+torch.manual_seed(0)
+MODEL = torch.nn.Linear(4, 3)
+REFERENCE = {name: p.detach() for name, p in MODEL.named_parameters()}
+EXPECTED = ExpectedReply(
+    REFERENCE,
+    evaluate_metrics=TASK.reported_metrics,
+    required_evaluate_metrics=("eval_loss", "eval_runtime"),
+    max_update_norm=5.0,
+)
+# The same run without --max_update_norm: the example cap alone bounds far-off replies.
+NO_NORM_BOUND = dataclasses.replace(EXPECTED, max_update_norm=0.0)
+# What the server knows of the run's partitions: (train, eval) examples of the largest.
+CAP = ExampleCap.for_run(0, [(30, 8), (25, 7)])
+
+
+@dataclasses.dataclass
+class Client:
+    """One node: what it honestly reports, and how it spoils its reply (`attack(kind, content)`)."""
+
+    node: int
+    step: float
+    train_examples: int
+    eval_examples: int
+    accuracy: float
+    attack: Callable[[str, RecordDict], None] | None = None
+
+    def answer(self, message: Message) -> Message:
+        kind = message.metadata.message_type
+        content = self.train(message) if kind == TRAIN else self.evaluate()
+        if self.attack is not None:
+            self.attack(kind, content)
+        return Message(content, reply_to=message)
+
+    def trained(self, sent: dict) -> dict:
+        return {name: value + self.step for name, value in sent.items()}
+
+    def train(self, message: Message) -> RecordDict:
+        sent = arrays_to_state_dict(message.content[ARRAYS_KEY], REFERENCE)
+        metrics = {
+            "train_loss": 0.5,
+            "train_runtime": 1.0,
+            "train_steps": 3,
+            NUM_EXAMPLES_KEY: self.train_examples,
+        }
+        return self.reply(metrics, state_dict_to_arrays(self.trained(sent)))
+
+    def evaluate(self) -> RecordDict:
+        metrics = {
+            "eval_loss": 0.4,
+            "eval_accuracy": self.accuracy,
+            "eval_f1": self.accuracy,
+            "eval_runtime": 0.5,
+            NUM_EXAMPLES_KEY: self.eval_examples,
+        }
+        return self.reply(metrics)
+
+    def reply(self, metrics: dict, arrays: ArrayRecord | None = None) -> RecordDict:
+        content = RecordDict(
+            {METRICS_KEY: MetricRecord(metrics), CLIENT_KEY: ConfigRecord({PARTITION_ID_KEY: self.node - 1})}
+        )
+        if arrays is not None:
+            content[ARRAYS_KEY] = arrays
+        return content
+
+
+class ClientGrid:
+    """A Flower `Grid` of in-process clients: each pushed message is answered at once."""
+
+    def __init__(self, clients: list[Client]):
+        self.clients = {client.node: client for client in clients}
+        self.replies: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return list(self.clients)
+
+    def push_messages(self, messages):
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message.object_id  # as Flower's grids do
+            delivered = Message(metadata=message.metadata, content=RecordDict(dict(message.content)))
+            self.replies[message.metadata.message_id] = self.clients[message.metadata.dst_node_id].answer(
+                delivered
+            )
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+def honest_clients() -> list[Client]:
+    return [
+        Client(node=1, step=0.1, train_examples=10, eval_examples=5, accuracy=0.6),
+        Client(node=2, step=-0.2, train_examples=20, eval_examples=6, accuracy=0.7),
+        Client(node=3, step=0.3, train_examples=30, eval_examples=7, accuracy=0.9),
+    ]
+
+
+def attacker(attack, kind_attacked: str, train_examples: int = 20) -> Client:
+    def spoil(kind, content):
+        if kind == kind_attacked:
+            attack(content)
+
+    return Client(
+        node=4, step=0.05, train_examples=train_examples, eval_examples=6, accuracy=0.5, attack=spoil
+    )
+
+
+def run_round(strategy, clients: list[Client], expected: ExpectedReply = EXPECTED, cap: ExampleCap = CAP):
+    """One round of `strategy` over the clients; the grid and the round's aggregated weights."""
+    grid = TrackingGrid(
+        ClientGrid(clients),
+        expected,
+        min_train_clients=3,
+        average_on_arrival=averages_replies(strategy),
+        example_cap=cap,
+        wait_for_clients_timeout=5,  # a test that sampled more clients than it has fails, not hangs
+    )
+    aggregates = {}
+
+    def keep(server_round, arrays):
+        aggregates[server_round] = arrays
+
+    result = strategy.start(
+        grid=grid, initial_arrays=get_weights(MODEL), num_rounds=1, timeout=10, evaluate_fn=keep
+    )
+    return grid, aggregates[1], result
+
+
+def make_strategy(name: str, clients: int = 4):
+    cls = {"FedAvg": FedAvg, "FedMedian": FedMedian}[name]
+    return cls(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=clients)
+
+
+def expected_aggregate(strategy_name: str, clients: list[Client], weights: list[int] | None = None) -> dict:
+    """FedAvg (examples-weighted mean) or FedMedian of the clients' trained weights, with numpy."""
+    sent = {name: value.numpy().astype(np.float64) for name, value in REFERENCE.items()}
+    trained = [client.trained(sent) for client in clients]
+    if strategy_name == "FedMedian":
+        return {name: np.median([t[name] for t in trained], axis=0) for name in sent}
+    weights = weights or [client.train_examples for client in clients]
+    return {name: sum(w * t[name] for w, t in zip(weights, trained)) / sum(weights) for name in sent}
+
+
+def assert_aggregate(got: ArrayRecord, expected: dict) -> None:
+    assert list(got) == list(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name].numpy(), value, rtol=1e-5, atol=1e-6)
+
+
+# --- malformed replies ----------------------------------------------------------------------------
+
+
+def set_metric(name, value):
+    def attack(content):
+        content[METRICS_KEY][name] = value
+
+    return attack
+
+
+def drop_metric(name):
+    def attack(content):
+        del content[METRICS_KEY][name]
+
+    return attack
+
+
+def drop_record(key):
+    def attack(content):
+        del content[key]
+
+    return attack
+
+
+def extra_record(content):
+    content["extra"] = MetricRecord({"x": 1.0})
+
+
+def without_partition_id(content):
+    content[CLIENT_KEY] = ConfigRecord({})
+
+
+def many_metrics(content):
+    content[METRICS_KEY] = MetricRecord({**content[METRICS_KEY], **{f"m{i}": 0.0 for i in range(5000)}})
+
+
+def change_weights(change):
+    def attack(content):
+        state_dict = {name: torch.from_numpy(a.numpy().copy()) for name, a in content[ARRAYS_KEY].items()}
+        content[ARRAYS_KEY] = state_dict_to_arrays(change(state_dict))  # no dtype given: kept as changed
+
+    return attack
+
+
+def huge_value(state_dict):
+    state_dict["weight"][0, 0] = 3e38
+    return state_dict
+
+
+def packed_layout(**change):
+    def attack(content):
+        wire.pack(content)
+        content[PACKED_LAYOUT_KEY] = ConfigRecord({**content[PACKED_LAYOUT_KEY], **change})
+
+    return attack
+
+
+MALFORMED = {
+    "num-examples [1, 2]": (TRAIN, set_metric(NUM_EXAMPLES_KEY, [1, 2])),
+    "num-examples -100": (TRAIN, set_metric(NUM_EXAMPLES_KEY, -100)),
+    "num-examples -1e12": (TRAIN, set_metric(NUM_EXAMPLES_KEY, -1e12)),
+    "num-examples -99": (TRAIN, set_metric(NUM_EXAMPLES_KEY, -99)),
+    "num-examples NaN": (TRAIN, set_metric(NUM_EXAMPLES_KEY, math.nan)),
+    "num-examples inf": (TRAIN, set_metric(NUM_EXAMPLES_KEY, math.inf)),
+    "num-examples 2.5": (TRAIN, set_metric(NUM_EXAMPLES_KEY, 2.5)),
+    "train_loss as a list": (TRAIN, set_metric("train_loss", [0.1, 0.2])),
+    "train_loss negative": (TRAIN, set_metric("train_loss", -1.0)),
+    "5,000 extra metrics (train)": (TRAIN, many_metrics),
+    "without train_steps": (TRAIN, drop_metric("train_steps")),
+    "packed, malformed ndims": (TRAIN, packed_layout(ndims=[-1, 4])),
+    "packed, negative dims summing right": (TRAIN, packed_layout(dims=[-3, -4, 3])),
+    "packed, dims as text": (TRAIN, packed_layout(dims="3,4,3")),
+    "without partition-id": (TRAIN, without_partition_id),
+    "extra record (train)": (TRAIN, extra_record),
+    "without weights": (TRAIN, drop_record(ARRAYS_KEY)),
+    "weights 3e38": (TRAIN, change_weights(huge_value)),
+    "float64 weights": (TRAIN, change_weights(lambda sd: {k: v.double() for k, v in sd.items()})),
+    "int64 weights": (TRAIN, change_weights(lambda sd: {k: v.long() for k, v in sd.items()})),
+    "complex64 weights": (
+        TRAIN,
+        change_weights(lambda sd: {k: v.to(torch.complex64) for k, v in sd.items()}),
+    ),
+    "bool weights": (TRAIN, change_weights(lambda sd: {k: v > 0 for k, v in sd.items()})),
+    "NaN weights": (TRAIN, change_weights(lambda sd: {k: v * math.nan for k, v in sd.items()})),
+    "update beyond --max_update_norm": (TRAIN, change_weights(lambda sd: {k: v + 30 for k, v in sd.items()})),
+    "evaluate without metrics": (EVALUATE, drop_record(METRICS_KEY)),
+    "evaluate without num-examples": (EVALUATE, drop_metric(NUM_EXAMPLES_KEY)),
+    "evaluate num-examples -10": (EVALUATE, set_metric(NUM_EXAMPLES_KEY, -10)),
+    "evaluate accuracy 1e9": (EVALUATE, set_metric("eval_accuracy", 1e9)),
+    "evaluate 5,000 extra metrics": (EVALUATE, many_metrics),
+    "evaluate extra record": (EVALUATE, extra_record),
+    "evaluate without partition-id": (EVALUATE, without_partition_id),
+}
+
+
+@pytest.mark.parametrize("strategy_name", ["FedAvg", "FedMedian"])
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_malformed_reply_is_its_clients_failure_and_the_honest_ones_aggregate(strategy_name, case):
+    kind, attack = MALFORMED[case]
+    honest = honest_clients()
+    bad = attacker(attack, kind)
+    grid, aggregate, result = run_round(make_strategy(strategy_name), [*honest, bad])
+
+    trained_by = honest if kind == TRAIN else [*honest, bad]
+    assert_aggregate(aggregate, expected_aggregate(strategy_name, trained_by))
+    (failure,) = grid.rounds[1].failures
+    assert failure.startswith(f"round 1 {kind}: node {bad.node} (partition ")
+    assert "its reply was rejected" in failure and len(failure) < 1000
+    # Federated evaluation, as Flower aggregates it, comes from the valid replies only.
+    evaluated_by = honest if kind == EVALUATE else [*honest, bad]
+    examples = [c.eval_examples for c in evaluated_by]
+    accuracy = sum(c.accuracy * n for c, n in zip(evaluated_by, examples)) / sum(examples)
+    assert result.evaluate_metrics_clientapp[1]["eval_accuracy"] == pytest.approx(accuracy)
+    assert grid.rounds[1].metrics[EVALUATE]["eval_accuracy"] == pytest.approx(accuracy)
+
+
+def test_failures_name_the_reason():
+    honest = honest_clients()
+    for case, reason in (
+        ("num-examples -100", "'num-examples' is -100, not a whole number of at least 1"),
+        ("float64 weights", "received torch.float64 values, expected torch.float32"),
+        ("weights 3e38", f"beyond the {MAX_WEIGHT_MAGNITUDE:g} accepted"),
+        ("update beyond --max_update_norm", "above --max_update_norm 5"),
+        ("packed, negative dims summing right", "inconsistent layout"),
+        ("without partition-id", "'partition-id' is None"),
+        ("5,000 extra metrics (train)", "... (5000 in all)"),
+    ):
+        kind, attack = MALFORMED[case]
+        grid, _, _ = run_round(make_strategy("FedAvg"), [*honest, attacker(attack, kind)])
+        assert reason in grid.rounds[1].failures[0], case
+
+
+# --- weighting a client cannot inflate ----------------------------------------------------------------
+
+
+def test_a_1e12_example_claim_weighs_at_most_the_cap_under_fedavg():
+    honest = honest_clients()
+    bad = Client(node=4, step=5.0, train_examples=10**12, eval_examples=6, accuracy=0.5)
+    bad.train_examples = 1e12  # sent as a float, as the issue's client did
+    grid, aggregate, _ = run_round(make_strategy("FedAvg"), [*honest, bad], NO_NORM_BOUND)
+
+    cap = 30  # the largest partition's train split: the round's lower median (20) fits it
+    weights = [c.train_examples for c in honest] + [cap]
+    expected = expected_aggregate("FedAvg", [*honest, bad], weights)
+    assert_aggregate(aggregate, expected)
+    # The attacker moved the aggregate by its capped share of the way to its weights, no more.
+    honest_mean = expected_aggregate("FedAvg", honest)
+    attacker_weights = expected_aggregate("FedAvg", [bad])
+    share = cap / sum(weights)
+    for name, value in honest_mean.items():
+        moved = np.abs(aggregate[name].numpy() - value)
+        assert np.all(moved <= share * np.abs(attacker_weights[name] - value) + 1e-5)
+        assert np.all(moved > 0.5 * share * np.abs(attacker_weights[name] - value))  # capped, not dropped
+    assert grid.rounds[1].failures == []
+    (note,) = grid.rounds[1].notes
+    assert note.startswith("round 1 train: node 4 (partition 3): num-examples 1000000000000 capped to 30")
+
+
+def test_fedmedian_ignores_a_1e12_example_claim():
+    honest = honest_clients()
+    bad = Client(node=4, step=50.0, train_examples=10**12, eval_examples=6, accuracy=0.5)
+    grid, aggregate, _ = run_round(make_strategy("FedMedian"), [*honest, bad], NO_NORM_BOUND)
+    assert grid.rounds[1].failures == []
+    sent = {name: value.numpy() for name, value in REFERENCE.items()}
+    for name, value in sent.items():
+        steps = [c.step for c in honest]
+        assert np.all(aggregate[name].numpy() >= value + min(steps) - 1e-6)
+        assert np.all(aggregate[name].numpy() <= value + max(steps) + 1e-6)
+
+
+def test_averaging_on_arrival_and_the_strategy_weigh_the_same_capped_counts():
+    """Own-data clients (nothing known of partitions): the cap is twice the round's lower median."""
+    honest = honest_clients()
+    bad = Client(node=4, step=5.0, train_examples=1000, eval_examples=6, accuracy=0.5)
+    aggregates = {}
+    for averaging in (True, False):
+        grid = TrackingGrid(
+            ClientGrid([*honest, bad]), NO_NORM_BOUND, min_train_clients=3, average_on_arrival=averaging
+        )
+        messages = FedAvg(min_available_nodes=4).configure_train(1, get_weights(MODEL), ConfigRecord(), grid)
+        arrays, _ = FedAvg().aggregate_train(1, grid.send_and_receive(messages, timeout=10))
+        aggregates[averaging] = arrays
+    weights = [10, 20, 30, 2 * 20]
+    for arrays in aggregates.values():
+        assert_aggregate(arrays, expected_aggregate("FedAvg", [*honest, bad], weights))
+
+
+def test_example_cap_rules():
+    assert ExampleCap(fixed=50).limit(TRAIN, [10, 10**9]) == 50
+    partitions = ExampleCap.for_run(0, [(90, 10), (45, 5)])
+    assert (partitions.floor(TRAIN), partitions.floor(EVALUATE)) == (90, 10)
+    assert partitions.limit(TRAIN, [40, 90, 10**12]) == 90  # typical clients fit the partitions
+    assert partitions.limit(TRAIN, [400, 500, 600, 10**12]) == 1000  # own data: twice the lower median
+    assert ExampleCap().floor(TRAIN) is None
+    assert ExampleCap().limit(EVALUATE, [10**12, 3]) == 6  # two clients: the honest one's count
+
+
+# --- validate_reply on its own -------------------------------------------------------------------
+
+
+def honest_train_content() -> RecordDict:
+    return Client(node=1, step=0.1, train_examples=10, eval_examples=5, accuracy=0.6).train(
+        Message(RecordDict({ARRAYS_KEY: get_weights(MODEL)}), dst_node_id=1, message_type=TRAIN)
+    )
+
+
+def test_honest_replies_pass_and_packed_ones_are_unpacked():
+    content = honest_train_content()
+    content[CLIENT_KEY][ARRAYS_HELD_KEY] = "ab" * 32
+    validate_reply(TRAIN, content, EXPECTED)
+    wire.pack(content)
+    validate_reply(TRAIN, content, EXPECTED)
+    assert list(content.array_records) == [ARRAYS_KEY]
+    assert list(content[ARRAYS_KEY]) == list(REFERENCE)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_weights_must_travel_in_the_runs_transfer_dtype(dtype):
+    expected = dataclasses.replace(EXPECTED, transfer_dtype=dtype)
+    content = honest_train_content()
+    with pytest.raises(InvalidReplyError, match=f"received torch.float32 values, expected torch.{dtype}"):
+        validate_reply(TRAIN, content, expected)
+    content[ARRAYS_KEY] = get_weights(MODEL, dtype)  # what a client of this run sends
+    validate_reply(TRAIN, content, expected, sent=REFERENCE)
+    wire.pack(content)
+    validate_reply(TRAIN, content, expected, sent=REFERENCE)
+
+
+def test_validate_reply_raises_only_invalid_reply_error():
+    for kind, attack in MALFORMED.values():
+        if kind != TRAIN:
+            continue
+        content = honest_train_content()
+        attack(content)
+        sent = {name: value.clone() for name, value in REFERENCE.items()}
+        with pytest.raises(InvalidReplyError):
+            validate_reply(TRAIN, content, EXPECTED, sent)
+
+
+def test_client_side_adaptive_clipping_may_report_its_norm_bit(tmp_path):
+    from hf_flower.arguments import parse_args
+
+    flags = ["--output_dir", str(tmp_path), "--strategy", "DifferentialPrivacyClientSideAdaptiveClipping"]
+    run_args = parse_args(
+        [*flags, "--strategy_kwargs", '{"noise_multiplier": 0.1, "num_sampled_clients": 2}']
+    )
+    expected = ExpectedReply.for_run(run_args, TASK, REFERENCE)
+    content = honest_train_content()
+    content[METRICS_KEY]["norm_bit"] = 1
+    validate_reply(TRAIN, content, expected)
+    with pytest.raises(InvalidReplyError, match="unexpected names"):
+        validate_reply(TRAIN, content, EXPECTED)
+    content[METRICS_KEY]["norm_bit"] = 2
+    with pytest.raises(InvalidReplyError, match="outside"):
+        validate_reply(TRAIN, content, expected)
+
+
+def test_evaluate_metrics_only_some_clients_report_are_left_out():
+    """`eval_label_accuracy`-like metrics depend on a client's data: Flower must never see uneven keys."""
+
+    def without_f1(kind, content):
+        if kind == EVALUATE:
+            del content[METRICS_KEY]["eval_f1"]
+
+    clients = honest_clients()
+    clients[0].attack = without_f1
+    grid, _, result = run_round(make_strategy("FedMedian", clients=3), clients)
+    assert grid.rounds[1].failures == []
+    assert "eval_f1" not in result.evaluate_metrics_clientapp[1]
+    assert "eval_accuracy" in result.evaluate_metrics_clientapp[1]
+
+
+# --- bounded waits ------------------------------------------------------------------------------------
+
+
+class TooFewNodes(ClientGrid):
+    """A grid where one node ever connects."""
+
+    def get_node_ids(self):
+        return [1]
+
+
+def test_waiting_for_clients_ends_with_a_clear_error():
+    strategy = FedAvg(min_available_nodes=3)
+    grid = TrackingGrid(
+        TooFewNodes([]), EXPECTED, 2, wait_for_clients_timeout=0.1, clients_wanted=nodes_waited_for(strategy)
+    )
+    started = time.monotonic()
+    with pytest.raises(ClientsMissingError) as error:
+        strategy.start(grid=grid, initial_arrays=get_weights(MODEL), num_rounds=1)
+    assert time.monotonic() - started < 5
+    message = str(error.value)
+    assert "1 connected, the strategy waits for 3" in message and "--wait_for_clients_timeout" in message
+
+
+def test_each_wait_for_clients_has_its_own_deadline():
+    grid = TrackingGrid(TooFewNodes([]), EXPECTED, 2, wait_for_clients_timeout=0.2)
+    grid.get_node_ids()
+    time.sleep(0.3)
+    grid.send_and_receive([])  # the strategy sent a round: the next poll starts a new wait
+    grid.get_node_ids()
+    grid.get_node_ids()
+    time.sleep(0.3)
+    with pytest.raises(ClientsMissingError):
+        grid.get_node_ids()
+
+
+def test_nodes_waited_for_reads_the_strategy_and_the_one_a_wrapper_wraps():
+    assert nodes_waited_for(FedAvg(min_available_nodes=2, min_train_nodes=5)) == 5
+    assert nodes_waited_for(FedAvg(min_evaluate_nodes=7, fraction_evaluate=0.0)) == 2
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    wrapper = DifferentialPrivacyServerSideFixedClipping(FedAvg(min_available_nodes=4), 0.1, 1.0, 4)
+    assert nodes_waited_for(wrapper) == 4
+
+
+@pytest.mark.parametrize("name", ["round_timeout", "wait_for_clients_timeout"])
+@pytest.mark.parametrize("value", [-5.0, 0.0, math.nan, math.inf])
+def test_timeouts_must_be_positive_and_finite(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a positive, finite number of seconds.*--{name}"):
+        FederationArguments(**{name: value})
+
+
+def test_cap_and_norm_flags_are_checked():
+    with pytest.raises(ValueError, match="max_examples_per_client must be 0"):
+        FederationArguments(max_examples_per_client=-1)
+    for value in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="max_update_norm must be 0"):
+            FederationArguments(max_update_norm=value)
+    federation = FederationArguments(
+        max_examples_per_client=500, max_update_norm=2.5, wait_for_clients_timeout=30
+    )
+    assert (federation.max_examples_per_client, federation.max_update_norm) == (500, 2.5)

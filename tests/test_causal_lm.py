@@ -2,6 +2,7 @@
 whose rounds load as PEFT adapters and, merged, with `AutoModelForCausalLM` and `pipeline`."""
 
 import json
+import time
 
 import pytest
 from conftest import sft_flags
@@ -22,7 +23,7 @@ def message(arrays, kind, server_round=1):
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
     metadata = Metadata(
         run_id=1, message_id="m1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
-        group_id=str(server_round), created_at=0.0, ttl=3600, message_type=kind,
+        group_id=str(server_round), created_at=time.time(), ttl=3600, message_type=kind,
     )  # fmt: skip
     return Message(metadata=metadata, content=content)
 

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.hf-flower-installed
 
-.PHONY: install demo sft-demo example-card test clean
+.PHONY: install demo sft-demo example-card test test-fast clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ example-card: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The tests that start no Flower process, Ray, SuperLink or launcher (the `slow` ones): a quick check.
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) outputs

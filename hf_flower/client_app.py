@@ -16,11 +16,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-from flwr.common.constant import ErrorCode
 from transformers import Trainer, TrainingArguments, set_seed
 
 from . import data as data_lib
-from .arguments import RunArguments, from_run_config, join_launched_processes
+from .arguments import RunArguments
 from .client_policy import ClientPolicy
 from .constants import (
     ARRAYS_KEY,
@@ -33,8 +32,10 @@ from .constants import (
     PARTITION_ID_KEY,
     SERVER_ROUND_KEY,
 )
+from .launch.distributed import join_launched_processes
 from .modeling import load_tokenizer
 from .progress_callback import report_training
+from .run_config import from_run_config
 from .strategies import strategy_class
 from .tasks import DEFAULT_TASK, RunFacts, Task, get_task
 from .trainer import (
@@ -45,6 +46,7 @@ from .trainer import (
     TaskExpiredError,
     round_seed,
 )
+from .transport.flwr_compat import ErrorCode
 from .weights import get_weights, set_weights
 
 # Client-side halves of Flower's differential-privacy wrappers, by strategy name.

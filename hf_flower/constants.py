@@ -15,13 +15,13 @@ PARTITION_ID_KEY = "partition-id"
 # Node config of a SuperNode: which data it serves.
 NUM_PARTITIONS_KEY = "num-partitions"
 DATA_PATH_KEY = "data-path"
-# Weights a long-lived client already holds need not travel again (launch/client.py keeps the
+# Weights a long-lived client already holds need not travel again (transport/client_loop.py keeps the
 # last ones it received). The server names the weights of every message by their Flower object
 # id; a client that holds them says so in its reply; a message to it may then carry the id alone.
 ARRAYS_ID_KEY = "arrays-id"
 ARRAYS_HELD_KEY = "arrays-held"
 # Error code of a client asked for weights by id that it does not hold: the server resends them.
 ARRAYS_NOT_HELD_CODE = 4601
-# Between the server and long-lived clients the weights travel as one flat array (`wire.py`).
+# Between the server and long-lived clients the weights travel as one flat array (`transport/wire.py`).
 PACKED_ARRAYS_KEY = "packed-arrays"
 PACKED_LAYOUT_KEY = "packed-layout"

@@ -171,7 +171,7 @@ def install_hint(name: str) -> str | None:
 def _hub_provides(name: str) -> bool:
     """Whether `from_pretrained(name)` gets the Hub's files: online, or from the local cache.
 
-    One quick metadata request (as `hf_flower.data._check_hub_reachable`), once per process.
+    One quick metadata request (as `hf_flower.data.sources._check_hub_reachable`), once per process.
     """
     import huggingface_hub
     import huggingface_hub.constants

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 from . import checkpoint, hub, resume
-from .arguments import RunArguments, to_run_config, training_overrides
+from .arguments import RunArguments
 from .client_policy import unsettable_training_fields
 from .constants import LABEL_NAMES_KEY
 from .modeling import load_model_config
+from .run_config import to_run_config, training_overrides
 from .strategies import build_strategy, strategy_class
 from .tasks import RunFacts, get_task
 

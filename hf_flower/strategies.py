@@ -202,18 +202,6 @@ class ResumedStrategy(Strategy):
         self.strategy.summary()
 
 
-# Strategies whose `aggregate_train` starts from FedAvg's examples-weighted mean of the replies
-# (FedAvgM and FedOpt add their server-side step to it): for them, one reply holding that mean
-# aggregates exactly like all the replies. Robust aggregators (median, Krum, ...) and the
-# differential-privacy wrappers need every reply.
-AVERAGING_STRATEGIES = frozenset({"FedAvg", "FedProx", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad"})
-
-
-def averages_replies(strategy: Strategy) -> bool:
-    """Whether `strategy` aggregates training replies by their examples-weighted mean."""
-    return type(strategy).__name__ in AVERAGING_STRATEGIES
-
-
 def nodes_waited_for(strategy: Strategy) -> int:
     """How many connected nodes `strategy` waits for before it samples a round: the most of its
     `min_available_nodes` and the minimums it samples for training and (when it evaluates)

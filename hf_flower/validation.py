@@ -26,7 +26,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from flwr.app import MessageType, RecordDict
 
-from . import wire
 from .constants import (
     ARRAYS_HELD_KEY,
     ARRAYS_KEY,
@@ -39,6 +38,7 @@ from .constants import (
 )
 from .strategies import strategy_class
 from .tasks import Task
+from .transport import wire
 from .weights import (
     NonFiniteWeightsError,
     WeightsMismatchError,

@@ -16,14 +16,15 @@ Wire formats:
 - bfloat16, which numpy lacks, is stored as its raw 2-byte little-endian payload with
   ``stype == "torch.raw"`` and ``dtype == "bfloat16"``. Flower's ``Array.numpy()`` refuses that
   stype instead of silently reading the bits as integers; the server turns such arrays into
-  float32 (`to_float32_arrays`) before a strategy averages them.
+  float32 (`transport.wire.to_float32_arrays`) before a strategy averages them.
 
 A ``transfer_dtype`` casts floating-point tensors for the wire only: the receiver copies values
 into tensors of its model's own dtype. Nothing is ever pickled or unpickled: object arrays are
 refused in both directions.
 
 This module knows nothing of processes or of Flower's runtime beyond ``Array`` and
-``ArrayRecord``.
+``ArrayRecord``. The packed wire format and the running mean (`transport/`) are built on its
+encoding.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 from numpy.lib import format as npy_format
 
-# Flower's name for the `.npy` serialisation (flwr.common.constant.SType.NUMPY).
+# Flower's name for the `.npy` serialisation (`SType.NUMPY` in Flower's constants).
 NUMPY_STYPE = "numpy.ndarray"
 # Raw little-endian bytes of a torch dtype numpy lacks, named by `Array.dtype`.
 TORCH_RAW_STYPE = "torch.raw"
@@ -242,148 +243,6 @@ def decode_arrays(arrays: Mapping[str, Array]) -> dict[str, torch.Tensor]:
             name: _decode(name, array).clone(memory_format=torch.contiguous_format)
             for name, array in arrays.items()
         }
-
-
-def cast_arrays(arrays: ArrayRecord, dtype: str | torch.dtype) -> ArrayRecord:
-    """``arrays`` with floating-point entries re-encoded in ``dtype`` (others passed through).
-
-    What the server sends under `--transfer_dtype`: its strategy holds float32 arrays.
-    """
-    dtype = transfer_dtype(dtype)
-    out = ArrayRecord()
-    with _readonly_views():
-        for name, array in arrays.items():
-            view = _decode(name, array)
-            out[name] = (
-                _tensor_to_array(name, view, dtype)
-                if view.dtype.is_floating_point and view.dtype != dtype
-                else array
-            )
-    return out
-
-
-def to_float32_arrays(arrays: ArrayRecord) -> ArrayRecord:
-    """``arrays`` with float16/bfloat16 entries as float32 `.npy`, for averaging on the server.
-
-    Flower's strategies compute in the arrays' own dtype (``value.numpy() * weight`` stays
-    float16 for float16 arrays) and cannot read bfloat16 at all: upcasting first keeps the
-    aggregation in float32. Other entries are passed through as the same ``Array`` objects.
-    """
-    out = ArrayRecord()
-    with _readonly_views():
-        for name, array in arrays.items():
-            if array.dtype in ("float16", "bfloat16"):
-                out[name] = _tensor_to_array(name, _decode(name, array).float(), None)
-            else:
-                out[name] = array
-    return out
-
-
-def pack_arrays(arrays: Mapping[str, Array]) -> tuple[Array, dict[str, list]] | None:
-    """All of ``arrays`` as one flat ``Array``, and the layout that splits it again.
-
-    Flower moves every ``Array`` of a message as its own objects (one more per 5 MB), each a
-    request on every hop: MiniLM's 105 tensors make 219 objects, one flat array 20. Returns None
-    when the arrays do not share one dtype (or are all scalars): send those as they are.
-    """
-    with _readonly_views():
-        views = {name: _decode(name, array) for name, array in arrays.items()}
-    if len({view.dtype for view in views.values()}) != 1 or all(v.dim() == 0 for v in views.values()):
-        return None
-    layout = {
-        "names": list(views),
-        "ndims": [view.dim() for view in views.values()],
-        "dims": [int(n) for view in views.values() for n in view.shape],
-    }
-    with _readonly_views():
-        flat = torch.cat([view.reshape(-1) for view in views.values()])
-    return _tensor_to_array("packed", flat, None), layout
-
-
-def unpack_arrays(packed: Array, layout: Mapping[str, list]) -> ArrayRecord:
-    """The arrays `pack_arrays` packed, as an ``ArrayRecord`` in their original order.
-
-    The layout comes from the sender: it is checked whole (`_packed_shapes`) before any value
-    is read, so a malformed one is a ``WeightsMismatchError``, never a crash or a wrong split.
-    """
-    with _readonly_views():
-        flat = _decode("packed", packed)
-    names, shapes = _packed_shapes(layout)
-    if flat.dim() != 1:
-        raise WeightsMismatchError(
-            f"Received packed weights of shape {tuple(flat.shape)}; expected one flat array."
-        )
-    if sum(math.prod(shape) for shape in shapes) != flat.numel():
-        raise WeightsMismatchError(
-            f"Received {flat.numel()} packed values for a layout of "
-            f"{sum(math.prod(shape) for shape in shapes)}; the message is truncated or corrupt."
-        )
-    out, offset = ArrayRecord(), 0
-    with _readonly_views():
-        for name, shape in zip(names, shapes):
-            count = math.prod(shape)
-            out[name] = _tensor_to_array(name, flat[offset : offset + count].reshape(shape), None)
-            offset += count
-    return out
-
-
-def _packed_shapes(layout: Mapping[str, list]) -> tuple[list[str], list[tuple[int, ...]]]:
-    """The names and shapes a packed layout describes, after checking that it is one `pack_arrays`
-    could have written: distinct names, one non-negative rank per name, non-negative dims that
-    add up to those ranks."""
-    names, ndims, dims = (layout.get(key) for key in ("names", "ndims", "dims"))
-    valid = (
-        isinstance(names, list)
-        and all(isinstance(name, str) for name in names)
-        and len(set(names)) == len(names)
-        and _non_negative_ints(ndims)
-        and _non_negative_ints(dims)
-        and len(ndims) == len(names)
-        and sum(ndims) == len(dims)
-    )
-    if not valid:
-        raise WeightsMismatchError(
-            "Received packed weights with an inconsistent layout (names, ndims and dims must be lists "
-            "of distinct names and non-negative integers that match); the message is corrupt."
-        )
-    shapes, start = [], 0
-    for ndim in ndims:
-        shapes.append(tuple(dims[start : start + ndim]))
-        start += ndim
-    return names, shapes
-
-
-def _non_negative_ints(values) -> bool:
-    return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
-
-
-class RunningMean:
-    """The weighted mean of ``ArrayRecord``s added one at a time, without keeping them.
-
-    What FedAvg computes from the list of all replies, folded in as each reply arrives: the
-    server then holds one float64 sum instead of every client's weights (50 clients' float32
-    MiniLM replies are 4.5 GB). float64 keeps the result within float32 rounding of FedAvg's.
-    """
-
-    def __init__(self):
-        self._sums: dict[str, torch.Tensor] | None = None
-        self.total_weight = 0.0
-
-    def add(self, arrays: Mapping[str, Array], weight: float) -> None:
-        with _readonly_views():
-            views = {name: _decode(name, array) for name, array in arrays.items()}
-        if self._sums is None:
-            self._sums = {name: view.double() * weight for name, view in views.items()}
-        else:
-            for name, view in views.items():
-                self._sums[name].add_(view.double(), alpha=weight)
-        self.total_weight += weight
-
-    def mean(self) -> ArrayRecord:
-        """The weighted mean, in float32."""
-        if self._sums is None or self.total_weight <= 0:
-            raise ValueError("RunningMean.mean() needs at least one record with a positive weight.")
-        return state_dict_to_arrays({k: (s / self.total_weight).float() for k, s in self._sums.items()})
 
 
 def arrays_nbytes(arrays: Mapping[str, Array]) -> int:

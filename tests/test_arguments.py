@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from flwr.common.config import flatten_dict
 
-from hf_flower.arguments import from_run_config, parse_args, to_run_config
+from hf_flower.arguments import parse_args
+from hf_flower.run_config import from_run_config, to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")

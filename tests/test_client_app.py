@@ -8,7 +8,8 @@ from conftest import REVIEW_FACTS, REVIEW_LABELS
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
 from hf_flower import client_app
-from hf_flower.arguments import parse_args, to_run_config
+from hf_flower.arguments import parse_args
+from hf_flower.run_config import to_run_config
 from hf_flower.weights import get_weights
 
 

@@ -10,7 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from transformers import HfArgumentParser
 
 from hf_flower import client_app
-from hf_flower.arguments import RUN_CONFIG_TRAINING_FIELDS, from_run_config, parse_args, to_run_config
+from hf_flower.arguments import parse_args
 from hf_flower.client_policy import (
     ALLOWED_MODELS_ENV,
     SERVER_SETTABLE_TRAINING_FIELDS,
@@ -19,6 +19,7 @@ from hf_flower.client_policy import (
     RunRefused,
 )
 from hf_flower.commands.client import ClientArguments
+from hf_flower.run_config import RUN_CONFIG_TRAINING_FIELDS, from_run_config, to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_POLICY = ClientPolicy()

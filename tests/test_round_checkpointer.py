@@ -5,7 +5,7 @@ import threading
 import pytest
 from conftest import tiny_run_flags
 
-from hf_flower import checkpoint, server_app
+from hf_flower import checkpoint, round_grid, rounds
 from hf_flower.arguments import parse_args
 from hf_flower.modeling import load_tokenizer
 from hf_flower.preflight import check_run
@@ -22,8 +22,8 @@ def make_checkpointer(tmp_path, tiny_model_dir, reviews_csv, in_background: bool
     tokenizer = load_tokenizer(run_args.model)
     model = task.load_model(run_args, facts)
     test_set = task.central_test_set(run_args, tokenizer, facts)
-    grid = server_app.TrackingGrid(None, ExpectedReply({}), min_train_clients=2)
-    return server_app.RoundCheckpointer(run_args, task, facts, model, tokenizer, test_set, grid)
+    grid = round_grid.TrackingGrid(None, ExpectedReply({}), min_train_clients=2)
+    return rounds.RoundCheckpointer(run_args, task, facts, model, tokenizer, test_set, grid)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS = (
     "flower-superlink",
     "flower-supernode",
-    "hf_flower.launch.supernode",
+    "hf_flower.transport.supernode",
     "flower-superexec",
     "flwr-serverapp",
     "flwr-clientapp",

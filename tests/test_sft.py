@@ -12,17 +12,12 @@ from transformers import AutoTokenizer
 
 from hf_flower.arguments import DataArguments
 from hf_flower.data import DataError
-from hf_flower.tasks import sft_data
+from hf_flower.tasks import sft_data, sft_tokens
 from hf_flower.tasks.sft_data import (
-    IGNORE_INDEX,
-    SFTDataCollator,
     chat_prompt_completion,
     check_sft_columns,
-    generation_prompts,
     load_sft_splits,
-    sft_collator,
     sft_format,
-    tokenize_sft,
 )
 from hf_flower.tasks.sft_metrics import (
     exact_match,
@@ -31,6 +26,13 @@ from hf_flower.tasks.sft_metrics import (
     label_accuracy,
     label_words,
     perplexity,
+)
+from hf_flower.tasks.sft_tokens import (
+    IGNORE_INDEX,
+    SFTDataCollator,
+    generation_prompts,
+    sft_collator,
+    tokenize_sft,
 )
 
 
@@ -300,7 +302,7 @@ def test_tokenised_data_is_cached(tmp_path, tokenizer_dir, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("tokenised again instead of reading the cache file")
 
-    monkeypatch.setattr(sft_data, "_tokenize_rows", fail)
+    monkeypatch.setattr(sft_tokens, "_tokenize_rows", fail)
     # A later round (the same tokenizer) and a new process (a fresh one) read the cache file.
     for tokenizer in (used, AutoTokenizer.from_pretrained(tokenizer_dir)):
         again = tokenize_sft(load_sft_splits(data_args)[0], tokenizer, data_args)

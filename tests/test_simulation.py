@@ -19,10 +19,11 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
 
 from hf_flower import checkpoint
-from hf_flower.arguments import parse_args, to_run_config
+from hf_flower.arguments import parse_args
 from hf_flower.launch.plan import RunPlan
 from hf_flower.launch.simulation import run_simulation
 from hf_flower.preflight import check_run
+from hf_flower.run_config import to_run_config
 
 pytestmark = pytest.mark.slow
 TEST_APP = Path(__file__).with_name("flower_test_app.py")

@@ -1,4 +1,4 @@
-"""`hf_flower.launch.supernode`: Flower's SuperNode with its polling waits capped and its heartbeat set."""
+"""`hf_flower.transport.supernode`: Flower's SuperNode with its polling waits capped and its heartbeat set."""
 
 import time
 
@@ -7,7 +7,7 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
 from flwr.supercore import heartbeat
 from flwr.supernode import fleet_http_connection, start_client_internal
 
-from hf_flower.launch import supernode
+from hf_flower.transport import flwr_compat, supernode
 
 
 @pytest.fixture
@@ -68,3 +68,17 @@ def test_client_passes_the_heartbeat_interval_to_its_supernode(tmp_path):
     )
     with pytest.raises(ValueError, match="heartbeat interval"):
         ClientOptions("127.0.0.1:9092", {}, tmp_path, insecure=True, heartbeat_interval=5)
+
+
+def test_an_unsupported_flower_release_is_named_with_the_supported_range():
+    flwr_compat.check_flwr_version("1.42.3")
+    with pytest.raises(flwr_compat.UnsupportedFlowerError, match=r"supports flwr>=1\.42,<1\.43"):
+        flwr_compat.check_flwr_version("1.43.0")
+
+
+def test_the_supported_flower_range_is_the_one_pyproject_requires():
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert f"flwr[simulation]{flwr_compat.SUPPORTED_FLWR}" in pyproject["project"]["dependencies"]

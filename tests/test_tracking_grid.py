@@ -15,10 +15,11 @@ from hf_flower.constants import (
     PACKED_ARRAYS_KEY,
     SERVER_ROUND_KEY,
 )
-from hf_flower.launch.client import HeldWeights, serve
-from hf_flower.server_app import TrackingGrid
+from hf_flower.round_grid import TrackingGrid
+from hf_flower.transport.client_loop import HeldWeights, serve
+from hf_flower.transport.wire import pack_arrays
 from hf_flower.validation import ExampleCap, ExpectedReply
-from hf_flower.weights import get_weights, pack_arrays
+from hf_flower.weights import get_weights
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,8 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, Reco
 from transformers import TrainerCallback, get_scheduler
 
 from hf_flower import client_app
-from hf_flower.arguments import parse_args, to_run_config
+from hf_flower.arguments import parse_args
+from hf_flower.run_config import to_run_config
 from hf_flower.trainer import OPTIMIZER_STATE_KEY, OptimizerStateStore, round_seed
 from hf_flower.weights import get_weights
 

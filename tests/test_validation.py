@@ -18,7 +18,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp.strategy import FedAvg, FedMedian
 from flwr.supercore.task_identity import TaskIdentity
 
-from hf_flower import wire
 from hf_flower.arguments import FederationArguments
 from hf_flower.constants import (
     ARRAYS_HELD_KEY,
@@ -29,9 +28,11 @@ from hf_flower.constants import (
     PACKED_LAYOUT_KEY,
     PARTITION_ID_KEY,
 )
-from hf_flower.server_app import ClientsMissingError, TrackingGrid
-from hf_flower.strategies import averages_replies, nodes_waited_for
+from hf_flower.round_grid import ClientsMissingError, TrackingGrid
+from hf_flower.strategies import nodes_waited_for
 from hf_flower.tasks import get_task
+from hf_flower.transport import wire
+from hf_flower.transport.averaging import averages_replies
 from hf_flower.validation import (
     MAX_WEIGHT_MAGNITUDE,
     ExampleCap,

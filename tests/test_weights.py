@@ -10,6 +10,7 @@ from conftest import make_tiny_bert
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
+from hf_flower.transport.wire import pack_arrays, to_float32_arrays, unpack_arrays
 from hf_flower.weights import (
     NUMPY_STYPE,
     TORCH_RAW_STYPE,
@@ -20,11 +21,8 @@ from hf_flower.weights import (
     arrays_to_state_dict,
     decode_arrays,
     get_weights,
-    pack_arrays,
     set_weights,
     state_dict_to_arrays,
-    to_float32_arrays,
-    unpack_arrays,
     validate_arrays,
 )
 

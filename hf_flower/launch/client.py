@@ -1,48 +1,29 @@
 """A long-lived Flower client: one SuperNode, and this process (or all ranks of an Accelerate launch)
 running hf-flower's ClientApp for every message it receives.
 
-The SuperNode runs with `--isolation process`: it starts no `flwr-clientapp` of its own. Rank 0
-polls the SuperNode's runtime API for tasks and does what `flwr-clientapp` does for one message
-(`flwr.supernode.runtime.run_clientapp`: pull the input, run the app, push the reply and the
-task output), but in a process that keeps torch, transformers, the model and the tokenised data
-loaded across rounds. Under `accelerate launch`, rank 0 hands every job to the other ranks
-(`distributed.py`) and all ranks run the same `Trainer` together; rank 0 replies.
+This module starts and stops what such a client needs: the SuperNode (`--isolation process`,
+through `transport/supernode.py`), and on the way out the other ranks; the polling for tasks and
+the handling of each message is `transport/client_loop.py`. Under `accelerate launch`, rank 0
+hands every job to the other ranks (`distributed.py`) and all ranks run the same `Trainer`
+together; rank 0 replies.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import Context, Error, Message
-from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=no-name-in-module
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.app import Context, Message
 
-from .. import client_app, wire
+from .. import client_app
 from ..client_policy import ClientPolicy
-from ..constants import (
-    ARRAYS_HELD_KEY,
-    ARRAYS_ID_KEY,
-    ARRAYS_KEY,
-    ARRAYS_NOT_HELD_CODE,
-    CLIENT_KEY,
-    CONFIG_KEY,
-)
-from . import distributed, supernode
+from ..transport import client_loop, supernode
+from . import distributed
 from .processes import LOOPBACK, ManagedProcess, Stopped, free_port, port_is_open, stop_signals_raise
 from .simulation import flower_env
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,36 +81,6 @@ class SuperLinkWatch:
         return now - self.last_seen < self.timeout
 
 
-class HeldWeights:
-    """The weights of the last message that carried them, so the server can send their id alone.
-
-    The evaluate message of round N and the train message of round N+1 carry the same aggregate:
-    a client that says it holds them (`announce`) saves one full download per round.
-    """
-
-    def __init__(self):
-        self.arrays_id: str | None = None
-        self.arrays = None
-
-    def complete(self, message: Message) -> bool:
-        """Fill in the weights a message names by id; False if they are not the ones held."""
-        config = message.content.config_records.get(CONFIG_KEY) if message.has_content() else None
-        if config is None or ARRAYS_ID_KEY not in config:
-            return True
-        if ARRAYS_KEY in message.content.array_records:
-            self.arrays_id, self.arrays = str(config[ARRAYS_ID_KEY]), message.content[ARRAYS_KEY]
-            return True
-        if config[ARRAYS_ID_KEY] != self.arrays_id:
-            return False
-        message.content[ARRAYS_KEY] = self.arrays
-        return True
-
-    def announce(self, reply: Message) -> None:
-        """Tell the server, in the reply, which weights this client holds."""
-        if self.arrays_id and reply.has_content() and CLIENT_KEY in reply.content.config_records:
-            reply.content[CLIENT_KEY][ARRAYS_HELD_KEY] = self.arrays_id
-
-
 def supernode_command(options: ClientOptions, runtime_port: int) -> list[str]:
     """`flower-supernode` with process isolation, its runtime API on a free loopback port.
 
@@ -167,56 +118,6 @@ def _toml_value(value) -> str:
     )
 
 
-def _runtime_client(
-    address: str, component: str, token: str | None = None, max_time: float | None = None
-) -> RuntimeHttpClient:
-    retry_invoker = make_simple_http_retry_invoker()
-    retry_invoker.max_time = max_time
-    interceptors = [RuntimeVersionHttpInterceptor(component_name=component)]
-    if token is not None:
-        interceptors.append(RuntimeTokenHttpInterceptor(token))
-    return RuntimeHttpClient.from_server_address(
-        server_address=address,
-        insecure=True,  # the SuperNode's runtime API listens on loopback only
-        root_certificates=None,
-        interceptors=interceptors,
-        retry_invoker=retry_invoker,
-    )
-
-
-def handle_task(runtime_address: str, token: str, held: HeldWeights) -> None:
-    """Run the ClientApp for one task, as `flwr-clientapp` would, in this process."""
-    task_client = _runtime_client(runtime_address, "flwr-clientapp", token)
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(task_client))
-    heartbeat.start()
-    context: Context | None = None
-    status, details = SubStatus.FAILED, "hf-flower client failed"
-    try:
-        message, context, _, _ = pull_task_input(task_client)
-        reply = serve(message, context, held, run_everywhere)
-        push_message(task_client, reply, context)
-        status, details = SubStatus.COMPLETED, ""
-    finally:
-        push_task_output(task_client, context, status, details)
-        heartbeat.stop()
-        task_client.close()
-
-
-def serve(message: Message, context: Context, held: HeldWeights, run) -> Message:
-    """One message as this client handles it: its weights unpacked (`wire`) or filled in from
-    `held`, `run(message, context)`, and the reply packed and announcing the weights held."""
-    if message.has_content():
-        wire.unpack(message.content)
-    if not held.complete(message):
-        reason = "this client no longer holds the weights the server named; send them in full"
-        return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
-    reply = run(message, context)
-    if reply.has_content():
-        wire.pack(reply.content)
-    held.announce(reply)
-    return reply
-
-
 def run_everywhere(message: Message, context: Context) -> Message:
     """Rank 0's message, run by every rank; rank 0's reply."""
     distributed.send_job(message, context)
@@ -251,29 +152,18 @@ def run_client(options: ClientOptions) -> int:
             ) as supernode,
         ):
             supernode.wait_for_port(runtime_port)
-            # Bounded retries, so the loop keeps checking whether the SuperLink is still there.
-            poller = _runtime_client(runtime_address, "SuperExec", max_time=options.poll_retry_seconds)
             print(f"Client connected to {options.superlink} (SuperNode log: {log_path})", flush=True)
             watch = SuperLinkWatch(options.superlink, options.superlink_timeout)
-            held = HeldWeights()
-            last_job = time.monotonic()  # when the other ranks last heard from this one
-            while supernode.running() and watch.alive():
-                if time.monotonic() - last_job >= distributed.IDLE_NOTICE_SECONDS:
-                    distributed.send_idle()
-                    last_job = time.monotonic()
-                try:
-                    response = poller.AcquireTask(
-                        AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
-                    )
-                except Exception as err:  # noqa: BLE001 - a SuperNode without SuperLink answers errors
-                    logger.debug("AcquireTask failed: %s", err)
-                    time.sleep(options.poll_interval)
-                    continue
-                if response.HasField("task") and response.token:
-                    handle_task(runtime_address, response.token, held)
-                    last_job = time.monotonic()
-                else:
-                    time.sleep(options.poll_interval)
+            client_loop.serve_tasks(
+                runtime_address,
+                run_everywhere,
+                keep_going=lambda: supernode.running() and watch.alive(),
+                poll_interval=options.poll_interval,
+                poll_retry_seconds=options.poll_retry_seconds,
+                # The other ranks hear from this one at least that often.
+                on_idle=distributed.send_idle,
+                idle_seconds=distributed.IDLE_NOTICE_SECONDS,
+            )
             if supernode.running():
                 print(
                     f"SuperLink {options.superlink} unreachable for {options.superlink_timeout:.0f} s: exiting."

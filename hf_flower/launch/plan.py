@@ -48,7 +48,7 @@ class RunPlan:
     @classmethod
     def from_run_args(cls, run_args, options: Any = None) -> RunPlan:
         """The plan of `run_args` (a `RunArguments`), its output folder made absolute."""
-        from ..arguments import to_run_config
+        from ..run_config import to_run_config
 
         run_args.training.output_dir = str(Path(run_args.training.output_dir).resolve())
         federation = run_args.federation

@@ -6,7 +6,7 @@ task-specific: the model class, data preparation and collator, metrics, central 
 card. Nothing else branches on the task. Adding a task (token classification, seq2seq) is one new
 module here defining `TASK`, and one line in `TASK_MODULES`.
 
-This module imports nothing heavy: `arguments.py` reads the task names from it without torch.
+This module imports nothing heavy: `arguments/` reads the task names from it without torch.
 """
 
 from __future__ import annotations

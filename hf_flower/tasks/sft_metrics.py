@@ -35,7 +35,7 @@ def generate_completions(
 ) -> list[str]:
     """The greedy continuation of each prompt, decoded: only the new tokens, up to the first EOS.
 
-    Prompts are token ids (as `sft_data.generation_prompts` returns them) or strings, tokenised with
+    Prompts are token ids (as `sft_tokens.generation_prompts` returns them) or strings, tokenised with
     the tokenizer's special tokens (pass ids for chat-rendered prompts: their text already holds the
     template's special tokens). Prompts of similar length share a batch, padded on the left so
     every row's new tokens start in the same column: the answers do not depend on `batch_size`

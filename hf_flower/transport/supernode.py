@@ -14,7 +14,7 @@ The SuperLink declares a node dead after two missed heartbeats, and a SuperNode 
 round for about a minute. `--heartbeat-interval` sets that interval (the SuperLink accepts 10 s
 to 30 min), so a dead client is noticed sooner at the cost of more heartbeat requests.
 
-Usage: `python -m hf_flower.launch.supernode --pull-interval 0.5 [--heartbeat-interval 30]
+Usage: `python -m hf_flower.transport.supernode --pull-interval 0.5 [--heartbeat-interval 30]
 <flower-supernode arguments>`.
 """
 
@@ -25,10 +25,15 @@ import sys
 import time
 import types
 
-from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_MIN_INTERVAL
-from flwr.supercore import heartbeat
-from flwr.supernode import fleet_http_connection, start_client_internal
-from flwr.supernode.cli import flower_supernode
+from .flwr_compat import (
+    HEARTBEAT_MAX_INTERVAL,
+    HEARTBEAT_MIN_INTERVAL,
+    SUPPORTED_FLWR,
+    fleet_http_connection,
+    flower_supernode,
+    heartbeat,
+    start_client_internal,
+)
 
 PULL_INTERVAL_FLAG = "--pull-interval"
 HEARTBEAT_INTERVAL_FLAG = "--heartbeat-interval"
@@ -40,8 +45,8 @@ def cap_sleeps(seconds: float) -> None:
         raise ValueError(f"{PULL_INTERVAL_FLAG} must be positive, got {seconds}")
     if start_client_internal.time is not time:
         raise RuntimeError(
-            "flwr.supernode.start_client_internal no longer polls through the `time` module; this "
-            "flwr release is not the one hf-flower supports (see pyproject.toml)"
+            "Flower's start_client_internal no longer polls through the `time` module; this flwr "
+            f"release is not the one hf-flower supports (flwr{SUPPORTED_FLWR}, see pyproject.toml)"
         )
     capped = types.ModuleType("time", "The `time` module, with `sleep` capped for polling.")
     capped.__dict__.update(time.__dict__)
@@ -66,7 +71,7 @@ def set_heartbeat_interval(seconds: float) -> None:
         if not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
             raise RuntimeError(
                 f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; this flwr release is "
-                "not the one hf-flower supports (see pyproject.toml)"
+                f"not the one hf-flower supports (flwr{SUPPORTED_FLWR}, see pyproject.toml)"
             )
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds
 
@@ -75,7 +80,7 @@ def main(argv: list[str]) -> int | None:
     """Cap the polling waits (and set the heartbeat), then run `flower-supernode` with the
     remaining arguments."""
     parser = argparse.ArgumentParser(
-        prog="python -m hf_flower.launch.supernode",
+        prog="python -m hf_flower.transport.supernode",
         usage=f"%(prog)s {PULL_INTERVAL_FLAG} S [{HEARTBEAT_INTERVAL_FLAG} S] [flower-supernode args]",
     )
     parser.add_argument(PULL_INTERVAL_FLAG, type=float, required=True)

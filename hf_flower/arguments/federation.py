@@ -1,0 +1,184 @@
+"""`FederationArguments`: clients, rounds, the strategy and how weights travel between them."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+# hf_flower.weights.TRANSFER_DTYPES, named here so parsing arguments needs no torch.
+TRANSFER_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# How far a client's learning-rate schedule reaches: the whole federated training, or one round.
+SCHEDULE_SCOPES = ("global", "round")
+
+
+@dataclass
+class FederationArguments:
+    """How the federation runs: rounds, clients, strategy and where the server saves rounds.
+
+    Args:
+        num_rounds: Aggregation rounds.
+        num_clients: Clients (data partitions; in simulation also virtual SuperNodes).
+        local_epochs: Local epochs per round (replaces `TrainingArguments.num_train_epochs`;
+            `--max_steps` still caps the steps of a round, as in `Trainer`).
+        strategy: Name of a strategy in `flwr.serverapp.strategy` (`FedAvg`, `FedProx`, `FedAdam`...).
+        strategy_kwargs: Extra keyword arguments of that strategy, as a mapping or a JSON object
+            (e.g. `{"proximal_mu": 0.1}`).
+        fraction_train / fraction_evaluate: Share of connected clients sampled each round.
+        min_train_clients / min_evaluate_clients / min_available_clients: Flower's minimums; a round
+            with fewer successful training replies than `min_train_clients` stops the run.
+        round_timeout: Seconds the server waits for the replies of one round (positive, finite).
+        wait_for_clients_timeout: Seconds the server waits for enough clients to connect before it
+            samples a round (`min_available_clients`, `min_train_clients`, `min_evaluate_clients`);
+            then the run stops with a message saying how many connected. Positive, finite.
+        max_examples_per_client: The most examples a client's reply counts for when the strategy
+            weighs it (`num-examples`, which a client reports itself); larger claims are capped and
+            logged. 0 (default): automatic, from the run's partitions or the round's replies
+            (`hf_flower.validation.ExampleCap`).
+        max_update_norm: Reject a training reply whose update (its weights less those it was sent)
+            has an L2 norm above this, as that client's failure. 0 (default): no bound.
+        overwrite_output_dir: Replace the rounds already in `output_dir`.
+        resume: Continue the run in `output_dir` from its latest complete round (weights, round
+            number, strategy state and history) up to `num_rounds`. The round is checked against
+            the checksums saved with it first.
+        resume_from_round: Continue from this round instead of the latest (implies `resume`),
+            e.g. when the latest is damaged. Later rounds are moved into
+            `output_dir/set-aside-<time>/`, never deleted. Unset: the latest round.
+        client_num_cpus / client_num_gpus: Resources of one virtual client in simulation.
+        transfer_dtype: Precision of the weights on the wire, both directions: `float32`,
+            `float16` (half the bytes; values beyond 65504 are refused) or `bfloat16` (half the
+            bytes, float32's range). The server averages in float32 and saves rounds in the
+            model's own dtype.
+        schedule_scope: `global` (default): the learning-rate schedule of `TrainingArguments`
+            (`lr_scheduler_type`, `warmup_steps`, `learning_rate`) spans all rounds, round r
+            continuing at global step `(r - 1) * local_steps`, so warm-up happens once and the
+            decay ends at the last round. `round`: the schedule restarts in every round.
+        keep_optimizer_state: Each client keeps its optimizer's state (AdamW's moments) from one
+            round to its next, on the client side; it never travels to the server.
+        evaluate_initial_model: Evaluate the initial weights on the central test split (round 0)
+            before round 1 trains.
+        evaluate_in_background: Evaluate and save each round on a background thread while the
+            next round trains, so clients never wait for the server. While clients train, the
+            evaluation uses one CPU thread, so it does not take the cores of clients that share
+            the machine (simulation); `false` evaluates between rounds with every thread.
+    """
+
+    num_rounds: int = field(default=3, metadata={"help": "Aggregation rounds."})
+    num_clients: int = field(default=2, metadata={"help": "Clients (data partitions)."})
+    local_epochs: float = field(default=1.0, metadata={"help": "Local epochs per round."})
+    strategy: str = field(default="FedAvg", metadata={"help": "Strategy name in flwr.serverapp.strategy."})
+    strategy_kwargs: dict | str | None = field(
+        default_factory=dict, metadata={"help": "Strategy keyword arguments, as a JSON object."}
+    )
+    fraction_train: float = field(default=1.0, metadata={"help": "Share of clients trained per round."})
+    fraction_evaluate: float = field(default=1.0, metadata={"help": "Share of clients evaluated per round."})
+    min_train_clients: int = field(default=2, metadata={"help": "Minimum successful training replies."})
+    min_evaluate_clients: int = field(default=2, metadata={"help": "Minimum clients evaluated per round."})
+    min_available_clients: int = field(default=2, metadata={"help": "Clients to wait for before round 1."})
+    round_timeout: float = field(default=3600.0, metadata={"help": "Seconds to wait for a round's replies."})
+    wait_for_clients_timeout: float = field(
+        default=600.0, metadata={"help": "Seconds to wait for enough clients to connect before a round."}
+    )
+    max_examples_per_client: int = field(
+        default=0, metadata={"help": "Cap on a client's reported num-examples (0: automatic)."}
+    )
+    max_update_norm: float = field(
+        default=0.0, metadata={"help": "Reject training updates with a larger L2 norm (0: no bound)."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace rounds already saved."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue the run in output_dir from its latest complete round."}
+    )
+    resume_from_round: int | None = field(
+        default=None,
+        metadata={"help": "Continue from this round, not the latest (later ones move aside); sets --resume."},
+    )
+    client_num_cpus: int = field(default=1, metadata={"help": "CPU cores per virtual client (simulation)."})
+    client_num_gpus: float = field(default=0.0, metadata={"help": "GPUs per virtual client (simulation)."})
+    transfer_dtype: str = field(
+        default="float32",
+        metadata={"help": "Precision of the weights on the wire.", "choices": TRANSFER_DTYPE_NAMES},
+    )
+    schedule_scope: str = field(
+        default="global",
+        metadata={
+            "help": "Learning-rate schedule over all rounds (global) or restarted each round (round).",
+            "choices": SCHEDULE_SCOPES,
+        },
+    )
+    keep_optimizer_state: bool = field(
+        default=False, metadata={"help": "Clients keep their optimizer state between rounds."}
+    )
+    evaluate_initial_model: bool = field(
+        default=True, metadata={"help": "Evaluate the initial weights centrally (round 0)."}
+    )
+    evaluate_in_background: bool = field(
+        default=True,
+        metadata={"help": "Evaluate and save each round while the next one trains (clients never wait)."},
+    )
+
+    def __post_init__(self):
+        if self.schedule_scope not in SCHEDULE_SCOPES:
+            raise ValueError(
+                f"Unknown schedule_scope {self.schedule_scope!r}; choose one of {list(SCHEDULE_SCOPES)}."
+            )
+        if self.transfer_dtype not in TRANSFER_DTYPE_NAMES:
+            raise ValueError(
+                f"Unknown transfer_dtype {self.transfer_dtype!r}; choose one of {list(TRANSFER_DTYPE_NAMES)}."
+            )
+        self.strategy_kwargs = parse_strategy_kwargs(self.strategy_kwargs)
+        for name in ("num_rounds", "num_clients"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.local_epochs <= 0:
+            raise ValueError(f"local_epochs must be positive, got {self.local_epochs}.")
+        for name in ("fraction_train", "fraction_evaluate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}.")
+        for name in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}.")
+        for name in ("round_timeout", "wait_for_clients_timeout"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"{name} must be a positive, finite number of seconds, got {value!r}: the server would "
+                    f"never stop waiting. Set --{name} to e.g. {getattr(FederationArguments, name):g}."
+                )
+        if self.max_examples_per_client < 0:
+            raise ValueError(
+                f"max_examples_per_client must be 0 (automatic) or a positive count, got "
+                f"{self.max_examples_per_client}."
+            )
+        if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
+            raise ValueError(
+                f"max_update_norm must be 0 (no bound) or a positive, finite norm, got {self.max_update_norm}."
+            )
+        if self.resume_from_round is not None:
+            if self.resume_from_round < 0:
+                raise ValueError(f"resume_from_round must be 0 or more, not {self.resume_from_round}.")
+            self.resume = True
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError(
+                "--resume continues the rounds in output_dir and --overwrite_output_dir deletes them: "
+                "pass only one."
+            )
+
+
+def parse_strategy_kwargs(value: dict | str | None) -> dict:
+    """`--strategy_kwargs` as a dict: a mapping (from YAML) or a JSON object (from the command line
+    or the run config); anything else is an error naming the flag."""
+    example = "e.g. '{\"proximal_mu\": 0.1}'"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--strategy_kwargs must be a JSON object ({example}): {err}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"--strategy_kwargs must be a JSON object of parameter names and values ({example}), "
+            f"not a {type(value).__name__}: {json.dumps(value, default=str)[:100]}"
+        )
+    return dict(value)

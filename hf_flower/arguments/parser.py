@@ -1,0 +1,160 @@
+"""The YAML + command-line parser of all argument groups, and the checks across groups."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .adapter import PeftArguments
+from .data import DataArguments
+from .federation import FederationArguments
+from .hub import HUB_TRAINING_FIELDS, SECRET_TRAINING_FIELDS, HubArguments
+from .model import ModelArguments
+
+DEFAULT_OUTPUT_DIR = "outputs/hf-flower"
+
+
+ARGUMENT_GROUPS = (
+    ModelArguments,
+    DataArguments,
+    FederationArguments,
+    TrainingArguments,
+    PeftArguments,
+    HubArguments,
+)
+
+
+@dataclass
+class RunArguments:
+    """All argument groups of one run, as parsed."""
+
+    model: ModelArguments
+    data: DataArguments
+    federation: FederationArguments
+    training: TrainingArguments
+    peft: PeftArguments = field(default_factory=PeftArguments)
+    hub: HubArguments = field(default_factory=HubArguments)
+
+
+class HfFlowerParser(HfArgumentParser):
+    """`HfArgumentParser` over the argument groups, with `--config FILE.yaml` for defaults.
+
+    As in trl's `TrlParser`: values in the YAML file become defaults, flags on the command line
+    override them, and a key that no group knows is an error that names it.
+    """
+
+    def __init__(self, extra_groups: tuple = ()):
+        self._group_fields: dict[type, list[str]] = {}
+        super().__init__(ARGUMENT_GROUPS + tuple(extra_groups))
+        self.set_defaults(output_dir=DEFAULT_OUTPUT_DIR)
+
+    def _add_dataclass_arguments(self, dtype) -> None:
+        """Add a group's flags, leaving out TrainingArguments' Hub fields (`HubArguments` owns them)."""
+        skip = set(HUB_TRAINING_FIELDS) if issubclass(dtype, TrainingArguments) else set()
+        names = [f.name for f in dataclasses.fields(dtype) if f.init and f.name not in skip]
+        self._group_fields[dtype] = names
+        if not skip:
+            return super()._add_dataclass_arguments(dtype)
+        hints = typing.get_type_hints(dtype)
+        for f in dataclasses.fields(dtype):
+            if f.name in names:
+                f.type = hints[f.name]
+                self._parse_dataclass_field(self, f)
+
+    def parse_args_and_config(self, args: list[str] | None = None) -> tuple:
+        args = list(sys.argv[1:] if args is None else args)
+        secret = [
+            arg for arg in args if arg.split("=")[0] in {f"--{name}" for name in SECRET_TRAINING_FIELDS}
+        ]
+        if secret:
+            raise ValueError(
+                f"{secret[0].split('=')[0]}: tokens never go on the command line (shell history, process "
+                "lists). Set HF_TOKEN in the environment or run `hf auth login`."
+            )
+        if "--config" in args:
+            index = args.index("--config")
+            if index + 1 >= len(args):
+                raise ValueError("--config needs a path to a YAML file.")
+            config_path = args[index + 1]
+            del args[index : index + 2]
+            self.set_defaults(**load_yaml_config(config_path, self.dataclass_types))
+        namespace, unknown = self.parse_known_args(args=args)
+        if unknown:
+            raise ValueError(f"Unknown arguments {unknown}; see --help for the flags.")
+        # Each group gets the flags it added (HfArgumentParser would also hand TrainingArguments
+        # the Hub flags of `HubArguments`, which share their names).
+        return tuple(
+            dtype(**{name: getattr(namespace, name) for name in self._group_fields[dtype]})
+            for dtype in self.dataclass_types
+        )
+
+
+def load_yaml_config(path: str | Path, groups) -> dict[str, Any]:
+    """Read a YAML config and check that every key belongs to one of `groups`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"--config {path} is not valid YAML: {_yaml_problem(err)}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a mapping of argument names to values.")
+    known = {
+        f.name
+        for group in groups
+        for f in dataclasses.fields(group)
+        if not (issubclass(group, TrainingArguments) and f.name in HUB_TRAINING_FIELDS)
+    }
+    secret = sorted(set(config) & set(SECRET_TRAINING_FIELDS))
+    if secret:
+        raise ValueError(
+            f"{path} sets {secret}: tokens never belong in config files. Set HF_TOKEN in the "
+            "environment or run `hf auth login`."
+        )
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown keys in {path}: {unknown}. Use the names of the command-line flags "
+            "without the leading dashes (see `--help`)."
+        )
+    return config
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what the YAML error is, on one line: `line 3, column 7: <problem>`."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def parse_args(args: list[str] | None = None) -> RunArguments:
+    """Parse the command line (and its `--config` YAML) into a `RunArguments`."""
+    return finalize(RunArguments(*HfFlowerParser().parse_args_and_config(args)))
+
+
+def finalize(run_args: RunArguments) -> RunArguments:
+    """Cross-group checks and the settings a federated client's Trainer always needs."""
+    training, federation = run_args.training, run_args.federation
+    default_epochs = _training_field_default("num_train_epochs")
+    if training.num_train_epochs not in (default_epochs, federation.local_epochs):
+        raise ValueError(
+            f"num_train_epochs={training.num_train_epochs} is ambiguous in a federation: use "
+            "--local_epochs for the epochs of local training in each round."
+        )
+    training.num_train_epochs = federation.local_epochs
+    run_args.peft.resolve(run_args.model.task)
+    return run_args
+
+
+def _training_field_default(name: str) -> Any:
+    f = next(f for f in dataclasses.fields(TrainingArguments) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()

@@ -1,0 +1,107 @@
+"""The one module that imports Flower's internal (non-public) modules, and the Flower versions it
+is written for.
+
+The fast round path reaches below Flower's public API in a few places: the SuperNode's runtime
+API and its `run_clientapp` steps (the long-lived client loop), the SuperNode's polling loop and
+heartbeat constants (`supernode.py`), error codes and sub-statuses, and `strategy_utils`'
+metric aggregation. Flower does not keep these stable between releases, so they are imported
+here and nowhere else: upgrading Flower means reading this module and the names it re-exports.
+Public Flower APIs (`flwr.app`, `flwr.serverapp`, `flwr.clientapp`) are imported where they are
+used.
+
+On import the installed Flower is checked against `SUPPORTED_FLWR`, the range pyproject.toml
+requires, before any internal module is imported: another release fails here, naming the range,
+instead of somewhere inside a round. The SuperNode and runtime-API names, which only the
+long-lived client and its SuperNode use, are imported on first use (`_ON_FIRST_USE`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+
+# The same range as the `flwr[simulation]` requirement in pyproject.toml: change both together.
+FLWR_MIN, FLWR_BELOW = "1.42", "1.43"
+SUPPORTED_FLWR = f">={FLWR_MIN},<{FLWR_BELOW}"
+
+
+class UnsupportedFlowerError(ImportError):
+    """The installed Flower is not a release whose internals this module was written for."""
+
+
+def check_flwr_version(installed: str | None = None) -> None:
+    """Raise `UnsupportedFlowerError` unless `installed` (default: the installed flwr) is in
+    `SUPPORTED_FLWR`."""
+    installed = installed or importlib.metadata.version("flwr")
+    if not _release(FLWR_MIN) <= _release(installed) < _release(FLWR_BELOW):
+        raise UnsupportedFlowerError(
+            f"hf-flower supports flwr{SUPPORTED_FLWR} (it uses Flower internals that move between "
+            f"releases); flwr {installed} is installed. Install a supported release: "
+            f'pip install "flwr[simulation]{SUPPORTED_FLWR}".'
+        )
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The release numbers a version starts with: "1.42.0rc1" -> (1, 42, 0)."""
+    match = re.match(r"\d+(\.\d+)*", version)
+    return tuple(int(part) for part in match.group().split(".")) if match else ()
+
+
+check_flwr_version()
+
+# Imported only once the version is known to be one they exist in.
+from flwr.common.constant import (  # noqa: E402
+    HEARTBEAT_MAX_INTERVAL,
+    HEARTBEAT_MIN_INTERVAL,
+    ErrorCode,
+    SubStatus,
+)
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: E402  # pylint: disable=no-name-in-module
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords  # noqa: E402
+from flwr.supercore.constant import TaskType  # noqa: E402
+
+# Imported on first use (`__getattr__`): these take about a second to import, which only the
+# long-lived client and its SuperNode need, not every ClientApp and ServerApp process.
+# name -> (module, attribute; None for the module itself).
+_ON_FIRST_USE = {
+    "HeartbeatSender": ("flwr.supercore.heartbeat", "HeartbeatSender"),
+    "make_task_heartbeat_fn_http": ("flwr.supercore.heartbeat", "make_task_heartbeat_fn_http"),
+    "heartbeat": ("flwr.supercore.heartbeat", None),
+    "RuntimeTokenHttpInterceptor": ("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor"),
+    "RuntimeVersionHttpInterceptor": ("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor"),
+    "make_simple_http_retry_invoker": ("flwr.supercore.retry", "make_simple_http_retry_invoker"),
+    "RuntimeHttpClient": ("flwr.supercore.runtime", "RuntimeHttpClient"),
+    "fleet_http_connection": ("flwr.supernode.fleet_http_connection", None),
+    "start_client_internal": ("flwr.supernode.start_client_internal", None),
+    "flower_supernode": ("flwr.supernode.cli", "flower_supernode"),
+    "pull_task_input": ("flwr.supernode.runtime.run_clientapp", "pull_task_input"),
+    "push_message": ("flwr.supernode.runtime.run_clientapp", "push_message"),
+    "push_task_output": ("flwr.supernode.runtime.run_clientapp", "push_task_output"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _ON_FIRST_USE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, attribute = _ON_FIRST_USE[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value  # later uses skip `__getattr__`
+    return value
+
+
+__all__ = [
+    "HEARTBEAT_MAX_INTERVAL",
+    "HEARTBEAT_MIN_INTERVAL",
+    "FLWR_BELOW",
+    "FLWR_MIN",
+    "SUPPORTED_FLWR",
+    "AcquireTaskRequest",
+    "ErrorCode",
+    "SubStatus",
+    "TaskType",
+    "UnsupportedFlowerError",
+    "aggregate_metricrecords",
+    "check_flwr_version",
+    *_ON_FIRST_USE,
+]

@@ -13,6 +13,7 @@ writes into the run's history.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -78,7 +79,9 @@ class TrackingGrid(Grid):
 
     Messages travel through `transport.exchange.Exchange`: weights a node already holds are sent
     by id only, the rest packed for long-lived clients, replies polled for often, and every
-    message expires with its round.
+    message expires with its round. Without `fast_transport` they take Flower's own public path
+    instead (`Grid.send_and_receive` of the grid wrapped), the fallback when a Flower release
+    breaks the fast one; replies are checked and counted the same way.
 
     With `average_on_arrival` (strategies that start from FedAvg's weighted mean), training
     replies are folded into a running mean as they arrive and the strategy gets one reply holding
@@ -94,8 +97,10 @@ class TrackingGrid(Grid):
         example_cap: ExampleCap | None = None,
         wait_for_clients_timeout: float = 600.0,
         clients_wanted: int = 0,
+        fast_transport: bool = True,
     ):
         self._grid = grid
+        self._fast_transport = fast_transport
         self._average_on_arrival = average_on_arrival
         self._expected = expected
         self._min_train_clients = min_train_clients
@@ -186,7 +191,10 @@ class TrackingGrid(Grid):
                 del reply.content[ARRAYS_KEY]
 
         deadline = self._exchange.round_deadline(server_round, timeout)
-        sent, replies = self._exchange.push_and_pull(messages, deadline, receive)
+        if self._fast_transport:
+            sent, replies = self._exchange.push_and_pull(messages, deadline, receive)
+        else:
+            sent, replies = messages, self._send_and_receive_plainly(messages, deadline, receive)
         stats.bytes_sent += sum(_message_nbytes(m) for m in sent)
         good = self._check_replies(kind, server_round, sent, replies, rejected, stats)
         self._cap_examples(kind, server_round, good, stats)
@@ -212,6 +220,14 @@ class TrackingGrid(Grid):
             mean = RecordDict({ARRAYS_KEY: average.mean(), METRICS_KEY: metrics})
             return [Message(mean, reply_to=sent[0])]
         return good
+
+    def _send_and_receive_plainly(self, messages: list[Message], deadline: float, receive) -> list[Message]:
+        """Flower's own `send_and_receive` until `deadline`; `receive(reply)` sees each reply."""
+        remaining = None if math.isinf(deadline) else max(deadline - time.monotonic(), 0.0)
+        replies = list(self._grid.send_and_receive(messages, timeout=remaining))
+        for reply in replies:
+            receive(reply)
+        return replies
 
     def _sent_weights(self, kind: str, messages: list[Message]) -> dict | None:
         """The weights this round's training messages carry, as clients decode them, when

@@ -1,6 +1,6 @@
 """Every reply checked before anything uses it: record layout, weights, metrics, example counts.
 
-A client's reply is untrusted input. `validate_reply` is the one gate: `server_app.TrackingGrid`
+A client's reply is untrusted input. `validate_reply` is the one gate: `round_grid.TrackingGrid`
 calls it on every train and evaluate reply as it arrives, and a reply it refuses is that client's
 failure (named in history.json), never the run's. What passes is exactly what an honest client of
 this run sends (`client_app._reply`), so Flower's own reply-consistency check
@@ -180,7 +180,7 @@ def _check_train(
     _check_client(content[CLIENT_KEY])
     _check_metrics(content[METRICS_KEY], set(expected.train_metrics), set(expected.train_metrics))
     if packed:
-        wire.unpack(content)  # `weights.unpack_arrays` checks the layout before reading a value
+        wire.unpack(content)  # `wire.unpack_arrays` checks the layout before reading a value
     validate_arrays(
         content[ARRAYS_KEY],
         expected.reference,

@@ -113,13 +113,13 @@ def client_command(d: Deployment, name: str, partition_id: int, tls: bool, key: 
     return command
 
 
-def wait_for_text(proc: ManagedProcess, text: str, timeout: float) -> None:
+def wait_for_file(proc: ManagedProcess, path: Path, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while text not in proc.log_path.read_text(errors="replace"):
+    while not path.exists():
         if not proc.running():
-            pytest.fail(f"{proc.command[1]} exited before printing {text!r}:\n{proc.tail(40)}")
+            pytest.fail(f"{proc.command[1]} exited before writing {path}:\n{proc.tail(40)}")
         if time.monotonic() > deadline:
-            pytest.fail(f"no {text!r} within {timeout:.0f} s:\n{proc.tail(40)}")
+            pytest.fail(f"no {path} within {timeout:.0f} s:\n{proc.tail(40)}")
         time.sleep(0.2)
 
 
@@ -153,9 +153,9 @@ def deployment(tmp_path_factory, tiny_model_dir, reviews_csv) -> Deployment:
         "insecure": (1, False, None),
     }
     with ManagedProcess(server_command(d, tiny_model_dir, reviews_csv), tmp / "server.log") as server:
-        # Printed once the SuperLink listens and the keys are registered; a SuperNode that
-        # starts earlier would be refused.
-        wait_for_text(server, "waiting for 2 clients", timeout=90)
+        # The ServerApp writes the run's history (round 0) once the SuperLink listens and the keys
+        # are registered; a SuperNode that starts earlier would be refused.
+        wait_for_file(server, d.output_dir / checkpoint.HISTORY_FILE, timeout=120)
         d.seconds["server ready"] = time.monotonic() - started
         procs = {
             name: ManagedProcess(client_command(d, name, *spec), tmp / f"{name}.log").__enter__()

@@ -142,6 +142,10 @@ class ClientGrid:
     def pull_messages(self, message_ids):
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
+    def send_and_receive(self, messages, *, timeout=None):
+        """Flower's own exchange (`Grid.send_and_receive`): push everything, pull the replies."""
+        return self.pull_messages(self.push_messages(messages))
+
 
 def honest_clients() -> list[Client]:
     return [
@@ -161,15 +165,22 @@ def attacker(attack, kind_attacked: str, train_examples: int = 20) -> Client:
     )
 
 
-def run_round(strategy, clients: list[Client], expected: ExpectedReply = EXPECTED, cap: ExampleCap = CAP):
+def run_round(
+    strategy,
+    clients: list[Client],
+    expected: ExpectedReply = EXPECTED,
+    cap: ExampleCap = CAP,
+    fast_transport: bool = True,
+):
     """One round of `strategy` over the clients; the grid and the round's aggregated weights."""
     grid = TrackingGrid(
         ClientGrid(clients),
         expected,
         min_train_clients=3,
-        average_on_arrival=averages_replies(strategy),
+        average_on_arrival=fast_transport and averages_replies(strategy),
         example_cap=cap,
         wait_for_clients_timeout=5,  # a test that sampled more clients than it has fails, not hangs
+        fast_transport=fast_transport,
     )
     aggregates = {}
 
@@ -536,3 +547,23 @@ def test_cap_and_norm_flags_are_checked():
         max_examples_per_client=500, max_update_norm=2.5, wait_for_clients_timeout=30
     )
     assert (federation.max_examples_per_client, federation.max_update_norm) == (500, 2.5)
+
+
+@pytest.mark.parametrize("strategy_name", ["FedAvg", "FedMedian"])
+@pytest.mark.parametrize("case", ["num-examples -1e12", "NaN weights", "evaluate accuracy 1e9"])
+def test_the_fast_and_the_plain_flower_path_aggregate_the_same(strategy_name, case):
+    """`--fast_transport false` (Flower's own `Grid.send_and_receive`, no averaging on arrival)
+    saves the same aggregate, refuses the same reply and reports the same evaluation as the fast
+    exchange: the seam to fall back on when a Flower release breaks the fast path."""
+    kind, attack = MALFORMED[case]
+    outcomes = []
+    for fast in (True, False):
+        clients = [*honest_clients(), attacker(attack, kind)]
+        grid, aggregate, result = run_round(make_strategy(strategy_name), clients, fast_transport=fast)
+        outcomes.append((aggregate, grid.rounds[1], result.evaluate_metrics_clientapp[1]))
+    (fast_arrays, fast_round, fast_eval), (plain_arrays, plain_round, plain_eval) = outcomes
+    assert_aggregate(plain_arrays, {name: fast_arrays[name].numpy() for name in fast_arrays})
+    assert len(plain_round.failures) == len(fast_round.failures) == 1
+    assert plain_round.failures[0].split(":")[-1] == fast_round.failures[0].split(":")[-1]
+    assert plain_round.succeeded == fast_round.succeeded
+    assert dict(plain_eval) == pytest.approx(dict(fast_eval))

@@ -61,6 +61,12 @@ class FederationArguments:
             next round trains, so clients never wait for the server. While clients train, the
             evaluation uses one CPU thread, so it does not take the cores of clients that share
             the machine (simulation); `false` evaluates between rounds with every thread.
+        fast_transport: Send each round through hf-flower's fast exchange
+            (`hf_flower.transport`: weights a client holds sent by id, packed weights, replies
+            polled every 0.2 s, training replies averaged as they arrive). `false`: Flower's own
+            public path (`Grid.send_and_receive`, every reply kept until the strategy averages
+            them), the fallback when a Flower upgrade breaks the fast one. Replies are validated
+            and counted the same way on both, and both save the same aggregates.
     """
 
     num_rounds: int = field(default=3, metadata={"help": "Aggregation rounds."})
@@ -115,6 +121,10 @@ class FederationArguments:
     evaluate_in_background: bool = field(
         default=True,
         metadata={"help": "Evaluate and save each round while the next one trains (clients never wait)."},
+    )
+    fast_transport: bool = field(
+        default=True,
+        metadata={"help": "hf-flower's fast round exchange; false: Flower's own Grid.send_and_receive."},
     )
 
     def __post_init__(self):

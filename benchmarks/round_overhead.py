@@ -12,13 +12,16 @@ settings, and two clients on this machine:
 
 Per round, from the round records the ServerApp saves (history.json), in seconds:
 
-  round        the record's `seconds`: end of the previous round to end of this round's central
-               evaluation (the round's checkpoint save, 0.1-0.2 s, falls between rounds)
+  round        the record's `seconds`: end of the previous round to end of this round, which is
+               the end of its federated evaluation when central evaluation runs in the background
+               while the next round trains (`evaluate_in_background`, the default), and the end
+               of its central evaluation when it runs between rounds
   train        local training: max over clients of Trainer's `train_runtime`
   client_eval  federated evaluation: max over clients of Trainer's `eval_runtime`
-  central      the server's central evaluation: `central.eval_runtime`
-  overhead     round - train - client_eval - central: all that is not model work (Flower's
-               polling and message passing, weight conversion, process start-up, ...)
+  central      the server's central evaluation: `central.eval_runtime` (inside the round only
+               when it runs between rounds; in the background it shares the cores with training)
+  overhead     round - train - client_eval (- central, between rounds): all that is not model
+               work (Flower's polling and message passing, weight conversion, ...)
 
 Round 1 carries the warm-up and is reported on its own; the summary averages rounds 2..N. Flower's
 processes run with FLWR_LOG_LEVEL=DEBUG only so that their logs carry timestamps: the script reads
@@ -61,7 +64,7 @@ MODES = {
     "B": "flower-supernode, default isolation (flwr-clientapp per message)",
 }
 NUM_CLIENTS = 2
-TARGET_PCT = 10.0
+TARGET_PCT = 5.0  # issue 13: at most 5% of local training in rounds 2..N
 COLUMNS = ("round", "train", "client_eval", "central", "overhead")
 
 
@@ -76,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--transfer_dtype", default=None, help="precision of the weights on the wire (default: float32)"
+    )
+    parser.add_argument(
+        "--evaluate_in_background",
+        choices=("true", "false"),
+        default=None,
+        help="central evaluation beside the next round (true) or between rounds (default: the config's)",
     )
     parser.add_argument("--modes", default="AB", help="which modes to run, in this order (default AB)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results" / "round_overhead.json"))
@@ -100,7 +109,7 @@ def server_command(args: argparse.Namespace, port: int, output_dir: Path) -> lis
         "--num_rounds", str(args.num_rounds), "--output_dir", str(output_dir),
         "--host", LOOPBACK, "--port", str(port), "--insecure",
     ]  # fmt: skip
-    for flag in ("max_train_samples", "max_test_samples", "transfer_dtype"):
+    for flag in ("max_train_samples", "max_test_samples", "transfer_dtype", "evaluate_in_background"):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
     return command
@@ -168,11 +177,19 @@ def run_mode(mode: str, args: argparse.Namespace, work_dir: Path) -> dict:
                 f"mode {mode}: the server exited with {server.process.returncode}:\n{server.tail()}"
             )
     wall = time.monotonic() - started
-    records = [r for r in checkpoint.read_history(output_dir)["rounds"] if r["round"] >= 1]
-    rounds = [round_times(record) for record in records]
-    for row, phases in zip(rounds, timeline(work_dir, mode, records)):
+    history = checkpoint.read_history(output_dir)
+    between = not history["run_config"]["federation.evaluate-in-background"]
+    records = [r for r in history["rounds"] if r["round"] >= 1]
+    rounds = [round_times(record, between) for record in records]
+    for row, phases in zip(rounds, timeline(work_dir, mode, records, between)):
         row["phases"] = phases
-    return {"mode": mode, "description": MODES[mode], "wall_seconds": round(wall, 1), "rounds": rounds}
+    return {
+        "mode": mode,
+        "description": MODES[mode],
+        "central_evaluation": "between rounds" if between else "in the background",
+        "wall_seconds": round(wall, 1),
+        "rounds": rounds,
+    }
 
 
 def wait_for_server(server: ManagedProcess, clients: list[ManagedProcess], deadline: float) -> None:
@@ -189,7 +206,7 @@ def wait_for_server(server: ManagedProcess, clients: list[ManagedProcess], deadl
 # ----------------------------------------------------------------------------- numbers
 
 
-def round_times(record: dict) -> dict:
+def round_times(record: dict, central_between_rounds: bool) -> dict:
     """Seconds of one round record, split into model work and overhead."""
     results = record["client_results"]
     times = {
@@ -198,7 +215,9 @@ def round_times(record: dict) -> dict:
         "client_eval": max(c.get("eval_runtime", 0.0) for c in results["evaluate"]),
         "central": record["central"]["eval_runtime"],
     }
-    times["overhead"] = times["round"] - times["train"] - times["client_eval"] - times["central"]
+    times["overhead"] = times["round"] - times["train"] - times["client_eval"]
+    if central_between_rounds:
+        times["overhead"] -= times["central"]
     times["overhead_pct_of_train"] = 100 * times["overhead"] / times["train"]
     return {"round_num": record["round"], **{k: round(v, 2) for k, v in times.items()}}
 
@@ -218,6 +237,7 @@ def summarize(rounds: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- where the time goes
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+LOG_START = re.compile(r"(?=(?:DEBUG|INFO|WARNING|ERROR)\s+\d{4}-\d\d-\d\d )")
 LOG_LINE = re.compile(r"^(?:DEBUG|INFO|WARNING|ERROR)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}):\s*(.*)$")
 ROUND_END = re.compile(r"^round (\d+)/\d+ \| clients")  # our ServerApp's line once a round is saved
 SERVER_MARKS = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
@@ -235,25 +255,32 @@ def log_events(path: Path) -> list[tuple[float, str]]:
     """(timestamp, text) of every timestamped Flower log line (FLWR_LOG_LEVEL=DEBUG adds them)."""
     events = []
     for line in path.read_text(errors="replace").splitlines():
-        if match := LOG_LINE.match(ANSI.sub("", line)):
-            events.append((datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp(), match[2].strip()))
+        # A progress bar's text may come first on the line (tqdm writes no newline).
+        for part in LOG_START.split(ANSI.sub("", line)):
+            if match := LOG_LINE.match(part):
+                stamp = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                events.append((stamp, match[2].strip()))
     return events
 
 
-def server_marks(run_log: Path) -> dict[int, dict[str, float]]:
-    """When each round started and ended, and when the strategy configured/aggregated each step."""
+def server_marks(run_log: Path, central_between_rounds: bool) -> dict[int, dict[str, float]]:
+    """When each round started and ended, and when the strategy configured/aggregated each step.
+
+    A round ends where its record's `seconds` end: with its saved-round line when central
+    evaluation runs between rounds, at its federated evaluation's aggregation otherwise."""
     rounds: dict[int, dict[str, float]] = {}
-    current = None
     for stamp, text in log_events(run_log):
-        if match := ROUND_END.match(text):
-            done = int(match[1])
-            rounds.setdefault(done, {})["end"] = stamp
-            current = done + 1
-            rounds[current] = {"start": stamp}
-        elif current is not None:
-            mark = text.split(":", 1)[0]
-            if mark in SERVER_MARKS:
-                rounds[current].setdefault(mark, stamp)
+        mark = text.split(":", 1)[0]
+        if mark == "configure_train":
+            rounds[len(rounds) + 1] = {mark: stamp}
+        elif mark in SERVER_MARKS and rounds:
+            rounds[len(rounds)].setdefault(mark, stamp)
+        elif central_between_rounds and (match := ROUND_END.match(text)) and int(match[1]) in rounds:
+            rounds[int(match[1])]["end"] = stamp
+    for n, marks in rounds.items():
+        if not central_between_rounds and "aggregate_evaluate" in marks:
+            marks["end"] = marks["aggregate_evaluate"]
+        marks["start"] = rounds.get(n - 1, {}).get("end", marks["configure_train"])
     return rounds
 
 
@@ -272,21 +299,21 @@ def client_messages(supernode_log: Path) -> dict[str, list[dict[str, float]]]:
     return messages
 
 
-def timeline(work_dir: Path, mode: str, records: list[dict]) -> list[dict]:
+def timeline(work_dir: Path, mode: str, records: list[dict], central_between_rounds: bool) -> list[dict]:
     """Phases of every round along the slowest client; {} for a round whose logs lack a mark."""
-    server = server_marks(work_dir / "run" / LOGS_DIRNAME / "run.log")
+    server = server_marks(work_dir / "run" / LOGS_DIRNAME / "run.log", central_between_rounds)
     supernode_log = "supernode.log" if mode == "A" else "client.log"
     clients = {i: client_messages(work_dir / f"client-{i}" / supernode_log) for i in range(NUM_CLIENTS)}
     phases = []
     for record in records:
         try:
-            phases.append(round_phases(record, server[record["round"]], clients))
+            phases.append(round_phases(record, server[record["round"]], clients, central_between_rounds))
         except (KeyError, IndexError):
             phases.append({})
     return phases
 
 
-def round_phases(record: dict, marks: dict, clients: dict) -> dict[str, float]:
+def round_phases(record: dict, marks: dict, clients: dict, central_between_rounds: bool) -> dict[str, float]:
     """Round seconds along the critical path, model work left out; they add up to its overhead."""
     n = record["round"]
     phases = {"server: start of round to train messages built": marks["configure_train"] - marks["start"]}
@@ -309,9 +336,10 @@ def round_phases(record: dict, marks: dict, clients: dict) -> dict[str, float]:
         )
         if kind == "train":
             phases["aggregate train, configure evaluate"] = marks["configure_evaluate"] - end
-    phases["central evaluation besides Trainer, save round"] = (
-        marks["end"] - marks["aggregate_evaluate"] - record["central"]["eval_runtime"]
-    )
+    if central_between_rounds:
+        phases["central evaluation besides Trainer, save round"] = (
+            marks["end"] - marks["aggregate_evaluate"] - record["central"]["eval_runtime"]
+        )
     return {k: round(v, 2) for k, v in phases.items()}
 
 
@@ -319,7 +347,10 @@ def round_phases(record: dict, marks: dict, clients: dict) -> dict[str, float]:
 
 
 def print_times(result: dict) -> None:
-    print(f"\nMode {result['mode']}: {result['description']} (wall {result['wall_seconds']:.1f} s)")
+    print(
+        f"\nMode {result['mode']}: {result['description']}, central evaluation "
+        f"{result['central_evaluation']} (wall {result['wall_seconds']:.1f} s)"
+    )
     print(f"{'':>10} " + " ".join(f"{c:>11}" for c in COLUMNS) + f" {'overhead %':>11}")
     rows = [(f"round {r['round_num']}", r) for r in result["rounds"]]
     rows.append(("mean 2..N", result["summary"]["mean_rounds_2_to_n"]))

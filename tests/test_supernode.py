@@ -1,5 +1,6 @@
 """`hf_flower.transport.supernode`: Flower's SuperNode with its polling waits capped and its heartbeat set."""
 
+import importlib
 import time
 
 import pytest
@@ -82,3 +83,31 @@ def test_the_supported_flower_range_is_the_one_pyproject_requires():
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     assert f"flwr[simulation]{flwr_compat.SUPPORTED_FLWR}" in pyproject["project"]["dependencies"]
+
+
+@pytest.mark.parametrize("process", ["clientapp", "supernode"])
+def test_object_pulls_retry_within_a_fraction_of_a_second(monkeypatch, process):
+    """An object that arrives 0.3 s after the first pull is pulled at once, not after Flower's 1 s
+    back-off; Flower's overall time limit still holds."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, ObjectUnavailableError
+
+    module = importlib.import_module(flwr_compat._OBJECT_PULLERS[process])
+    monkeypatch.setattr(module, "pull_objects", module.pull_objects)  # restored after the test
+    flwr_compat.retry_object_pulls_sooner(process)
+    flwr_compat.retry_object_pulls_sooner(process)  # a second call does not wrap twice
+    arrives = time.monotonic() + 0.3
+
+    def pull(object_id: str) -> bytes:
+        if time.monotonic() < arrives:
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    started = time.monotonic()
+    assert module.pull_objects(["a", "b"], pull) == {"a": b"content", "b": b"content"}
+    assert time.monotonic() - started < 0.7
+
+    def never(object_id: str) -> bytes:
+        raise ObjectUnavailableError(object_id)
+
+    with pytest.raises(ObjectPullError, match="timeout or retry limit"):
+        module.pull_objects(["never"], never, max_time=0.3)

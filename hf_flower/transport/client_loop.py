@@ -41,6 +41,7 @@ from .flwr_compat import (
     pull_task_input,
     push_message,
     push_task_output,
+    retry_object_pulls_sooner,
 )
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,8 @@ def serve_tasks(
     `keep_going()`; `on_idle()` every `idle_seconds` without a task."""
     # Bounded retries, so the loop keeps checking whether it should keep going.
     poller = _runtime_client(runtime_address, "SuperExec", max_time=poll_retry_seconds)
+    # A task is announced before its SuperNode has its weights: pull them as they arrive.
+    retry_object_pulls_sooner("clientapp")
     held = HeldWeights()
     last_job = time.monotonic()  # when `on_idle` or a task last ran
     while keep_going():

@@ -9,7 +9,8 @@ What replaces Flower's `Grid.send_and_receive` for `round_grid.TrackingGrid`:
   longer holds them answers `ARRAYS_NOT_HELD_CODE` and gets the full message at once;
 - weights that do travel to such a client go as one flat array (`wire.pack`), far fewer objects
   for Flower to move, packed once per aggregate;
-- replies are pulled every `REPLY_POLL_SECONDS` (Flower's own loop sleeps 3 s between pulls);
+- replies are pulled every `REPLY_POLL_SECONDS` (Flower's own loop sleeps 3 s between pulls),
+  and their weights as they arrive (`flwr_compat.retry_object_pulls_sooner`);
 - a round has one deadline (`--round_timeout` after its first exchange), and every message
   expires with it, so the SuperLink drops it and a client stops working on it.
 """
@@ -33,6 +34,7 @@ from ..constants import (
     CONFIG_KEY,
 )
 from . import wire
+from .flwr_compat import retry_object_pulls_sooner
 
 # How often the server asks the SuperLink for replies while a round runs.
 REPLY_POLL_SECONDS = 0.2
@@ -46,6 +48,8 @@ class Exchange:
 
     def __init__(self, grid: Grid):
         self._grid = grid
+        # A reply is listed before its sender has pushed its weights: pull them as they arrive.
+        retry_object_pulls_sooner("serverapp")
         # round -> when it ends (`round_deadline`).
         self._round_deadlines: dict[int, float] = {}
         # node id -> object id of the weights that node said it holds.

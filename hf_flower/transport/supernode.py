@@ -32,6 +32,7 @@ from .flwr_compat import (
     fleet_http_connection,
     flower_supernode,
     heartbeat,
+    retry_object_pulls_sooner,
     start_client_internal,
 )
 
@@ -87,6 +88,7 @@ def main(argv: list[str]) -> int | None:
     parser.add_argument(HEARTBEAT_INTERVAL_FLAG, type=float)
     ours, flower_args = parser.parse_known_args(argv)
     cap_sleeps(ours.pull_interval)
+    retry_object_pulls_sooner("supernode")
     if ours.heartbeat_interval is not None:
         set_heartbeat_interval(ours.heartbeat_interval)
     sys.argv = ["flower-supernode", *flower_args]

@@ -326,12 +326,12 @@ def round_phases(record: dict, marks: dict, clients: dict, central_between_round
         )
         phases.update(
             {
-                f"{kind}: ServerApp -> SuperLink -> SuperNode pull (3 s poll)": msg["receiving"] - begin,
+                f"{kind}: ServerApp -> SuperLink -> SuperNode (its poll)": msg["receiving"] - begin,
                 f"{kind}: message download SuperLink -> SuperNode": msg["received"] - msg["receiving"],
-                f"{kind}: SuperNode -> ClientApp (start, pull)": msg["confirmed"] - msg["received"],
+                f"{kind}: SuperNode -> ClientApp, after the download": msg["confirmed"] - msg["received"],
                 f"{kind}: ClientApp besides Trainer": msg["pushed"] - msg["confirmed"] - runtimes[slowest],
                 f"{kind}: reply ClientApp -> SuperNode -> SuperLink": msg["sent"] - msg["pushed"],
-                f"{kind}: replies SuperLink -> ServerApp (3 s poll)": end - msg["sent"],
+                f"{kind}: replies SuperLink -> ServerApp (its poll)": end - msg["sent"],
             }
         )
         if kind == "train":

@@ -41,6 +41,15 @@ NO_SUCH_PID = 2**22 + 1
 FILLER_WORDS = ["the", "movie", "film", "was", "plot", "actors", "and", "a", "really", "story"]
 
 
+@pytest.fixture
+def server_identity():
+    """What a running ServerApp process has set before it builds any message, through the
+    `TaskIdentity` setters Flower's own server code uses (`flwr/server/compat/app.py`)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
 @pytest.fixture(scope="session")
 def hf_home():
     """The temporary HF_HOME every test (and every process a test starts) uses."""

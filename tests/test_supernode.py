@@ -21,6 +21,10 @@ def test_cap_sleeps_shortens_the_supernode_waits_only(restore_time):
     started = time.monotonic()
     start_client_internal.time.sleep(3)  # the SuperNode's wait after a pull that brought nothing
     assert time.monotonic() - started < 1.0
+    started = time.monotonic()
+    for _ in range(10):  # its waits on its own memory for the client's reply and each object
+        start_client_internal.time.sleep(0.5)
+    assert time.monotonic() - started < 10 * supernode.LOCAL_CHECK_SECONDS + 0.3
     assert time.sleep is not start_client_internal.time.sleep  # the rest of the process is untouched
     assert start_client_internal.time.time() == pytest.approx(time.time(), abs=1.0)
 
@@ -111,3 +115,31 @@ def test_object_pulls_retry_within_a_fraction_of_a_second(monkeypatch, process):
 
     with pytest.raises(ObjectPullError, match="timeout or retry limit"):
         module.pull_objects(["never"], never, max_time=0.3)
+
+
+def test_a_message_objects_are_stored_for_the_client_as_they_arrive(monkeypatch):
+    """Each object is in the SuperNode's store as soon as it is pulled, before the next pull."""
+    stored: dict[str, bytes] = {}
+    seen_before_pull: list[list[str]] = []
+
+    class Store:
+        def put(self, object_id: str, content: bytes) -> None:
+            stored.setdefault(object_id, content)
+
+    def flower_pull_and_store(*, object_store, pull_object, **kwargs):
+        # What Flower's `_pull_and_store_message` does: pull every object, then store them all.
+        contents = {}
+        for object_id in ("a", "b", "c"):
+            seen_before_pull.append(sorted(stored))
+            contents[object_id] = pull_object(kwargs["run_id"], object_id)
+        for object_id, content in contents.items():
+            object_store.put(object_id, content)
+        return kwargs["run_id"]
+
+    monkeypatch.setattr(start_client_internal, "_pull_and_store_message", flower_pull_and_store)
+    flwr_compat.store_objects_as_they_arrive()
+    flwr_compat.store_objects_as_they_arrive()  # a second call does not wrap twice
+    pull = start_client_internal._pull_and_store_message
+    assert pull(object_store=Store(), pull_object=lambda run_id, object_id: object_id.encode(), run_id=7) == 7
+    assert seen_before_pull == [[], ["a"], ["a", "b"]]
+    assert stored == {"a": b"a", "b": b"b", "c": b"c"}

@@ -5,7 +5,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from hf_flower.constants import (
     ARRAYS_KEY,
@@ -21,12 +20,7 @@ from hf_flower.transport.wire import pack_arrays
 from hf_flower.validation import ExampleCap, ExpectedReply
 from hf_flower.weights import get_weights
 
-
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    """What a running ServerApp process has set before any message is built."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 # What an honest client reports besides its example count (`client_app.train` / `evaluate`).

@@ -16,7 +16,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian
-from flwr.supercore.task_identity import TaskIdentity
 
 from hf_flower.arguments import FederationArguments
 from hf_flower.constants import (
@@ -46,11 +45,7 @@ TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
 TASK = get_task("text-classification")
 
 
-@pytest.fixture(autouse=True)
-def server_identity(monkeypatch):
-    """What a running ServerApp process has set before any message is built."""
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
-        monkeypatch.setattr(TaskIdentity, name, value)
+pytestmark = pytest.mark.usefixtures("server_identity")
 
 
 torch.manual_seed(0)

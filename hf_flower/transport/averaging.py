@@ -46,11 +46,12 @@ class RunningMean:
     def add(self, arrays: Mapping[str, Array], weight: float) -> None:
         with _readonly_views():
             views = {name: _decode(name, array) for name, array in arrays.items()}
+        # In place and straight from the reply's bytes: no float64 copy of each reply.
         if self._sums is None:
-            self._sums = {name: view.double() * weight for name, view in views.items()}
+            self._sums = {name: view.double().mul_(weight) for name, view in views.items()}
         else:
             for name, view in views.items():
-                self._sums[name].add_(view.double(), alpha=weight)
+                self._sums[name].add_(view, alpha=weight)
         self.total_weight += weight
 
     def mean(self) -> ArrayRecord:

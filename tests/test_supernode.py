@@ -118,20 +118,29 @@ def test_object_pulls_retry_within_a_fraction_of_a_second(monkeypatch, process):
 
 
 def test_a_message_objects_are_stored_for_the_client_as_they_arrive(monkeypatch):
-    """Each object is in the SuperNode's store as soon as it is pulled, before the next pull."""
-    stored: dict[str, bytes] = {}
+    """Each object is in the SuperNode's store as soon as it is pulled, before the next pull; the
+    client may take them all (and the SuperNode delete them) before Flower stores them itself."""
     seen_before_pull: list[list[str]] = []
 
-    class Store:
+    class Store:  # Flower's InMemoryObjectStore: `put` refuses an object no longer registered
+        def __init__(self):
+            self.registered, self.contents = {"a", "b", "c"}, {}
+
         def put(self, object_id: str, content: bytes) -> None:
-            stored.setdefault(object_id, content)
+            if object_id not in self.registered:
+                raise KeyError(f"Object with ID '{object_id}' was not pre-registered.")
+            self.contents[object_id] = content
+
+        def delete_all(self) -> None:  # what the client's ConfirmMessageReceived leads to
+            self.registered, self.contents = set(), {}
 
     def flower_pull_and_store(*, object_store, pull_object, **kwargs):
         # What Flower's `_pull_and_store_message` does: pull every object, then store them all.
         contents = {}
         for object_id in ("a", "b", "c"):
-            seen_before_pull.append(sorted(stored))
+            seen_before_pull.append(sorted(object_store.contents))
             contents[object_id] = pull_object(kwargs["run_id"], object_id)
+        object_store.delete_all()  # the client had them all first
         for object_id, content in contents.items():
             object_store.put(object_id, content)
         return kwargs["run_id"]
@@ -142,4 +151,3 @@ def test_a_message_objects_are_stored_for_the_client_as_they_arrive(monkeypatch)
     pull = start_client_internal._pull_and_store_message
     assert pull(object_store=Store(), pull_object=lambda run_id, object_id: object_id.encode(), run_id=7) == 7
     assert seen_before_pull == [[], ["a"], ["a", "b"]]
-    assert stored == {"a": b"a", "b": b"b", "c": b"c"}

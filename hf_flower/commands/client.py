@@ -34,6 +34,7 @@ from transformers import HfArgumentParser
 
 from ..client_policy import ClientPolicy
 from ..launch.client import ClientOptions, run_client
+from ..transport.supernode import DEFAULT_PULL_INTERVAL
 
 
 @dataclass
@@ -80,7 +81,7 @@ class ClientArguments:
         default=120.0, metadata={"help": "Seconds without a SuperLink before exiting."}
     )
     pull_interval: float = field(
-        default=0.5, metadata={"help": "Seconds between the SuperNode's requests for work."}
+        default=DEFAULT_PULL_INTERVAL, metadata={"help": "Seconds between the SuperNode's requests for work."}
     )
     heartbeat_interval: float | None = field(
         default=None, metadata={"help": "Seconds between heartbeats, 10-1800 (default: Flower's 30)."}

@@ -43,7 +43,7 @@ class ClientOptions:
     auth_private_key: str | None = None
     superlink_timeout: float = 120.0
     # The SuperNode's wait between requests for work (`supernode.py`); Flower's own is 3 s.
-    pull_interval: float = 0.5
+    pull_interval: float = supernode.DEFAULT_PULL_INTERVAL
     # Seconds between the SuperNode's heartbeats (`supernode.py`); None keeps Flower's 30 s.
     heartbeat_interval: float | None = None
     poll_interval: float = 0.2

@@ -127,8 +127,9 @@ def store_objects_as_they_arrive() -> None:
     The long-lived client pulls the same objects from its SuperNode, and may start as soon as the
     SuperNode has announced the task: with objects stored as they arrive, its pulls overlap the
     SuperNode's download instead of following it (about 0.9 s per 91 MB message in
-    `benchmarks/round_overhead.py`). Flower's own store of each object afterwards finds it there;
-    a message whose download fails is deleted with its objects, as before.
+    `benchmarks/round_overhead.py`). Flower's own store of all objects at the end skips them: by
+    then the client may have taken them all and the SuperNode deleted them. A message whose
+    download fails is deleted with its objects, as before.
     """
     module = importlib.import_module("flwr.supernode.start_client_internal")
     pull_and_store_message = module._pull_and_store_message
@@ -136,15 +137,36 @@ def store_objects_as_they_arrive() -> None:
         return
 
     def pull_and_store_as_they_arrive(*, object_store, pull_object, **kwargs):
+        store = _StoredOnArrival(object_store)
+
         def pull_and_store(run_id: int, object_id: str) -> bytes:
             content = pull_object(run_id, object_id)
-            object_store.put(object_id, content)
+            store.put_now(object_id, content)
             return content
 
-        return pull_and_store_message(object_store=object_store, pull_object=pull_and_store, **kwargs)
+        return pull_and_store_message(object_store=store, pull_object=pull_and_store, **kwargs)
 
     pull_and_store_as_they_arrive.stores_as_they_arrive = True
     module._pull_and_store_message = pull_and_store_as_they_arrive
+
+
+class _StoredOnArrival:
+    """A SuperNode's object store whose `put` skips the objects `put_now` stored on arrival."""
+
+    def __init__(self, store):
+        self._store = store
+        self._stored: set[str] = set()
+
+    def put_now(self, object_id: str, content: bytes) -> None:
+        self._store.put(object_id, content)
+        self._stored.add(object_id)
+
+    def put(self, object_id: str, content: bytes) -> None:
+        if object_id not in self._stored:
+            self._store.put(object_id, content)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
 
 
 def __getattr__(name: str):

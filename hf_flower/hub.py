@@ -131,8 +131,8 @@ def round_operations(folder: str | os.PathLike) -> list[CommitOperationAdd]:
     for name in filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS):
         content: Path | bytes = files[name]
         if name == checkpoint.METRICS_FILE:
-            metrics = checkpoint.aggregate_metrics(json.loads(files[name].read_text(encoding="utf-8")))
-            content = (json.dumps(metrics, sort_keys=True, indent=2) + "\n").encode()
+            metrics = json.loads(files[name].read_text(encoding="utf-8"))
+            content = checkpoint.metrics_json(metrics).encode()
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     return operations
 

@@ -66,6 +66,7 @@ from .layout import (
 )
 from .rounds import (
     make_output_dir,
+    metrics_json,
     prepare_output_dir,
     read_strategy_state,
     save_round,
@@ -106,6 +107,7 @@ __all__ = [
     "latest_round",
     "list_rounds",
     "make_output_dir",
+    "metrics_json",
     "mark_interrupted",
     "prepare_output_dir",
     "read_history",

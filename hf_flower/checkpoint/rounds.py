@@ -111,6 +111,11 @@ def make_output_dir(output_dir: str | os.PathLike) -> Path:
     return path
 
 
+def metrics_json(metrics: dict, what: str = "metrics") -> str:
+    """The text of a round's metrics.json: the aggregates of its record (`aggregate_metrics`)."""
+    return _dumps(aggregate_metrics(metrics), what=what)
+
+
 def save_round(
     output_dir: str | os.PathLike,
     round_num: int,
@@ -132,7 +137,7 @@ def save_round(
     # Serialise first: a metric that is not JSON should fail before an expensive model save (all
     # of `metrics` is checked: the full record goes to history.json).
     _dumps(metrics, what=f"metrics of round {round_num}")
-    metrics_text = _dumps(aggregate_metrics(metrics), what=f"metrics of round {round_num}")
+    metrics_text = metrics_json(metrics, what=f"metrics of round {round_num}")
     output_dir.mkdir(parents=True, exist_ok=True)
 
     tmp = output_dir / f".{final.name}{TMP_ROUND_MARKER}{_unique_suffix()}"

@@ -29,8 +29,12 @@ them to split the overhead into phases along the slowest client ("where the time
 gets OMP_NUM_THREADS=1 (one core each, as in simulation with `client-resources.num-cpus = 1`);
 `--client_threads 0` leaves torch's default (all cores per client).
 
-Command (the numbers in benchmarks/README.md):
+Commands (the numbers in benchmarks/README.md):
 
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/round_overhead.py --num_rounds 3 --modes A \\
+        --output benchmarks/results/round_overhead_background.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/round_overhead.py --num_rounds 3 --modes A \\
+        --evaluate_in_background false --output benchmarks/results/round_overhead_between.json
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/round_overhead.py --num_rounds 3 \\
         --output benchmarks/results/round_overhead.json
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/round_overhead.py --num_rounds 3 --modes A \\

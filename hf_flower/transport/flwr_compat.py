@@ -3,8 +3,10 @@ is written for.
 
 The fast round path reaches below Flower's public API in a few places: the SuperNode's runtime
 API and its `run_clientapp` steps (the long-lived client loop), the SuperNode's polling loop and
-heartbeat constants (`supernode.py`), error codes and sub-statuses, and `strategy_utils`'
-metric aggregation. Flower does not keep these stable between releases, so they are imported
+heartbeat constants (`supernode.py`), how soon each process retries pulling an object that has
+not arrived (`retry_object_pulls_sooner`) and when a SuperNode stores what it pulled
+(`store_objects_as_they_arrive`), error codes and sub-statuses, and `strategy_utils`' metric
+aggregation. Flower does not keep these stable between releases, so they are imported
 here and nowhere else: upgrading Flower means reading this module and the names it re-exports.
 Public Flower APIs (`flwr.app`, `flwr.serverapp`, `flwr.clientapp`) are imported where they are
 used.

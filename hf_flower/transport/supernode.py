@@ -2,13 +2,14 @@
 passed on as they arrive, and, optionally, a shorter heartbeat.
 
 Flower 1.42's SuperNode sleeps a fixed 3 s after every pull that brings no message, and 0.5 s
-between checks for the ClientApp's reply and its objects (`flwr/supernode/start_client_internal.py`,
-no option for either). A message therefore waits 1.5 s on average before its client sees it:
-twice a round, about 5% of a one-minute round. This entry point runs Flower's own
-`flower-supernode`, unchanged, with the pull waits capped at `--pull-interval` seconds and the
-checks of its own memory at `LOCAL_CHECK_SECONDS` (`cap_sleeps`). Each idle SuperNode then asks its SuperLink
-for work every `--pull-interval` seconds instead of every 3 s, a small request; keep Flower's 3 s
-for federations of thousands of nodes.
+between checks for the ClientApp's reply and its objects
+(`flwr/supernode/start_client_internal.py`, no option for either). A message therefore waits
+1.5 s on average before its client sees it: twice a round, about 5% of a one-minute round. This
+entry point runs Flower's own `flower-supernode`, unchanged, with the pull waits capped at
+`--pull-interval` seconds and the checks of its own memory at `LOCAL_CHECK_SECONDS`
+(`cap_sleeps`). A SuperNode asks for work only between messages (while its client works it
+waits on it), so a short interval costs a small request every `--pull-interval` seconds between
+messages; keep Flower's 3 s for federations of thousands of nodes.
 
 A message's objects are pulled from the SuperLink with retries a fraction of a second apart
 (`flwr_compat.retry_object_pulls_sooner`, not Flower's 1 s doubling up to 10 s) and stored for the
@@ -45,8 +46,7 @@ from .flwr_compat import (
 
 PULL_INTERVAL_FLAG = "--pull-interval"
 HEARTBEAT_INTERVAL_FLAG = "--heartbeat-interval"
-# A SuperNode asks for work only between messages (while its client works, it waits on it), so a
-# short interval costs little: a message waits 0.1 s on average for its node instead of 0.25 s.
+# A message waits half of it on average before its node asks for it (see the module docstring).
 DEFAULT_PULL_INTERVAL = 0.2
 # Between checks of the SuperNode's own memory for the client's reply and its objects.
 LOCAL_CHECK_SECONDS = 0.02

@@ -271,28 +271,30 @@ class TrackingGrid(Grid):
         # An error the SuperLink makes for an unreachable node is not sent by that node: name the
         # node through the instruction it answers (the grid set each instruction's message_id).
         destination = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+
+        def fail(node: int, failure: str) -> None:
+            self._exchange.forget(node)  # what a failed or refused reply says is not believed
+            stats.failures.append(f"round {server_round} {kind}: {failure}")
+            log(WARNING, "Round %s %s: %s", server_round, kind, failure)
+
         good = []
         answered = set()
         for reply in replies:
             node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
-                failure = f"node {node}: {reply.error.reason}"
+                fail(node, f"node {node}: {reply.error.reason}")
             elif reply.metadata.reply_to_message_id in rejected:
-                failure = f"node {node} ({_partition(reply)}): {rejected[reply.metadata.reply_to_message_id]}"
+                fail(
+                    node, f"node {node} ({_partition(reply)}): {rejected[reply.metadata.reply_to_message_id]}"
+                )
             else:
                 self._exchange.remember_held(node, reply)
                 good.append(reply)
-                continue
-            self._exchange.forget(node)  # what a failed or refused reply says is not believed
-            stats.failures.append(f"round {server_round} {kind}: {failure}")
-            log(WARNING, "Round %s %s: %s", server_round, kind, failure)
         for message in messages:
-            if message.metadata.dst_node_id not in answered:
-                self._exchange.forget(message.metadata.dst_node_id)
-                failure = f"node {message.metadata.dst_node_id}: no reply within the round timeout"
-                stats.failures.append(f"round {server_round} {kind}: {failure}")
-                log(WARNING, "Round %s %s: %s", server_round, kind, failure)
+            node = message.metadata.dst_node_id
+            if node not in answered:
+                fail(node, f"node {node}: no reply within the round timeout")
         return good
 
 

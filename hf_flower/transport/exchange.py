@@ -48,8 +48,6 @@ class Exchange:
 
     def __init__(self, grid: Grid):
         self._grid = grid
-        # A reply is listed before its sender has pushed its weights: pull them as they arrive.
-        retry_object_pulls_sooner("serverapp")
         # round -> when it ends (`round_deadline`).
         self._round_deadlines: dict[int, float] = {}
         # node id -> object id of the weights that node said it holds.
@@ -74,6 +72,9 @@ class Exchange:
         once. (Flower's own `send_and_receive`
         sleeps 3 s between pulls: on average 1.5 s lost twice a round.)
         """
+        # A reply is listed before its sender has pushed its weights: pull them as they arrive
+        # (once per process; `--fast_transport false` leaves Flower's pulls as they are).
+        retry_object_pulls_sooner("serverapp")
         sent: dict[str, Message] = {}
         originals: dict[str, Message] = {}
 

@@ -39,6 +39,8 @@ Commands (the numbers in benchmarks/README.md):
         --output benchmarks/results/round_overhead.json
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/round_overhead.py --num_rounds 3 --modes A \\
         --transfer_dtype bfloat16 --output benchmarks/results/round_overhead_bf16.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/round_overhead.py --num_rounds 3 --modes A \\
+        --weight_decay 0 --output benchmarks/results/round_overhead_weight_decay_0.json
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--transfer_dtype", default=None, help="precision of the weights on the wire (default: float32)"
     )
     parser.add_argument(
+        "--weight_decay", type=float, default=None, help="AdamW's weight decay (default: the config's, 0.01)"
+    )
+    parser.add_argument(
         "--evaluate_in_background",
         choices=("true", "false"),
         default=None,
@@ -113,7 +118,13 @@ def server_command(args: argparse.Namespace, port: int, output_dir: Path) -> lis
         "--num_rounds", str(args.num_rounds), "--output_dir", str(output_dir),
         "--host", LOOPBACK, "--port", str(port), "--insecure",
     ]  # fmt: skip
-    for flag in ("max_train_samples", "max_test_samples", "transfer_dtype", "evaluate_in_background"):
+    for flag in (
+        "max_train_samples",
+        "max_test_samples",
+        "transfer_dtype",
+        "weight_decay",
+        "evaluate_in_background",
+    ):
         if getattr(args, flag) is not None:
             command += [f"--{flag}", str(getattr(args, flag))]
     return command

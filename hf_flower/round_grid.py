@@ -165,6 +165,8 @@ class TrackingGrid(Grid):
         self.reply_board.start(server_round, kind, messages)
         self._cast_outgoing(messages)
         sent_weights = self._sent_weights(kind, messages)
+        # What a reply's rows sent alone complete (`wire.pack_arrays`): the weights as sent.
+        sent_arrays = [m.content[ARRAYS_KEY] for m in messages if ARRAYS_KEY in m.content.array_records]
         average = RunningMean() if kind == MessageType.TRAIN and self._average_on_arrival else None
         floor = self._example_cap.floor(kind)
         rejected: dict[str, str] = {}
@@ -178,7 +180,7 @@ class TrackingGrid(Grid):
                 return
             try:
                 stats.bytes_received += _message_nbytes(reply)
-                validate_reply(kind, reply.content, self._expected, sent_weights)
+                validate_reply(kind, reply.content, self._expected, sent_weights, sent_arrays)
             except Exception as err:  # noqa: BLE001 - whatever a reply raises is its client's failure
                 rejected[reply.metadata.reply_to_message_id] = f"its reply was rejected: {err}"
                 return

@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
-from flwr.app import MessageType, RecordDict
+from flwr.app import ArrayRecord, MessageType, RecordDict
 
 from .constants import (
     ARRAYS_HELD_KEY,
@@ -134,18 +134,20 @@ def validate_reply(
     content: RecordDict,
     expected: ExpectedReply,
     sent: Mapping[str, torch.Tensor] | None = None,
+    sent_arrays: Sequence[ArrayRecord] = (),
 ) -> None:
     """Check a train or evaluate reply's `content` completely; raise `InvalidReplyError` if it is
     not what an honest client of this run sends.
 
-    A packed training reply (`wire.pack`) is unpacked in place first, its layout checked. `sent`:
-    the weights this round's training messages carried (`weights.arrays_to_state_dict`), for
-    `expected.max_update_norm`. Any error while reading the reply becomes an `InvalidReplyError`
-    naming it: nothing a client sends can raise anything else.
+    A packed training reply (`wire.pack`) is unpacked in place first, its layout checked, and rows
+    it sent alone completed from the one of `sent_arrays` (the weights this round's training
+    messages carried, as sent) it names. `sent`: those weights as tensors
+    (`weights.arrays_to_state_dict`), for `expected.max_update_norm`. Any error while reading the
+    reply becomes an `InvalidReplyError` naming it: nothing a client sends can raise anything else.
     """
     try:
         if kind == MessageType.TRAIN:
-            _check_train(content, expected, sent)
+            _check_train(content, expected, sent, sent_arrays)
         elif kind == MessageType.EVALUATE:
             _check_records(content, arrays=set(), metrics={METRICS_KEY}, configs={CLIENT_KEY})
             _check_client(content[CLIENT_KEY])
@@ -163,7 +165,10 @@ def validate_reply(
 
 
 def _check_train(
-    content: RecordDict, expected: ExpectedReply, sent: Mapping[str, torch.Tensor] | None
+    content: RecordDict,
+    expected: ExpectedReply,
+    sent: Mapping[str, torch.Tensor] | None,
+    sent_arrays: Sequence[ArrayRecord],
 ) -> None:
     packed = PACKED_ARRAYS_KEY in content.array_records
     if packed:
@@ -173,14 +178,12 @@ def _check_train(
             metrics={METRICS_KEY},
             configs={CLIENT_KEY, PACKED_LAYOUT_KEY},
         )
-        if list(content[PACKED_ARRAYS_KEY]) != [wire.FLAT_ARRAY_NAME]:
-            raise InvalidReplyError(f"its packed weights are not one array named {wire.FLAT_ARRAY_NAME!r}")
     else:
         _check_records(content, arrays={ARRAYS_KEY}, metrics={METRICS_KEY}, configs={CLIENT_KEY})
     _check_client(content[CLIENT_KEY])
     _check_metrics(content[METRICS_KEY], set(expected.train_metrics), set(expected.train_metrics))
     if packed:
-        wire.unpack(content)  # `wire.unpack_arrays` checks the layout before reading a value
+        wire.unpack(content, sent_arrays)  # `wire.unpack_arrays` checks the layout before reading a value
     validate_arrays(
         content[ARRAYS_KEY],
         expected.reference,

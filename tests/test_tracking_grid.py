@@ -16,9 +16,9 @@ from hf_flower.constants import (
 )
 from hf_flower.round_grid import TrackingGrid
 from hf_flower.transport.client_loop import HeldWeights, serve
-from hf_flower.transport.wire import pack_arrays
+from hf_flower.transport.wire import FLAT_ARRAY_NAME, pack_arrays
 from hf_flower.validation import ExampleCap, ExpectedReply
-from hf_flower.weights import get_weights
+from hf_flower.weights import get_weights, state_dict_to_arrays
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -98,7 +98,7 @@ def nbytes(arrays: ArrayRecord) -> int:
 
 
 def packed_nbytes(arrays: ArrayRecord) -> int:
-    return len(pack_arrays(arrays)[0].data)
+    return len(pack_arrays(arrays)[0][FLAT_ARRAY_NAME].data)
 
 
 def assert_same_arrays(got: ArrayRecord, expected: ArrayRecord) -> None:
@@ -262,3 +262,31 @@ def test_a_round_has_one_deadline_and_its_messages_expire_with_it(monkeypatch):
     fake.pushed.clear()
     send(grid, MessageType.TRAIN, initial, server_round=2)  # the next round has its own 5 s
     assert all(4.5 < m.metadata.ttl <= 5.1 for m in fake.pushed), [m.metadata.ttl for m in fake.pushed]
+
+
+def test_replies_leave_out_the_rows_training_left_as_they_were():
+    """A long-lived client's reply carries the embedding rows its round changed and nothing else of
+    that tensor; the strategy gets every tensor back exactly as the client trained it."""
+    torch.manual_seed(0)
+    reference = {"embeddings": torch.randn(1000, 8), "bias": torch.randn(8)}
+    initial = state_dict_to_arrays(reference)
+    trained = {"embeddings": reference["embeddings"].clone(), "bias": reference["bias"] + 1}
+    trained["embeddings"][[3, 50]] += 1.0
+
+    class EmbeddingNode(FakeNode):
+        def app(self, message, context):
+            reply = super().app(message, context)
+            if reply.content.array_records:
+                reply.content[ARRAYS_KEY] = state_dict_to_arrays(trained)
+            return reply
+
+    grid = TrackingGrid(
+        FakeGrid({1: EmbeddingNode(), 2: EmbeddingNode()}), ExpectedReply(reference), min_train_clients=2
+    )
+    replies = send(grid, MessageType.TRAIN, initial, 1)
+
+    assert len(replies) == 2 and grid.rounds[1].failures == []
+    for reply in replies:
+        assert_same_arrays(reply.content[ARRAYS_KEY], state_dict_to_arrays(trained))
+    # 2 of 1000 rows, the bias, their indices and the headers: under a tenth of the weights.
+    assert grid.rounds[1].bytes_received < 2 * nbytes(initial) / 10

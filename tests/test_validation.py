@@ -266,6 +266,17 @@ def packed_layout(**change):
     return attack
 
 
+def rows_of_unsent_weights(content):
+    """Rows sent against weights of the client's own choosing, which the server never sent."""
+    own = content[ARRAYS_KEY]
+    wire.pack(content, base_id=own.object_id, base=own)
+
+
+def forged_row_counts(content):
+    rows_of_unsent_weights(content)
+    content[PACKED_LAYOUT_KEY] = ConfigRecord({**content[PACKED_LAYOUT_KEY], "rows": [3, -1]})
+
+
 MALFORMED = {
     "num-examples [1, 2]": (TRAIN, set_metric(NUM_EXAMPLES_KEY, [1, 2])),
     "num-examples -100": (TRAIN, set_metric(NUM_EXAMPLES_KEY, -100)),
@@ -281,6 +292,8 @@ MALFORMED = {
     "packed, malformed ndims": (TRAIN, packed_layout(ndims=[-1, 4])),
     "packed, negative dims summing right": (TRAIN, packed_layout(dims=[-3, -4, 3])),
     "packed, dims as text": (TRAIN, packed_layout(dims="3,4,3")),
+    "packed by rows of weights never sent": (TRAIN, rows_of_unsent_weights),
+    "packed rows, forged counts": (TRAIN, forged_row_counts),
     "without partition-id": (TRAIN, without_partition_id),
     "extra record (train)": (TRAIN, extra_record),
     "without weights": (TRAIN, drop_record(ARRAYS_KEY)),
@@ -333,6 +346,7 @@ def test_failures_name_the_reason():
         ("weights 3e38", f"beyond the {MAX_WEIGHT_MAGNITUDE:g} accepted"),
         ("update beyond --max_update_norm", "above --max_update_norm 5"),
         ("packed, negative dims summing right", "inconsistent layout"),
+        ("packed by rows of weights never sent", "which this receiver did not send"),
         ("without partition-id", "'partition-id' is None"),
         ("5,000 extra metrics (train)", "... (5000 in all)"),
     ):
@@ -423,6 +437,21 @@ def test_honest_replies_pass_and_packed_ones_are_unpacked():
     validate_reply(TRAIN, content, EXPECTED)
     assert list(content.array_records) == [ARRAYS_KEY]
     assert list(content[ARRAYS_KEY]) == list(REFERENCE)
+
+
+def test_rows_a_reply_leaves_out_are_those_of_the_weights_it_was_sent():
+    sent = get_weights(MODEL)
+    trained = {name: torch.from_numpy(a.numpy().copy()) for name, a in sent.items()}
+    trained["weight"][1] += 0.5
+    content = honest_train_content()
+    content[ARRAYS_KEY] = state_dict_to_arrays(trained)
+    wire.pack(content, base_id=sent.object_id, base=sent)
+    assert content[PACKED_LAYOUT_KEY]["rows"] == [1, -1]
+
+    validate_reply(TRAIN, content, EXPECTED, sent_arrays=[sent])
+
+    for name, value in arrays_to_state_dict(content[ARRAYS_KEY], REFERENCE).items():
+        assert torch.equal(value, trained[name]), name
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

@@ -10,7 +10,13 @@ from conftest import make_tiny_bert
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from hf_flower.transport.wire import pack_arrays, to_float32_arrays, unpack_arrays
+from hf_flower.transport.wire import (
+    FLAT_ARRAY_NAME,
+    ROWS_ARRAY_NAME,
+    pack_arrays,
+    to_float32_arrays,
+    unpack_arrays,
+)
 from hf_flower.weights import (
     NUMPY_STYPE,
     TORCH_RAW_STYPE,
@@ -393,16 +399,16 @@ def test_fortran_ordered_arrays_from_other_senders_decode():
 def test_packed_weights_unpack_to_exactly_what_was_packed(dtype):
     arrays = get_weights(make_tiny_bert(), dtype)
     packed, layout = pack_arrays(arrays)
-    assert packed.shape == (sum(math.prod(a.shape) for a in arrays.values()),)
-    unpacked = unpack_arrays(packed, layout)
-    assert list(unpacked) == list(arrays)
-    for name, array in arrays.items():
-        assert (unpacked[name].dtype, unpacked[name].shape, unpacked[name].stype) == (
-            array.dtype,
-            array.shape,
-            array.stype,
-        )
-        assert unpacked[name].data == array.data, name
+    assert list(packed) == [FLAT_ARRAY_NAME]
+    assert packed[FLAT_ARRAY_NAME].shape == (sum(math.prod(a.shape) for a in arrays.values()),)
+    assert_same_bytes(unpack_arrays(packed, layout), arrays)
+
+
+def assert_same_bytes(got: ArrayRecord, expected: ArrayRecord) -> None:
+    assert list(got) == list(expected)
+    for name, array in expected.items():
+        assert (got[name].dtype, got[name].shape, got[name].stype) == (array.dtype, array.shape, array.stype)
+        assert got[name].data == array.data, name
 
 
 def test_mixed_dtypes_are_not_packed():
@@ -416,3 +422,92 @@ def test_packed_weights_with_a_wrong_layout_are_refused():
         unpack_arrays(packed, {**layout, "dims": [3, 2, 3]})
     with pytest.raises(WeightsMismatchError, match="inconsistent layout"):
         unpack_arrays(packed, {**layout, "ndims": [1]})
+
+
+# --- Rows that training left as they were stay out of the reply -------------------------------
+
+
+def trained_from(base: dict[str, torch.Tensor], changed_rows: list[int]) -> dict[str, torch.Tensor]:
+    """`base` after a round that moved the bias, the dense matrix, and a few embedding rows."""
+    trained = {name: tensor.clone() for name, tensor in base.items()}
+    trained["embeddings"][changed_rows] += 0.5
+    trained["dense"] += 0.25
+    trained["bias"] -= 1.0
+    return trained
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_rows_left_as_they_were_are_not_sent_and_come_back_exactly(dtype):
+    torch.manual_seed(0)
+    base = {"embeddings": torch.randn(40, 6), "dense": torch.randn(6, 6), "bias": torch.randn(6)}
+    base_arrays = state_dict_to_arrays(base, dtype)
+    trained = state_dict_to_arrays(trained_from(base, [3, 17, 39]), dtype)
+
+    packed, layout = pack_arrays(trained, base_arrays.object_id, base_arrays)
+
+    # The embeddings go as their 3 changed rows; the dense matrix changed everywhere: whole.
+    assert layout["rows"] == [3, -1, -1] and layout["base"] == base_arrays.object_id
+    assert packed[ROWS_ARRAY_NAME].numpy().tolist() == [3, 17, 39]
+    assert packed[FLAT_ARRAY_NAME].shape == (3 * 6 + 36 + 6,)
+    assert_same_bytes(unpack_arrays(packed, layout, [state_dict_to_arrays(base), base_arrays]), trained)
+
+
+def test_rows_need_the_weights_they_were_taken_from():
+    base = {"embeddings": torch.zeros(8, 2)}
+    base_arrays = state_dict_to_arrays(base)
+    packed, layout = pack_arrays(
+        state_dict_to_arrays(trained_from({**base, "dense": torch.zeros(2, 2), "bias": torch.zeros(2)}, [1])),
+        base_arrays.object_id,
+        base_arrays,
+    )
+    with pytest.raises(WeightsMismatchError, match="which this receiver did not send"):
+        unpack_arrays(packed, layout, [state_dict_to_arrays({"embeddings": torch.ones(8, 2)})])
+    with pytest.raises(WeightsMismatchError, match="which this receiver did not send"):
+        unpack_arrays(packed, layout)
+
+
+@pytest.mark.parametrize(
+    "corrupt, match",
+    [
+        (lambda p, layout: (p, {**layout, "rows": [9, -1, -1]}), "inconsistent row counts"),
+        (lambda p, layout: (p, {**layout, "rows": [2, 1, -1]}), "one index per row"),
+        (lambda p, layout: (p, {**layout, "rows": [2, -1, 1]}), "inconsistent row counts"),  # a 1-D bias
+        (lambda p, layout: (p, {**layout, "rows": [2, -1]}), "inconsistent row counts"),
+        (lambda p, layout: (p, {**layout, "base": 7}), "inconsistent row counts"),
+        (lambda p, layout: ({FLAT_ARRAY_NAME: p[FLAT_ARRAY_NAME]}, layout), "expected \\['flat', 'rows'\\]"),
+        (lambda p, layout: ({**p, ROWS_ARRAY_NAME: Array(np.array([5, 1]))}, layout), "not increasing"),
+        (lambda p, layout: ({**p, ROWS_ARRAY_NAME: Array(np.array([1, 1]))}, layout), "not increasing"),
+        (lambda p, layout: ({**p, ROWS_ARRAY_NAME: Array(np.array([1, 8]))}, layout), "not increasing"),
+        (lambda p, layout: ({**p, ROWS_ARRAY_NAME: Array(np.array([-1, 2]))}, layout), "not increasing"),
+        (lambda p, layout: ({**p, ROWS_ARRAY_NAME: Array(np.array([1]))}, layout), "one index per row"),
+        (
+            lambda p, layout: ({**p, ROWS_ARRAY_NAME: Array(np.array([1.0, 2.0]))}, layout),
+            "one index per row",
+        ),
+    ],
+)
+def test_malformed_rows_are_refused(corrupt, match):
+    base = {"embeddings": torch.zeros(8, 2), "dense": torch.zeros(2, 2), "bias": torch.zeros(2)}
+    base_arrays = state_dict_to_arrays(base)
+    packed, layout = pack_arrays(
+        state_dict_to_arrays(trained_from(base, [1, 6])), base_arrays.object_id, base_arrays
+    )
+    assert layout["rows"] == [2, -1, -1]
+    packed, layout = corrupt(dict(packed), dict(layout))
+    with pytest.raises(WeightsMismatchError, match=match):
+        unpack_arrays(packed, layout, [base_arrays])
+
+
+def test_trainers_defaults_leave_the_rows_of_unseen_tokens_exactly_as_they_were():
+    """What makes rows worth leaving out: AdamW without weight decay (Trainer's default) does not
+    move an embedding row whose token no batch held."""
+    model = make_tiny_bert()
+    before = model.get_input_embeddings().weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    for _ in range(3):
+        model(input_ids=torch.tensor([[1, 5, 7, 2]]), labels=torch.tensor([1])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.get_input_embeddings().weight.detach()
+    changed = (after != before).any(dim=1).nonzero().reshape(-1).tolist()
+    assert changed == [1, 2, 5, 7]

@@ -117,7 +117,8 @@ def handle_task(runtime_address: str, token: str, held: HeldWeights, run: RunMes
 
 def serve(message: Message, context: Context, held: HeldWeights, run: RunMessage) -> Message:
     """One message as this client handles it: its weights unpacked (`wire`) or filled in from
-    `held`, `run(message, context)`, and the reply packed and announcing the weights held."""
+    `held`, `run(message, context)`, and the reply packed (against the weights held) and
+    announcing the weights held."""
     if message.has_content():
         wire.unpack(message.content)
     if not held.complete(message):
@@ -125,7 +126,8 @@ def serve(message: Message, context: Context, held: HeldWeights, run: RunMessage
         return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
     reply = run(message, context)
     if reply.has_content():
-        wire.pack(reply.content)
+        # Rows of the weights that training left as they were stay out (`wire.pack_arrays`).
+        wire.pack(reply.content, base_id=held.arrays_id, base=held.arrays)
     held.announce(reply)
     return reply
 

@@ -8,6 +8,13 @@ overhead by 5% only, while one flat array turns 219 objects into 20. `pack` repl
 record by the flat array and its layout (`pack_arrays`); `unpack` restores it exactly
 (`unpack_arrays`), so strategies, mods and the ClientApp only ever see ordinary per-tensor records.
 
+A long-lived client's training reply also leaves out the rows of each 2-D tensor that equal the
+weights it was sent (its `base`, named by Flower object id), when at most half of them changed:
+the server has those weights and puts the rows back. An embedding matrix only changes in the rows
+of tokens a round saw (Trainer's default `weight_decay` 0 leaves the others exactly as they were):
+MiniLM's is half the model, and a client of the quickstart changes a quarter of its rows, so its
+reply is about 40% smaller. Other tensors change in most rows and go whole.
+
 The server packs only for clients that have said they unpack (`scripts/client.py`, see
 `transport.exchange`); replies are unpacked whenever they arrive packed. The server also casts
 outgoing weights to `--transfer_dtype` (`cast_arrays`) and received float16/bfloat16 weights back
@@ -17,7 +24,7 @@ to float32 (`to_float32_arrays`) before a strategy averages them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -29,27 +36,41 @@ from ..constants import ARRAYS_KEY, PACKED_ARRAYS_KEY, PACKED_LAYOUT_KEY
 from ..weights import WeightsMismatchError, _decode, _readonly_views, _tensor_to_array, transfer_dtype
 
 FLAT_ARRAY_NAME = "flat"
+# The indices of the rows sent of the tensors sent by rows (int64, tensor after tensor).
+ROWS_ARRAY_NAME = "rows"
+# A 2-D tensor goes as its changed rows when at most this share of its rows changed.
+MAX_CHANGED_ROWS_SHARE = 0.5
 
 
-def packed_records(arrays: ArrayRecord) -> dict | None:
-    """The records that stand for `arrays` on the wire: one flat array and its layout.
+def packed_records(
+    arrays: ArrayRecord, base_id: str | None = None, base: Mapping[str, Array] | None = None
+) -> dict | None:
+    """The records that stand for `arrays` on the wire: the packed arrays and their layout.
 
     None when the arrays cannot be packed (`pack_arrays`). Messages that carry the same
-    weights can share these records: packing copies all the weights once.
+    weights can share these records: packing copies all the weights once. With `base` (weights
+    the receiver holds, whose Flower object id is `base_id`), 2-D tensors that changed in few rows
+    go as those rows.
     """
-    packed = pack_arrays(arrays)
+    packed = pack_arrays(arrays, base_id, base)
     if packed is None:
         return None
-    array, layout = packed
-    return {PACKED_ARRAYS_KEY: ArrayRecord({FLAT_ARRAY_NAME: array}), PACKED_LAYOUT_KEY: ConfigRecord(layout)}
+    records, layout = packed
+    return {PACKED_ARRAYS_KEY: ArrayRecord(records), PACKED_LAYOUT_KEY: ConfigRecord(layout)}
 
 
-def pack(content: RecordDict, records: dict | None = None) -> None:
-    """Replace the `arrays` record of `content` by `records` (in place), packing them if not given."""
+def pack(
+    content: RecordDict,
+    records: dict | None = None,
+    base_id: str | None = None,
+    base: Mapping[str, Array] | None = None,
+) -> None:
+    """Replace the `arrays` record of `content` by `records` (in place), packing them if not given
+    (against `base`, see `packed_records`)."""
     if ARRAYS_KEY not in content.array_records:
         return
     if records is None:
-        records = packed_records(content[ARRAYS_KEY])
+        records = packed_records(content[ARRAYS_KEY], base_id, base)
     if records is None:
         return
     del content[ARRAYS_KEY]
@@ -57,25 +78,34 @@ def pack(content: RecordDict, records: dict | None = None) -> None:
         content[key] = record
 
 
-def unpack(content: RecordDict) -> None:
-    """Restore the `arrays` record that `pack` replaced (in place); other content is untouched."""
+def unpack(content: RecordDict, bases: Sequence[ArrayRecord] = ()) -> None:
+    """Restore the `arrays` record that `pack` replaced (in place); other content is untouched.
+    `bases`: the weights the receiver sent, one of which packed rows may refer to."""
     if PACKED_ARRAYS_KEY not in content.array_records:
         return
     layout = content.config_records[PACKED_LAYOUT_KEY]
-    content[ARRAYS_KEY] = unpack_arrays(content[PACKED_ARRAYS_KEY][FLAT_ARRAY_NAME], layout)
+    content[ARRAYS_KEY] = unpack_arrays(content[PACKED_ARRAYS_KEY], layout, bases)
     del content[PACKED_ARRAYS_KEY]
     del content[PACKED_LAYOUT_KEY]
 
 
-def pack_arrays(arrays: Mapping[str, Array]) -> tuple[Array, dict[str, list]] | None:
-    """All of ``arrays`` as one flat ``Array``, and the layout that splits it again.
+def pack_arrays(
+    arrays: Mapping[str, Array], base_id: str | None = None, base: Mapping[str, Array] | None = None
+) -> tuple[dict[str, Array], dict[str, list]] | None:
+    """All of ``arrays`` as one flat ``Array`` (plus the indices of rows sent alone), and the
+    layout that splits it again.
 
     Flower moves every ``Array`` of a message as its own objects (one more per 5 MB), each a
     request on every hop: MiniLM's 105 tensors make 219 objects, one flat array 20. Returns None
     when the arrays do not share one dtype (or are all scalars): send those as they are.
+
+    With `base` (weights the receiver holds; `base_id`, their Flower object id): a 2-D tensor of
+    which at most `MAX_CHANGED_ROWS_SHARE` of the rows differ from `base` goes as those rows and
+    their indices (`ROWS_ARRAY_NAME`); the layout names the base and each tensor's row count.
     """
     with _readonly_views():
         views = {name: _decode(name, array) for name, array in arrays.items()}
+        base_views = {} if base is None else {n: _decode(n, base[n]) for n in views if n in base}
     if len({view.dtype for view in views.values()}) != 1 or all(v.dim() == 0 for v in views.values()):
         return None
     layout = {
@@ -83,36 +113,144 @@ def pack_arrays(arrays: Mapping[str, Array]) -> tuple[Array, dict[str, list]] | 
         "ndims": [view.dim() for view in views.values()],
         "dims": [int(n) for view in views.values() for n in view.shape],
     }
+    parts, rows, rows_sent = [], [], []
     with _readonly_views():
-        flat = torch.cat([view.reshape(-1) for view in views.values()])
-    return _tensor_to_array("packed", flat, None), layout
+        for name, view in views.items():
+            changed = _changed_rows(view, base_views.get(name))
+            rows_sent.append(-1 if changed is None else len(changed))
+            if changed is None:
+                parts.append(view.reshape(-1))
+            else:
+                parts.append(view[changed].reshape(-1))
+                rows.append(changed)
+        records = {FLAT_ARRAY_NAME: _tensor_to_array("packed", torch.cat(parts), None)}
+    if rows:
+        layout.update(base=str(base_id), rows=rows_sent)
+        records[ROWS_ARRAY_NAME] = _tensor_to_array("rows", torch.cat(rows), None)
+    return records, layout
 
 
-def unpack_arrays(packed: Array, layout: Mapping[str, list]) -> ArrayRecord:
-    """The arrays `pack_arrays` packed, as an ``ArrayRecord`` in their original order.
+def _changed_rows(view: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor | None:
+    """The indices of the rows of a 2-D `view` that differ from `base`, when few enough to send
+    them alone; None to send the whole tensor."""
+    if base is None or view.dim() != 2 or base.shape != view.shape or base.dtype != view.dtype:
+        return None
+    changed = (view != base).any(dim=1).nonzero().reshape(-1)
+    return changed if len(changed) <= MAX_CHANGED_ROWS_SHARE * view.shape[0] else None
 
-    The layout comes from the sender: it is checked whole (`_packed_shapes`) before any value
-    is read, so a malformed one is a ``WeightsMismatchError``, never a crash or a wrong split.
+
+def unpack_arrays(
+    packed: Mapping[str, Array], layout: Mapping[str, list], bases: Sequence[ArrayRecord] = ()
+) -> ArrayRecord:
+    """The arrays `pack_arrays` packed, as an ``ArrayRecord`` in their original order; tensors
+    sent by rows are completed from the one of `bases` (weights the receiver sent) they name.
+
+    The layout comes from the sender: it is checked whole (`_packed_shapes`, `_rows_sent`) before
+    any value is read, and row indices before they are used, so a malformed one is a
+    ``WeightsMismatchError``, never a crash or a wrong split.
     """
-    with _readonly_views():
-        flat = _decode("packed", packed)
     names, shapes = _packed_shapes(layout)
+    rows_sent = _rows_sent(layout, shapes)
+    with _readonly_views():
+        flat = _decode("packed", packed[FLAT_ARRAY_NAME])
+        indices = _row_indices(packed, rows_sent)
     if flat.dim() != 1:
         raise WeightsMismatchError(
             f"Received packed weights of shape {tuple(flat.shape)}; expected one flat array."
         )
-    if sum(math.prod(shape) for shape in shapes) != flat.numel():
+    sizes = [math.prod(s) if n < 0 else n * s[1] for s, n in zip(shapes, rows_sent)]
+    if sum(sizes) != flat.numel():
         raise WeightsMismatchError(
-            f"Received {flat.numel()} packed values for a layout of "
-            f"{sum(math.prod(shape) for shape in shapes)}; the message is truncated or corrupt."
+            f"Received {flat.numel()} packed values for a layout of {sum(sizes)}; the message is "
+            "truncated or corrupt."
         )
-    out, offset = ArrayRecord(), 0
+    base = _named_base(layout, bases) if indices is not None else None
+    out, offset, row_offset = ArrayRecord(), 0, 0
     with _readonly_views():
-        for name, shape in zip(names, shapes):
-            count = math.prod(shape)
-            out[name] = _tensor_to_array(name, flat[offset : offset + count].reshape(shape), None)
-            offset += count
+        for name, shape, count, size in zip(names, shapes, rows_sent, sizes):
+            values = flat[offset : offset + size]
+            offset += size
+            if count >= 0:
+                rows = indices[row_offset : row_offset + count]
+                row_offset += count
+                values = _complete_rows(name, shape, values, rows, base)
+            out[name] = _tensor_to_array(name, values.reshape(shape), None)
     return out
+
+
+def _rows_sent(layout: Mapping[str, list], shapes: list[tuple[int, ...]]) -> list[int]:
+    """Per tensor, how many rows were sent alone (-1: the whole tensor), checked against shapes."""
+    rows = layout.get("rows")
+    if rows is None:
+        return [-1] * len(shapes)
+    valid = (
+        isinstance(rows, list)
+        and len(rows) == len(shapes)
+        and all(
+            type(n) is int and (n == -1 or (len(s) == 2 and 0 <= n <= s[0])) for n, s in zip(rows, shapes)
+        )
+        and isinstance(layout.get("base"), str)
+    )
+    if not valid:
+        raise WeightsMismatchError(
+            "Received packed weights with inconsistent row counts (one per tensor: -1, or at most "
+            "the rows of a 2-D tensor, with the id of the weights they complete); the message is corrupt."
+        )
+    return rows
+
+
+def _row_indices(packed: Mapping[str, Array], rows_sent: list[int]) -> torch.Tensor | None:
+    """The indices of the rows sent alone, checked to be one int64 array of the right length."""
+    expected_names = [FLAT_ARRAY_NAME] + ([ROWS_ARRAY_NAME] if any(n >= 0 for n in rows_sent) else [])
+    if list(packed) != expected_names:
+        raise WeightsMismatchError(
+            f"Received packed arrays {list(packed)}, expected {expected_names}; the message is corrupt."
+        )
+    if len(expected_names) == 1:
+        return None
+    indices = _decode("rows", packed[ROWS_ARRAY_NAME])
+    if (
+        indices.dtype != torch.int64
+        or indices.dim() != 1
+        or len(indices) != sum(n for n in rows_sent if n > 0)
+    ):
+        raise WeightsMismatchError(
+            "Received row indices that are not one int64 array of one index per row sent; the "
+            "message is corrupt."
+        )
+    return indices
+
+
+def _named_base(layout: Mapping[str, list], bases: Sequence[ArrayRecord]) -> ArrayRecord:
+    """The weights that packed rows complete: the one of `bases` whose object id the layout names."""
+    for base in bases:
+        if base.object_id == layout["base"]:
+            return base
+    raise WeightsMismatchError(
+        f"Received rows of weights {layout['base'][:16]}..., which this receiver did not send; only "
+        "changes from the weights a message carried can be sent by rows."
+    )
+
+
+def _complete_rows(
+    name: str, shape: tuple[int, ...], values: torch.Tensor, rows: torch.Tensor, base: ArrayRecord
+) -> torch.Tensor:
+    """A tensor of `shape`: `base`'s, with the `rows` sent replaced by `values`."""
+    if name not in base:
+        raise WeightsMismatchError(f"{name}: sent by rows, but the weights it refers to have no {name!r}.")
+    full = _decode(name, base[name])
+    if tuple(full.shape) != shape or full.dtype != values.dtype:
+        raise WeightsMismatchError(
+            f"{name}: sent by rows as {values.dtype} {shape}, but the weights they complete hold "
+            f"{full.dtype} {tuple(full.shape)}."
+        )
+    if len(rows) and not (rows[0] >= 0 and rows[-1] < shape[0] and bool((rows[1:] > rows[:-1]).all())):
+        raise WeightsMismatchError(
+            f"{name}: its row indices are not increasing indices below {shape[0]}; the message is corrupt."
+        )
+    full = full.clone()
+    full[rows] = values.reshape(len(rows), shape[1])
+    return full
 
 
 def _packed_shapes(layout: Mapping[str, list]) -> tuple[list[str], list[tuple[int, ...]]]:

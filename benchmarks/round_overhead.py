@@ -22,6 +22,8 @@ Per round, from the round records the ServerApp saves (history.json), in seconds
                when it runs between rounds; in the background it shares the cores with training)
   overhead     round - train - client_eval (- central, between rounds): all that is not model
                work (Flower's polling and message passing, weight conversion, ...)
+  mb_sent,     megabytes of messages the server sent and received in the round
+  mb_received
 
 Round 1 carries the warm-up and is reported on its own; the summary averages rounds 2..N. Flower's
 processes run with FLWR_LOG_LEVEL=DEBUG only so that their logs carry timestamps: the script reads
@@ -71,7 +73,7 @@ MODES = {
 }
 NUM_CLIENTS = 2
 TARGET_PCT = 5.0  # issue 13: at most 5% of local training in rounds 2..N
-COLUMNS = ("round", "train", "client_eval", "central", "overhead")
+COLUMNS = ("round", "train", "client_eval", "central", "overhead", "mb_sent", "mb_received")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -234,7 +236,9 @@ def round_times(record: dict, central_between_rounds: bool) -> dict:
     if central_between_rounds:
         times["overhead"] -= times["central"]
     times["overhead_pct_of_train"] = 100 * times["overhead"] / times["train"]
-    return {"round_num": record["round"], **{k: round(v, 2) for k, v in times.items()}}
+    # Weights and messages the server sent and received in the round (`RoundStats`).
+    moved = {f"mb_{way}": round(record[f"bytes_{way}"] / 1e6, 1) for way in ("sent", "received")}
+    return {"round_num": record["round"], **{k: round(v, 2) for k, v in times.items()}, **moved}
 
 
 def summarize(rounds: list[dict]) -> dict:

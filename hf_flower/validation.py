@@ -134,14 +134,14 @@ def validate_reply(
     content: RecordDict,
     expected: ExpectedReply,
     sent: Mapping[str, torch.Tensor] | None = None,
-    sent_arrays: Sequence[ArrayRecord] = (),
+    sent_arrays: Mapping[str, ArrayRecord] | None = None,
 ) -> None:
     """Check a train or evaluate reply's `content` completely; raise `InvalidReplyError` if it is
     not what an honest client of this run sends.
 
     A packed training reply (`wire.pack`) is unpacked in place first, its layout checked, and rows
     it sent alone completed from the one of `sent_arrays` (the weights this round's training
-    messages carried, as sent) it names. `sent`: those weights as tensors
+    messages carried, as sent, by Flower object id) it names. `sent`: those weights as tensors
     (`weights.arrays_to_state_dict`), for `expected.max_update_norm`. Any error while reading the
     reply becomes an `InvalidReplyError` naming it: nothing a client sends can raise anything else.
     """
@@ -168,7 +168,7 @@ def _check_train(
     content: RecordDict,
     expected: ExpectedReply,
     sent: Mapping[str, torch.Tensor] | None,
-    sent_arrays: Sequence[ArrayRecord],
+    sent_arrays: Mapping[str, ArrayRecord] | None,
 ) -> None:
     packed = PACKED_ARRAYS_KEY in content.array_records
     if packed:

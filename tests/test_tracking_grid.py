@@ -290,3 +290,44 @@ def test_replies_leave_out_the_rows_training_left_as_they_were():
         assert_same_arrays(reply.content[ARRAYS_KEY], state_dict_to_arrays(trained))
     # 2 of 1000 rows, the bias, their indices and the headers: under a tenth of the weights.
     assert grid.rounds[1].bytes_received < 2 * nbytes(initial) / 10
+
+
+def embedding_weights(changed_rows=()) -> ArrayRecord:
+    """Weights with a 1000-row embedding, `changed_rows` of it moved."""
+    torch.manual_seed(0)
+    state = {"embeddings": torch.randn(1000, 8), "bias": torch.randn(8)}
+    state["embeddings"][list(changed_rows)] += 1.0
+    return state_dict_to_arrays(state)
+
+
+def test_an_aggregate_goes_as_the_rows_that_differ_from_what_the_node_holds():
+    previous, aggregate = embedding_weights(), embedding_weights(changed_rows=[7, 99])
+    nodes = {1: FakeNode(), 2: FakeNode()}
+    grid = TrackingGrid(FakeGrid(nodes), ExpectedReply({"embeddings": torch.zeros(1000, 8), "bias": torch.zeros(8)}),
+                        min_train_clients=2)  # fmt: skip
+    send(grid, MessageType.TRAIN, previous, 1)  # both nodes now hold `previous`
+
+    send(grid, MessageType.EVALUATE, aggregate, 1)
+
+    # Two rows (and the bias) per node, not the 1000 x 8 embedding.
+    assert grid.rounds[1].bytes_sent - 2 * nbytes(previous) < nbytes(aggregate) / 10
+    for node in nodes.values():
+        assert_same_arrays(node.received[-1], aggregate)
+    # Round 2 trains from the aggregate the nodes rebuilt: its id alone travels.
+    send(grid, MessageType.TRAIN, aggregate, 2)
+    assert grid.rounds[2].bytes_sent == 0
+
+
+def test_a_node_without_the_base_of_the_rows_gets_the_weights_in_full():
+    previous, aggregate = embedding_weights(), embedding_weights(changed_rows=[7])
+    nodes = {1: FakeNode(), 2: FakeNode()}
+    grid = TrackingGrid(FakeGrid(nodes), ExpectedReply({"embeddings": torch.zeros(1000, 8), "bias": torch.zeros(8)}),
+                        min_train_clients=2)  # fmt: skip
+    send(grid, MessageType.TRAIN, previous, 1)
+    nodes[2].held = HeldWeights()  # node 2 restarted under the same node id
+
+    replies = send(grid, MessageType.EVALUATE, aggregate, 1)
+
+    assert len(replies) == 2 and grid.rounds[1].failures == []
+    assert grid.rounds[1].bytes_sent - 2 * nbytes(previous) > packed_nbytes(aggregate)  # node 2 in full
+    assert_same_arrays(nodes[2].received[-1], aggregate)

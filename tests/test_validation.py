@@ -346,7 +346,7 @@ def test_failures_name_the_reason():
         ("weights 3e38", f"beyond the {MAX_WEIGHT_MAGNITUDE:g} accepted"),
         ("update beyond --max_update_norm", "above --max_update_norm 5"),
         ("packed, negative dims summing right", "inconsistent layout"),
-        ("packed by rows of weights never sent", "which this receiver did not send"),
+        ("packed by rows of weights never sent", "which this receiver does not hold"),
         ("without partition-id", "'partition-id' is None"),
         ("5,000 extra metrics (train)", "... (5000 in all)"),
     ):
@@ -448,7 +448,7 @@ def test_rows_a_reply_leaves_out_are_those_of_the_weights_it_was_sent():
     wire.pack(content, base_id=sent.object_id, base=sent)
     assert content[PACKED_LAYOUT_KEY]["rows"] == [1, -1]
 
-    validate_reply(TRAIN, content, EXPECTED, sent_arrays=[sent])
+    validate_reply(TRAIN, content, EXPECTED, sent_arrays={sent.object_id: sent})
 
     for name, value in arrays_to_state_dict(content[ARRAYS_KEY], REFERENCE).items():
         assert torch.equal(value, trained[name]), name

@@ -13,6 +13,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from hf_flower.transport.wire import (
     FLAT_ARRAY_NAME,
     ROWS_ARRAY_NAME,
+    BaseNotHeldError,
     pack_arrays,
     to_float32_arrays,
     unpack_arrays,
@@ -449,7 +450,7 @@ def test_rows_left_as_they_were_are_not_sent_and_come_back_exactly(dtype):
     assert layout["rows"] == [3, -1, -1] and layout["base"] == base_arrays.object_id
     assert packed[ROWS_ARRAY_NAME].numpy().tolist() == [3, 17, 39]
     assert packed[FLAT_ARRAY_NAME].shape == (3 * 6 + 36 + 6,)
-    assert_same_bytes(unpack_arrays(packed, layout, [state_dict_to_arrays(base), base_arrays]), trained)
+    assert_same_bytes(unpack_arrays(packed, layout, {base_arrays.object_id: base_arrays}), trained)
 
 
 def test_rows_need_the_weights_they_were_taken_from():
@@ -460,9 +461,10 @@ def test_rows_need_the_weights_they_were_taken_from():
         base_arrays.object_id,
         base_arrays,
     )
-    with pytest.raises(WeightsMismatchError, match="which this receiver did not send"):
-        unpack_arrays(packed, layout, [state_dict_to_arrays({"embeddings": torch.ones(8, 2)})])
-    with pytest.raises(WeightsMismatchError, match="which this receiver did not send"):
+    other = state_dict_to_arrays({"embeddings": torch.ones(8, 2)})
+    with pytest.raises(BaseNotHeldError, match="which this receiver does not hold"):
+        unpack_arrays(packed, layout, {other.object_id: other})
+    with pytest.raises(BaseNotHeldError, match="which this receiver does not hold"):
         unpack_arrays(packed, layout)
 
 
@@ -495,7 +497,7 @@ def test_malformed_rows_are_refused(corrupt, match):
     assert layout["rows"] == [2, -1, -1]
     packed, layout = corrupt(dict(packed), dict(layout))
     with pytest.raises(WeightsMismatchError, match=match):
-        unpack_arrays(packed, layout, [base_arrays])
+        unpack_arrays(packed, layout, {base_arrays.object_id: base_arrays})
 
 
 def test_trainers_defaults_leave_the_rows_of_unseen_tokens_exactly_as_they_were():

@@ -74,6 +74,10 @@ class HeldWeights:
         message.content[ARRAYS_KEY] = self.arrays
         return True
 
+    def bases(self) -> dict:
+        """The weights held, by id: what weights sent by rows complete (`wire.unpack`)."""
+        return {self.arrays_id: self.arrays} if self.arrays_id else {}
+
     def announce(self, reply: Message) -> None:
         """Tell the server, in the reply, which weights this client holds."""
         if self.arrays_id and reply.has_content() and CLIENT_KEY in reply.content.config_records:
@@ -116,13 +120,16 @@ def handle_task(runtime_address: str, token: str, held: HeldWeights, run: RunMes
 
 
 def serve(message: Message, context: Context, held: HeldWeights, run: RunMessage) -> Message:
-    """One message as this client handles it: its weights unpacked (`wire`) or filled in from
-    `held`, `run(message, context)`, and the reply packed (against the weights held) and
-    announcing the weights held."""
-    if message.has_content():
-        wire.unpack(message.content)
+    """One message as this client handles it: its weights unpacked (`wire`, rows completed from
+    the weights `held`) or filled in from `held`, `run(message, context)`, and the reply packed
+    (against the weights held) and announcing the weights held."""
+    reason = "this client no longer holds the weights the server named; send them in full"
+    try:
+        if message.has_content():
+            wire.unpack(message.content, held.bases())
+    except wire.BaseNotHeldError:
+        return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
     if not held.complete(message):
-        reason = "this client no longer holds the weights the server named; send them in full"
         return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
     reply = run(message, context)
     if reply.has_content():

@@ -8,7 +8,8 @@ What replaces Flower's `Grid.send_and_receive` for `round_grid.TrackingGrid`:
   train message of round N+1 both carry aggregate N) names them by id instead. A node that no
   longer holds them answers `ARRAYS_NOT_HELD_CODE` and gets the full message at once;
 - weights that do travel to such a client go as one flat array (`wire.pack`), far fewer objects
-  for Flower to move, packed once per aggregate;
+  for Flower to move, packed once per aggregate; rows of the new aggregate that equal the one the
+  client holds stay out (`wire.pack_arrays`), and a client that does not hold it says so (below);
 - replies are pulled every `REPLY_POLL_SECONDS` (Flower's own loop sleeps 3 s between pulls),
   and their weights as they arrive (`flwr_compat.retry_object_pulls_sooner`);
 - a round has one deadline (`--round_timeout` after its first exchange), and every message
@@ -21,7 +22,7 @@ import math
 import time
 from logging import INFO
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
@@ -52,8 +53,11 @@ class Exchange:
         self._round_deadlines: dict[int, float] = {}
         # node id -> object id of the weights that node said it holds.
         self._held: dict[int, str] = {}
-        # object id -> the wire records of the weights packed last (`wire.packed_records`).
-        self._packed: dict[str, dict | None] = {}
+        # object id -> weights sent that some node may hold: what rows sent to it complete.
+        self._sent: dict[str, ArrayRecord] = {}
+        # (object id, id of the base its rows complete, or None) -> the wire records of the
+        # weights packed last (`wire.packed_records`).
+        self._packed: dict[tuple[str, str | None], dict | None] = {}
 
     def round_deadline(self, server_round: int, timeout: float | None) -> float:
         """The `time.monotonic()` by which round `server_round` ends: `timeout` (`--round_timeout`)
@@ -119,15 +123,20 @@ class Exchange:
             return message
         node = message.metadata.dst_node_id
         arrays_id = arrays.object_id  # Flower computes it once per record and caches it
+        self._remember_sent(arrays_id, arrays)
         content = RecordDict(dict(message.content))
         content[CONFIG_KEY] = ConfigRecord({**message.content[CONFIG_KEY], ARRAYS_ID_KEY: arrays_id})
-        if by_reference and self._held.get(node) == arrays_id:
+        held = self._held.get(node)
+        if by_reference and held == arrays_id:
             del content[ARRAYS_KEY]
-        elif node in self._held:  # a long-lived client: it unpacks
-            if arrays_id not in self._packed:  # pack each aggregate once, not once per client
-                self._packed = {arrays_id: wire.packed_records(arrays)}
-            if self._packed[arrays_id] is not None:
-                wire.pack(content, self._packed[arrays_id])
+        elif held is not None:  # a long-lived client: it unpacks, and completes rows from `held`
+            base_id = held if by_reference and held in self._sent else None
+            key = (arrays_id, base_id)
+            if key not in self._packed:  # pack each aggregate once per base, not once per client
+                self._packed = {k: v for k, v in self._packed.items() if k[0] == arrays_id}
+                self._packed[key] = wire.packed_records(arrays, base_id, self._sent.get(base_id))
+            if self._packed[key] is not None:
+                wire.pack(content, self._packed[key])
         return Message(
             content=content,
             dst_node_id=node,
@@ -136,6 +145,12 @@ class Exchange:
             ttl=message.metadata.ttl,
             dst_task_id=message.metadata.dst_task_id,
         )
+
+    def _remember_sent(self, arrays_id: str, arrays: ArrayRecord) -> None:
+        """Keep `arrays` as a base for rows, and only the weights some node may still hold."""
+        self._sent[arrays_id] = arrays
+        keep = {arrays_id, *self._held.values()}
+        self._sent = {k: v for k, v in self._sent.items() if k in keep}
 
     def remember_held(self, node: int, reply: Message) -> None:
         """Note the weights `node` says, in an accepted reply, that it holds (or that it holds none)."""

@@ -8,12 +8,14 @@ overhead by 5% only, while one flat array turns 219 objects into 20. `pack` repl
 record by the flat array and its layout (`pack_arrays`); `unpack` restores it exactly
 (`unpack_arrays`), so strategies, mods and the ClientApp only ever see ordinary per-tensor records.
 
-A long-lived client's training reply also leaves out the rows of each 2-D tensor that equal the
-weights it was sent (its `base`, named by Flower object id), when at most half of them changed:
-the server has those weights and puts the rows back. An embedding matrix only changes in the rows
-of tokens a round saw (Trainer's default `weight_decay` 0 leaves the others exactly as they were):
-MiniLM's is half the model, and a client of the quickstart changes a quarter of its rows, so its
-reply is about 40% smaller. Other tensors change in most rows and go whole.
+Weights also leave out the rows of each 2-D tensor that equal weights the receiver holds (the
+`base`, named by Flower object id), when at most half of them changed: a long-lived client's
+training reply against the weights it was sent, and the server's next aggregate against the one the
+client holds. The receiver puts the rows back from its base. An embedding matrix only changes in the
+rows of tokens a round saw (Trainer's default `weight_decay` 0 leaves the others exactly as they
+were, and averaging equal rows gives them back exactly): MiniLM's is half the model, and a client of
+the quickstart changes a quarter of its rows, so its reply is 39% smaller. Other tensors change in
+most rows and go whole; so does everything under weight decay, which moves every row a little.
 
 The server packs only for clients that have said they unpack (`scripts/client.py`, see
 `transport.exchange`); replies are unpacked whenever they arrive packed. The server also casts
@@ -24,7 +26,7 @@ to float32 (`to_float32_arrays`) before a strategy averages them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -78,9 +80,13 @@ def pack(
         content[key] = record
 
 
-def unpack(content: RecordDict, bases: Sequence[ArrayRecord] = ()) -> None:
+class BaseNotHeldError(WeightsMismatchError):
+    """Weights sent by rows name a base the receiver does not hold."""
+
+
+def unpack(content: RecordDict, bases: Mapping[str, Mapping[str, Array]] | None = None) -> None:
     """Restore the `arrays` record that `pack` replaced (in place); other content is untouched.
-    `bases`: the weights the receiver sent, one of which packed rows may refer to."""
+    `bases`: weights the receiver holds, by Flower object id, which packed rows may complete."""
     if PACKED_ARRAYS_KEY not in content.array_records:
         return
     layout = content.config_records[PACKED_LAYOUT_KEY]
@@ -140,10 +146,13 @@ def _changed_rows(view: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor
 
 
 def unpack_arrays(
-    packed: Mapping[str, Array], layout: Mapping[str, list], bases: Sequence[ArrayRecord] = ()
+    packed: Mapping[str, Array],
+    layout: Mapping[str, list],
+    bases: Mapping[str, Mapping[str, Array]] | None = None,
 ) -> ArrayRecord:
     """The arrays `pack_arrays` packed, as an ``ArrayRecord`` in their original order; tensors
-    sent by rows are completed from the one of `bases` (weights the receiver sent) they name.
+    sent by rows are completed from the one of `bases` (weights the receiver holds, by Flower
+    object id) that the layout names (`BaseNotHeldError` if none).
 
     The layout comes from the sender: it is checked whole (`_packed_shapes`, `_rows_sent`) before
     any value is read, and row indices before they are used, so a malformed one is a
@@ -152,8 +161,8 @@ def unpack_arrays(
     names, shapes = _packed_shapes(layout)
     rows_sent = _rows_sent(layout, shapes)
     with _readonly_views():
+        indices = _row_indices(packed, rows_sent)  # first: it checks which arrays there are
         flat = _decode("packed", packed[FLAT_ARRAY_NAME])
-        indices = _row_indices(packed, rows_sent)
     if flat.dim() != 1:
         raise WeightsMismatchError(
             f"Received packed weights of shape {tuple(flat.shape)}; expected one flat array."
@@ -221,19 +230,19 @@ def _row_indices(packed: Mapping[str, Array], rows_sent: list[int]) -> torch.Ten
     return indices
 
 
-def _named_base(layout: Mapping[str, list], bases: Sequence[ArrayRecord]) -> ArrayRecord:
-    """The weights that packed rows complete: the one of `bases` whose object id the layout names."""
-    for base in bases:
-        if base.object_id == layout["base"]:
-            return base
-    raise WeightsMismatchError(
-        f"Received rows of weights {layout['base'][:16]}..., which this receiver did not send; only "
-        "changes from the weights a message carried can be sent by rows."
-    )
+def _named_base(layout: Mapping[str, list], bases: Mapping[str, Mapping[str, Array]] | None) -> Mapping:
+    """The weights that packed rows complete: the one of `bases` the layout names."""
+    base = (bases or {}).get(layout["base"])
+    if base is None:
+        raise BaseNotHeldError(
+            f"Received rows of weights {layout['base'][:16]}..., which this receiver does not hold; only "
+            "changes from weights the receiver holds can be sent by rows."
+        )
+    return base
 
 
 def _complete_rows(
-    name: str, shape: tuple[int, ...], values: torch.Tensor, rows: torch.Tensor, base: ArrayRecord
+    name: str, shape: tuple[int, ...], values: torch.Tensor, rows: torch.Tensor, base: Mapping[str, Array]
 ) -> torch.Tensor:
     """A tensor of `shape`: `base`'s, with the `rows` sent replaced by `values`."""
     if name not in base:

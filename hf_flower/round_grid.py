@@ -165,11 +165,12 @@ class TrackingGrid(Grid):
         self.reply_board.start(server_round, kind, messages)
         self._cast_outgoing(messages)
         sent_weights = self._sent_weights(kind, messages)
-        # What a reply's rows sent alone complete (`wire.pack_arrays`): the weights as sent, by id.
+        # What a training reply's rows sent alone complete (`wire.pack_arrays`): the weights as
+        # sent, by id (evaluate replies carry no weights).
         sent_arrays = {
             m.content[ARRAYS_KEY].object_id: m.content[ARRAYS_KEY]
             for m in messages
-            if ARRAYS_KEY in m.content.array_records
+            if kind == MessageType.TRAIN and ARRAYS_KEY in m.content.array_records
         }
         average = RunningMean() if kind == MessageType.TRAIN and self._average_on_arrival else None
         floor = self._example_cap.floor(kind)

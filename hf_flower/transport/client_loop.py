@@ -123,13 +123,14 @@ def serve(message: Message, context: Context, held: HeldWeights, run: RunMessage
     """One message as this client handles it: its weights unpacked (`wire`, rows completed from
     the weights `held`) or filled in from `held`, `run(message, context)`, and the reply packed
     (against the weights held) and announcing the weights held."""
-    reason = "this client no longer holds the weights the server named; send them in full"
     try:
         if message.has_content():
             wire.unpack(message.content, held.bases())
+        holds_them = held.complete(message)
     except wire.BaseNotHeldError:
-        return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
-    if not held.complete(message):
+        holds_them = False
+    if not holds_them:
+        reason = "this client no longer holds the weights the server named; send them in full"
         return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
     reply = run(message, context)
     if reply.has_content():

@@ -92,7 +92,7 @@ def centralized(name: str, flags: list[str]) -> dict:
 
     from hf_flower import data as data_lib
     from hf_flower.arguments import parse_args
-    from hf_flower.metrics import make_compute_metrics
+    from hf_flower.tasks.classification_metrics import make_compute_metrics
     from hf_flower.modeling import load_model, load_tokenizer
 
     run_args = parse_args(["--config", str(QUICKSTART), *flags])

@@ -1,3 +1,5 @@
 """hf-flower: federated fine-tuning of Hugging Face models with Flower and `transformers.Trainer`."""
 
-__version__ = "0.1.0"
+from .constants import VERSION as __version__
+
+__all__ = ["__version__"]

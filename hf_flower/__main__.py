@@ -1,8 +1,8 @@
-"""`python -m hf_flower COMMAND ...` is `hf-flower COMMAND ...` (see hf_flower/cli.py)."""
+"""`python -m hf_flower COMMAND ...` is `hf-flower COMMAND ...` (see hf_flower/commands/)."""
 
 import sys
 
-from .cli import main
+from .commands import main
 
 if __name__ == "__main__":
     sys.exit(main())

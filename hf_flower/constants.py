@@ -1,4 +1,7 @@
-"""Names shared by the client and the server: record keys of Flower messages."""
+"""Names shared by the client and the server: the package version and the record keys of Flower messages."""
+
+# The one place of the version (pyproject reads it: `[tool.setuptools.dynamic]`).
+VERSION = "0.1.0"
 
 # Keys Flower's strategies use by default (`arrayrecord_key`, `configrecord_key`, `weighted_by_key`).
 ARRAYS_KEY = "arrays"

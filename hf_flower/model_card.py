@@ -16,7 +16,12 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import checkpoint
-from .arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET, OFFLINE_MODEL, RunArguments
+from .arguments import (
+    OFFLINE_CHAT_DATASET,
+    OFFLINE_DATASET,
+    OFFLINE_MODEL,
+    RunArguments,
+)
 from .tasks import RunFacts, Task
 
 # Package data (pyproject `[tool.setuptools.package-data]`): beside this module in a checkout, an

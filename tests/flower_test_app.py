@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.clientapp import ClientApp
 from safetensors.torch import save_file
 
-from hf_flower import client_app as hf_client
+from hf_flower.client import client_app as hf_client
 from hf_flower.weights import decode_arrays
 
 PLAN = json.loads((Path(__file__).parent / "plan.json").read_text())

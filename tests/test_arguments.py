@@ -9,7 +9,7 @@ import pytest
 from flwr.common.config import flatten_dict
 
 from hf_flower.arguments import parse_args
-from hf_flower.run_config import from_run_config, to_run_config
+from hf_flower.arguments.run_config import from_run_config, to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")

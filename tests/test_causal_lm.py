@@ -12,11 +12,12 @@ from peft import AutoPeftModelForCausalLM
 from resume_checks import assert_resumed_like, interrupted_after
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from hf_flower import checkpoint, client_app
+from hf_flower import checkpoint
 from hf_flower.arguments import parse_args
+from hf_flower.arguments.run_config import to_run_config
+from hf_flower.client import client_app
 from hf_flower.launch.plan import RunPlan, prepare_simulation, run_prepare
 from hf_flower.launch.simulation import run_simulation
-from hf_flower.run_config import to_run_config
 from hf_flower.weights import get_weights
 
 

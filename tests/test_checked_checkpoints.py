@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from hf_flower import checkpoint, resume
+from hf_flower import checkpoint
 from hf_flower.checkpoint import DamagedRoundError, OutputDirError
+from hf_flower.server import resume
 
 
 def write_full_round(folder):

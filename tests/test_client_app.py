@@ -7,9 +7,9 @@ import torch
 from conftest import REVIEW_FACTS, REVIEW_LABELS
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from hf_flower import client_app
 from hf_flower.arguments import parse_args
-from hf_flower.run_config import to_run_config
+from hf_flower.arguments.run_config import to_run_config
+from hf_flower.client import client_app
 from hf_flower.weights import get_weights
 
 
@@ -69,7 +69,7 @@ def test_train_replies_new_weights_and_reuses_the_model(run_config):
 def test_training_stops_when_the_message_expires(run_config, monkeypatch):
     """The server makes a message expire when its round ends (`--round_timeout`): the client stops
     training there, at a step boundary, and says so instead of replying late."""
-    from hf_flower import trainer
+    from hf_flower.client import round_driver as trainer
 
     stops = []
     original = trainer.TaskDeadline.on_step_end

@@ -9,17 +9,17 @@ from conftest import REVIEW_LABELS
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from transformers import HfArgumentParser
 
-from hf_flower import client_app
 from hf_flower.arguments import parse_args
-from hf_flower.client_policy import (
+from hf_flower.arguments.policy import (
     ALLOWED_MODELS_ENV,
     SERVER_SETTABLE_TRAINING_FIELDS,
     TRUST_REMOTE_CODE_ENV,
     ClientPolicy,
     RunRefused,
 )
+from hf_flower.arguments.run_config import RUN_CONFIG_TRAINING_FIELDS, from_run_config, to_run_config
+from hf_flower.client import client_app
 from hf_flower.commands.client import ClientArguments
-from hf_flower.run_config import RUN_CONFIG_TRAINING_FIELDS, from_run_config, to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_POLICY = ClientPolicy()
@@ -169,7 +169,7 @@ def test_the_server_refuses_at_start_what_every_client_would_refuse(tmp_path, ti
     from conftest import tiny_run_flags
 
     from hf_flower.arguments import parse_args
-    from hf_flower.preflight import check_client_policy
+    from hf_flower.server.preflight import check_client_policy
 
     flags = tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv)
     check_client_policy(parse_args([*flags, "--save_steps", "10"]))

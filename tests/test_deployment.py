@@ -16,9 +16,9 @@ from transformers import AutoConfig, pipeline
 
 from hf_flower import checkpoint
 from hf_flower.arguments import parse_args
+from hf_flower.arguments.run_config import to_run_config
 from hf_flower.launch.processes import ManagedProcess, free_port
-from hf_flower.live_progress import PROGRESS_DIR_ENV
-from hf_flower.run_config import to_run_config
+from hf_flower.progress.live import PROGRESS_DIR_ENV
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ from hf_flower.arguments import parse_args
 from hf_flower.commands import simulate
 from hf_flower.launch.plan import prepare_simulation, run_prepare
 from hf_flower.modeling import ModelError, load_model
-from hf_flower.round_grid import RoundFailedError
+from hf_flower.server.round_grid import RoundFailedError
 
 
 @pytest.fixture

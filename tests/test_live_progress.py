@@ -8,10 +8,10 @@ import types
 
 import pytest
 
-from hf_flower import live_progress
 from hf_flower.launch.flower import flower_env
-from hf_flower.launch.progress_view import ProgressView
-from hf_flower.live_progress import ReplyBoard, TrainingProgress, read_rounds
+from hf_flower.progress import live as live_progress
+from hf_flower.progress.live import ReplyBoard, TrainingProgress, read_rounds
+from hf_flower.progress.view import ProgressView
 
 
 class FakeClock:
@@ -71,7 +71,7 @@ def test_an_unwritable_folder_never_stops_training(tmp_path):
 def test_callback_reports_steps_and_loss_from_the_main_process_only(tmp_path, monkeypatch):
     from transformers import TrainerControl, TrainerState
 
-    from hf_flower.progress_callback import LiveProgressCallback, report_training
+    from hf_flower.progress.callback import LiveProgressCallback, report_training
 
     monkeypatch.setenv(live_progress.PROGRESS_DIR_ENV, str(tmp_path))
 
@@ -351,7 +351,7 @@ def test_a_terminal_without_width_gets_plain_lines():
     import struct
     import termios
 
-    from hf_flower.launch.progress_view import is_terminal
+    from hf_flower.progress.view import is_terminal
 
     master, slave = pty.openpty()
     try:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from hf_flower.metrics import classification_metrics, make_compute_metrics
+from hf_flower.tasks.classification_metrics import classification_metrics, make_compute_metrics
 
 
 def test_accuracy_and_macro_f1():

@@ -20,10 +20,10 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import hf_flower
-from hf_flower import cli
 from hf_flower.arguments import parse_args
+from hf_flower.arguments.run_config import to_run_config
+from hf_flower import commands as cli
 from hf_flower.launch.app import COMPONENTS, write_app_dir
-from hf_flower.run_config import to_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -91,7 +91,11 @@ def test_app_dir_is_a_valid_flower_app_with_the_package(tmp_path):
     package = Path(hf_flower.__file__).parent
     expected = {f"hf_flower/{p.relative_to(package).as_posix()}" for p in package.rglob("*.py")}
     assert expected <= names
-    assert {"hf_flower/templates/model_card.md", "hf_flower/server_app.py", "hf_flower/cli.py"} <= names
+    assert {
+        "hf_flower/templates/model_card.md",
+        "hf_flower/server/server_app.py",
+        "hf_flower/commands/__init__.py",
+    } <= names
     # Written again for every run: a stale file of an earlier one does not survive.
     (app_dir / "hf_flower" / "stale.py").write_text("")
     assert not (write_app_dir(tmp_path / ".flwr", run_config) / "hf_flower" / "stale.py").exists()

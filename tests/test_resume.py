@@ -23,7 +23,7 @@ from hf_flower.commands import simulate
 from hf_flower.launch.flower import LOGS_DIRNAME
 from hf_flower.launch.plan import RunPlan
 from hf_flower.launch.simulation import run_simulation
-from hf_flower.preflight import check_run
+from hf_flower.server.preflight import check_run
 
 STRATEGY = ["--strategy", "FedAdam", "--strategy_kwargs", '{"eta": 0.01, "eta_l": 0.01}']
 
@@ -130,7 +130,7 @@ def test_resume_refuses_folders_it_cannot_continue(tmp_path, tiny_model_dir, rev
 def test_resume_needs_the_same_strategy(tmp_path):
     from flwr.serverapp.strategy import FedAdam, FedAvg
 
-    from hf_flower.strategies import StrategyError, get_strategy_state, set_strategy_state
+    from hf_flower.server.strategies import StrategyError, get_strategy_state, set_strategy_state
 
     adam = FedAdam()
     adam.m_t = {"w": np.ones(3, dtype=np.float32)}

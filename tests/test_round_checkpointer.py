@@ -5,12 +5,13 @@ import threading
 import pytest
 from conftest import tiny_run_flags
 
-from hf_flower import checkpoint, round_grid, rounds
+from hf_flower import checkpoint
 from hf_flower.arguments import parse_args
 from hf_flower.modeling import load_tokenizer
-from hf_flower.preflight import check_run
+from hf_flower.server import round_grid, rounds
+from hf_flower.server.preflight import check_run
+from hf_flower.server.validation import ExpectedReply
 from hf_flower.tasks import get_task
-from hf_flower.validation import ExpectedReply
 from hf_flower.weights import get_weights
 
 

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 from conftest import NO_SUCH_PID, tiny_run_flags
 
-from hf_flower import checkpoint, run_lock
+from hf_flower import checkpoint
+from hf_flower.checkpoint import lock as run_lock
+from hf_flower.checkpoint.lock import RunLock, RunLockedError
 from hf_flower.launch.plan import prepare_simulation, run_prepare
-from hf_flower.run_lock import RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = (
     "import sys, time\n"
-    "from hf_flower import run_lock\n"
+    "from hf_flower.checkpoint import lock as run_lock\n"
     "run_lock.RunLock(sys.argv[1])\n"
     "print('locked', flush=True)\n"
     "time.sleep(600)\n"
@@ -68,7 +69,7 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
 
 def test_the_lock_covers_the_processes_that_run_under_its_holder(tmp_path):
     covered = (
-        "import sys\nfrom hf_flower import run_lock\nrun_lock.hold_for_process(sys.argv[1])\nprint('covered')"
+        "import sys\nfrom hf_flower.checkpoint import lock as run_lock\nrun_lock.hold_for_process(sys.argv[1])\nprint('covered')"
     )
     with RunLock(tmp_path):
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):

@@ -20,10 +20,10 @@ from transformers import AutoModelForSequenceClassification
 
 from hf_flower import checkpoint
 from hf_flower.arguments import parse_args
+from hf_flower.arguments.run_config import to_run_config
 from hf_flower.launch.plan import RunPlan
 from hf_flower.launch.simulation import run_simulation
-from hf_flower.preflight import check_run
-from hf_flower.run_config import to_run_config
+from hf_flower.server.preflight import check_run
 
 pytestmark = pytest.mark.slow
 TEST_APP = Path(__file__).with_name("flower_test_app.py")
@@ -42,7 +42,7 @@ def make_app(tmp_path: Path, run_args, plan: dict) -> Path:
                 "app": {
                     "publisher": "hf-flower",
                     "components": {
-                        "serverapp": "hf_flower.server_app:app",
+                        "serverapp": "hf_flower.server.server_app:app",
                         "clientapp": f"{TEST_APP.stem}:app",
                     },
                     "config": to_run_config(run_args),
@@ -198,7 +198,7 @@ def test_lora_round_loads_back_as_resume_continues_it(lora_run, tmp_path, tiny_m
     import torch
     from peft import AutoPeftModelForSequenceClassification
 
-    from hf_flower import resume
+    from hf_flower.server import resume
     from hf_flower.tasks import get_task
     from hf_flower.weights import decode_arrays, get_weights
 

@@ -4,7 +4,7 @@ import flwr.serverapp.strategy as flwr_strategies
 import pytest
 
 from hf_flower.arguments import FederationArguments
-from hf_flower.strategies import StrategyError, available_strategies, build_strategy
+from hf_flower.server.strategies import StrategyError, available_strategies, build_strategy
 
 REQUIRED = {
     "QFedAvg": {"client_learning_rate": 1e-4},

@@ -14,10 +14,10 @@ from hf_flower.constants import (
     PACKED_ARRAYS_KEY,
     SERVER_ROUND_KEY,
 )
-from hf_flower.round_grid import TrackingGrid
+from hf_flower.server.round_grid import TrackingGrid
+from hf_flower.server.validation import ExampleCap, ExpectedReply
 from hf_flower.transport.client_loop import HeldWeights, serve
 from hf_flower.transport.wire import FLAT_ARRAY_NAME, pack_arrays
-from hf_flower.validation import ExampleCap, ExpectedReply
 from hf_flower.weights import get_weights, state_dict_to_arrays
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -212,7 +212,7 @@ def test_replies_are_reported_to_a_launcher_as_they_arrive(tmp_path, monkeypatch
     """With HF_FLOWER_PROGRESS_DIR set, each phase's replies (and refusals) land in its file."""
     from flwr.app import Error
 
-    from hf_flower import live_progress
+    from hf_flower.progress import live as live_progress
 
     monkeypatch.setenv(live_progress.PROGRESS_DIR_ENV, str(tmp_path))
     reference, initial = weights(0)

@@ -13,10 +13,10 @@ from conftest import REVIEW_FACTS, REVIEW_LABELS
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from transformers import TrainerCallback, get_scheduler
 
-from hf_flower import client_app
 from hf_flower.arguments import parse_args
-from hf_flower.run_config import to_run_config
-from hf_flower.trainer import OPTIMIZER_STATE_KEY, OptimizerStateStore, round_seed
+from hf_flower.arguments.run_config import to_run_config
+from hf_flower.client import client_app
+from hf_flower.client.round_driver import OPTIMIZER_STATE_KEY, OptimizerStateStore, round_seed
 from hf_flower.weights import get_weights
 
 NUM_ROUNDS = 3

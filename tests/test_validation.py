@@ -27,18 +27,18 @@ from hf_flower.constants import (
     PACKED_LAYOUT_KEY,
     PARTITION_ID_KEY,
 )
-from hf_flower.round_grid import ClientsMissingError, TrackingGrid
-from hf_flower.strategies import nodes_waited_for
-from hf_flower.tasks import get_task
-from hf_flower.transport import wire
-from hf_flower.transport.averaging import averages_replies
-from hf_flower.validation import (
+from hf_flower.server.round_grid import ClientsMissingError, TrackingGrid
+from hf_flower.server.strategies import nodes_waited_for
+from hf_flower.server.validation import (
     MAX_WEIGHT_MAGNITUDE,
     ExampleCap,
     ExpectedReply,
     InvalidReplyError,
     validate_reply,
 )
+from hf_flower.tasks import get_task
+from hf_flower.transport import wire
+from hf_flower.transport.averaging import averages_replies
 from hf_flower.weights import arrays_to_state_dict, get_weights, state_dict_to_arrays
 
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE

@@ -9,10 +9,7 @@ same objects from Flower's run config (`hf_flower.run_config`), so `flwr run .` 
 
 from __future__ import annotations
 
-from .adapter import (
-    PEFT_METHODS,
-    PeftArguments,
-)
+from .adapter import PEFT_METHODS, PeftArguments
 from .data import (
     OFFLINE_CHAT_DATASET,
     OFFLINE_DATASET,
@@ -31,11 +28,7 @@ from .hub import (
     SECRET_TRAINING_FIELDS,
     HubArguments,
 )
-from .model import (
-    OFFLINE_MODEL,
-    ModelArguments,
-    split_names,
-)
+from .model import OFFLINE_MODEL, ModelArguments, split_names
 from .parser import (
     ARGUMENT_GROUPS,
     DEFAULT_OUTPUT_DIR,

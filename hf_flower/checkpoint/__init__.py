@@ -73,9 +73,7 @@ from .rounds import (
     set_aside_rounds_after,
     write_strategy_state,
 )
-from .verify import (
-    verify_round,
-)
+from .verify import verify_round
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",

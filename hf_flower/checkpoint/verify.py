@@ -11,10 +11,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .files import (
-    _dumps,
-    _load_json_object,
-)
+from .files import _dumps, _load_json_object
 from .layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,

@@ -1,5 +1,67 @@
-"""The commands of the `hf-flower` console script, one module each, each with a `main(argv)`.
+"""`hf-flower`: one console script, one subcommand per task, each a module of this package with a
+`main(argv)` (`python -m hf_flower.commands.COMMAND ...` and the checkout's `scripts/COMMAND.py`
+run the same `main`).
 
-`hf-flower COMMAND ...` (hf_flower/cli.py), `python -m hf_flower.commands.COMMAND ...` and the
-checkout's `scripts/COMMAND.py` all run the same `main`.
+    hf-flower simulate --config configs/quickstart.yaml     # a federation on this machine
+    hf-flower server --config configs/quickstart.yaml --port 9092 --insecure   # TLS: see make-certs
+    hf-flower client --superlink 127.0.0.1:9092 --insecure --data_path my_reviews.csv
+    hf-flower push outputs/quickstart --hub_model_id alice/minilm-imdb-federated
+    hf-flower plot outputs/quickstart
+    hf-flower make-certs certs --supernode-keys 2
+
+`hf-flower COMMAND --help` lists a command's flags. Each command's module is imported only when it runs (the launchers never import torch). A client
+on several GPUs runs that module under Accelerate:
+`accelerate launch --config_file CONFIG.yaml -m hf_flower.commands.client --superlink ...`.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from ..constants import VERSION
+
+# name -> (module in hf_flower.commands, one line for `hf-flower --help`)
+COMMANDS = {
+    "simulate": ("simulate", "Federated fine-tuning on this machine (Flower's simulation engine)."),
+    "server": ("server", "The server of a real deployment: a SuperLink and the ServerApp."),
+    "client": ("client", "One client of a real deployment: a SuperNode and a long-lived trainer."),
+    "push": ("push", "Push the rounds of a finished run to the Hugging Face Hub."),
+    "plot": ("plot", "Draw the accuracy and loss per round of a run as a PNG."),
+    "make-certs": ("make_certs", "TLS certificates and SuperNode keys for a secure deployment."),
+}
+PROG = "hf-flower"
+DESCRIPTION = "Federated fine-tuning of Hugging Face models with Flower and transformers.Trainer."
+
+
+def usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [f"usage: {PROG} COMMAND [ARGS...]", "", DESCRIPTION, "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", f"`{PROG} COMMAND --help` lists the flags of a command; `{PROG} --version` the version."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `hf-flower COMMAND ARGS...`; return the command's exit code."""
+    from_command_line = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"{PROG} {VERSION}")
+        return 0
+    name, args = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"{PROG}: unknown command {name!r}; choose one of {list(COMMANDS)}.", file=sys.stderr)
+        return 2
+    if from_command_line:
+        # argparse names the program after sys.argv[0]: usage and errors then say `hf-flower push`.
+        sys.argv[0] = f"{PROG} {name}"
+    module = importlib.import_module(f"{__name__}.{COMMANDS[name][0]}")
+    return module.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

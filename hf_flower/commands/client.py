@@ -32,7 +32,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from ..client_policy import ClientPolicy
+from ..arguments.policy import ClientPolicy
 from ..launch.client import ClientOptions, run_client
 from ..transport.supernode import DEFAULT_PULL_INTERVAL
 

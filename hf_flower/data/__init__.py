@@ -18,7 +18,7 @@ the server, its labels are matched to them by name, and all its rows are its own
 Every data problem raises `DataError`, whose message names the bad value and the setting to change.
 """
 
-from hf_flower.data.columns import (
+from .columns import (
     ColumnCheck,
     DataError,
     check_columns,
@@ -26,8 +26,13 @@ from hf_flower.data.columns import (
     require_column,
     source_name,
 )
-from hf_flower.data.labels import label_ids, label_names, load_label_names, run_label_ids
-from hf_flower.data.partitions import (
+from .labels import (
+    label_ids,
+    label_names,
+    load_label_names,
+    run_label_ids,
+)
+from .partitions import (
     ClientData,
     client_data,
     client_rows,
@@ -37,7 +42,7 @@ from hf_flower.data.partitions import (
     partition_rows,
     partition_sizes,
 )
-from hf_flower.data.sources import (
+from .sources import (
     DATA_FILE_SUFFIXES,
     FILE_BUILDERS,
     OFFLINE_CHAT_MAX_WORDS,
@@ -47,8 +52,8 @@ from hf_flower.data.sources import (
     load_offline_imdb_chat,
     load_raw_splits,
 )
-from hf_flower.data.splits import Splits, central_test_set, prepare_splits
-from hf_flower.data.tokenization import (
+from .splits import Splits, central_test_set, prepare_splits
+from .tokenization import (
     LABELS_COLUMN,
     TOKENIZE_VERSION,
     TOKENIZER_COLUMNS,

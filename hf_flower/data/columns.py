@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from datasets import Dataset, Value
 
-from hf_flower.arguments import DataArguments
+from ..arguments import DataArguments
 
 
 class DataError(ValueError):

@@ -7,9 +7,14 @@ from __future__ import annotations
 import numpy as np
 from datasets import ClassLabel, Dataset
 
-from hf_flower.arguments import DataArguments
-from hf_flower.data.columns import DataError, _is_integer, is_string_feature, source_name
-from hf_flower.data.sources import load_raw_splits
+from ..arguments import DataArguments
+from .columns import (
+    DataError,
+    _is_integer,
+    is_string_feature,
+    source_name,
+)
+from .sources import load_raw_splits
 
 
 def label_names(dataset: Dataset, label_column: str) -> list[str]:

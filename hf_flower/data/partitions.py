@@ -12,12 +12,12 @@ import numpy as np
 from datasets import Dataset
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
-from hf_flower.arguments import DataArguments
-from hf_flower.data.columns import ColumnCheck, DataError
-from hf_flower.data.labels import label_ids, run_label_ids
-from hf_flower.data.sources import load_raw_splits
-from hf_flower.data.splits import Splits, _holdout_count, prepare_splits
-from hf_flower.data.tokenization import LABELS_COLUMN, tokenize
+from ..arguments import DataArguments
+from .columns import ColumnCheck, DataError
+from .labels import label_ids, run_label_ids
+from .sources import load_raw_splits
+from .splits import Splits, _holdout_count, prepare_splits
+from .tokenization import LABELS_COLUMN, tokenize
 
 
 @dataclasses.dataclass

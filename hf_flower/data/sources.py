@@ -14,8 +14,13 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 
-from hf_flower.arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET, DataArguments
-from hf_flower.data.columns import ColumnCheck, DataError, check_columns, source_name
+from ..arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET, DataArguments
+from .columns import (
+    ColumnCheck,
+    DataError,
+    check_columns,
+    source_name,
+)
 
 # Local file suffix -> datasets' packaged builder that reads it.
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -95,7 +100,7 @@ def load_offline_imdb_chat() -> Dataset:
     """The offline IMDB reviews as SFT rows: `prompt`, a chat turn asking for the sentiment of the
     review's last `OFFLINE_CHAT_MAX_WORDS` words in one word, and `completion`, `positive` or
     `negative`. Train with `--task causal-lm --prompt_column prompt --completion_column completion`."""
-    from hf_flower.tasks.sft_data import chat_prompt_completion  # sft_data imports this module
+    from ..tasks.sft_data import chat_prompt_completion
 
     return chat_prompt_completion(load_offline_imdb(), max_words=OFFLINE_CHAT_MAX_WORDS, keep="end")
 

@@ -10,11 +10,11 @@ import math
 import numpy as np
 from datasets import Dataset
 
-from hf_flower.arguments import DataArguments
-from hf_flower.data.columns import ColumnCheck, DataError, source_name
-from hf_flower.data.labels import label_ids, label_names
-from hf_flower.data.sources import load_raw_splits
-from hf_flower.data.tokenization import tokenize
+from ..arguments import DataArguments
+from .columns import ColumnCheck, DataError, source_name
+from .labels import label_ids, label_names
+from .sources import load_raw_splits
+from .tokenization import tokenize
 
 
 @dataclasses.dataclass

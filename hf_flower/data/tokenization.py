@@ -9,9 +9,9 @@ import hashlib
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
-from hf_flower.arguments import DataArguments
-from hf_flower.data.columns import DataError
-from hf_flower.data.labels import _encode_labels, label_names
+from ..arguments import DataArguments
+from .columns import DataError
+from .labels import _encode_labels, label_names
 
 TOKENIZER_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 LABELS_COLUMN = "labels"  # the name Trainer and DataCollatorWithPadding expect

@@ -18,11 +18,11 @@ from typing import Any
 
 import tomli_w
 
-from .. import __version__
+from ..constants import VERSION
 
 APP_DIRNAME = "hf-flower-app"
 PUBLISHER = "hf-flower"
-COMPONENTS = {"serverapp": "hf_flower.server_app:app", "clientapp": "hf_flower.client_app:app"}
+COMPONENTS = {"serverapp": "hf_flower.server.server_app:app", "clientapp": "hf_flower.client.client_app:app"}
 # What the app needs of the package: its modules and its package data (pyproject
 # `[tool.setuptools.package-data]`). Flower's FAB keeps only .py/.toml/.md/.yaml/.json files.
 PACKAGE_FILES = ("**/*.py", "templates/*.md")
@@ -43,7 +43,7 @@ def app_pyproject(run_config: dict[str, Any]) -> dict[str, Any]:
     return {
         "project": {
             "name": "hf-flower",
-            "version": __version__,
+            "version": VERSION,
             "description": "Federated fine-tuning of Hugging Face models with Flower (hf-flower)",
             "license": "Apache-2.0",
         },

@@ -18,11 +18,18 @@ from pathlib import Path
 
 from flwr.app import Context, Message
 
-from .. import client_app
-from ..client_policy import ClientPolicy
+from ..arguments.policy import ClientPolicy
+from ..client import client_app
+from ..client import ranks as distributed
 from ..transport import client_loop, supernode
-from . import distributed
-from .processes import LOOPBACK, ManagedProcess, Stopped, free_port, port_is_open, stop_signals_raise
+from .processes import (
+    LOOPBACK,
+    ManagedProcess,
+    Stopped,
+    free_port,
+    port_is_open,
+    stop_signals_raise,
+)
 from .simulation import flower_env
 
 

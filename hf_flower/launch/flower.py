@@ -12,10 +12,12 @@ from pathlib import Path
 
 import tomli_w
 
-from .. import checkpoint, live_progress, progress
+from .. import checkpoint
+from ..progress import lines as progress
+from ..progress import live as live_progress
+from ..progress.view import ProgressView
 from .plan import RunPlan
 from .processes import ManagedProcess
-from .progress_view import ProgressView
 
 CONNECTION = "local"
 FLWR_HOME_DIRNAME = ".flwr"

@@ -20,8 +20,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from .. import checkpoint, run_lock
+from .. import checkpoint
 from ..checkpoint import OutputDirError
+from ..checkpoint import lock as run_lock
 from .processes import Stopped, stop_signals_raise
 
 # `claim(output_dir)`: make sure this run may use the folder (lock it) before anything touches it.
@@ -48,7 +49,7 @@ class RunPlan:
     @classmethod
     def from_run_args(cls, run_args, options: Any = None) -> RunPlan:
         """The plan of `run_args` (a `RunArguments`), its output folder made absolute."""
-        from ..run_config import to_run_config
+        from ..arguments.run_config import to_run_config
 
         run_args.training.output_dir = str(Path(run_args.training.output_dir).resolve())
         federation = run_args.federation
@@ -70,7 +71,7 @@ def prepare_simulation(argv: list[str] | None, claim: Claim = run_lock.ensure_no
     ready)."""
     from ..arguments import parse_args
     from ..modeling import check_4bit_support
-    from ..preflight import check_run
+    from ..server.preflight import check_run
 
     run_args = parse_args(argv)
     claim(run_args.training.output_dir)
@@ -83,7 +84,7 @@ def prepare_server(argv: list[str] | None, claim: Claim = run_lock.ensure_not_in
     """`scripts/server.py`'s arguments (the run's and `ServerOptions`), parsed and checked (the
     output folder claimed, then made ready)."""
     from ..arguments import HfFlowerParser, RunArguments, finalize
-    from ..preflight import check_run
+    from ..server.preflight import check_run
     from .server import ServerOptions
 
     *groups, options = HfFlowerParser((ServerOptions,)).parse_args_and_config(argv)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..client_policy import ClientPolicy
+from ..arguments.policy import ClientPolicy
 from .app import write_app_dir
 from .flower import (
     FLWR_HOME_DIRNAME,

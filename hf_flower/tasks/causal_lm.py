@@ -15,7 +15,12 @@ from typing import Any
 from .. import data as data_lib
 from . import RunFacts, Task
 from .sft_data import check_sft_columns, sft_format
-from .sft_metrics import exact_match, generate_completions, label_accuracy, perplexity
+from .sft_metrics import (
+    exact_match,
+    generate_completions,
+    label_accuracy,
+    perplexity,
+)
 from .sft_tokens import generation_prompts, sft_collator, tokenize_sft
 
 # Columns of a tokenised eval set that feed generation, not the loss: removed before `evaluate`.

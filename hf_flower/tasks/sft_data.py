@@ -29,8 +29,8 @@ from typing import Literal
 
 from datasets import ClassLabel, Dataset, LargeList, List
 
-from hf_flower.arguments import DataArguments
-from hf_flower.data import (
+from ..arguments import DataArguments
+from ..data import (
     DataError,
     check_max_length,
     is_string_feature,

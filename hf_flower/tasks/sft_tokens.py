@@ -30,13 +30,9 @@ import torch
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
-from hf_flower.arguments import DataArguments
-from hf_flower.data import (
-    DataError,
-    tokenize_once,
-    tokenized_fingerprint,
-)
-from hf_flower.tasks.sft_data import (
+from ..arguments import DataArguments
+from ..data import DataError, tokenize_once, tokenized_fingerprint
+from .sft_data import (
     SFTFormat,
     check_sft_columns,
     check_sft_tokenizer,

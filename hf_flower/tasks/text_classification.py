@@ -100,7 +100,7 @@ class TextClassification(Task):
         return DataCollatorWithPadding(tokenizer)
 
     def compute_metrics(self, facts: RunFacts):
-        from ..metrics import make_compute_metrics
+        from .classification_metrics import make_compute_metrics
 
         return make_compute_metrics(len(facts[LABEL_NAMES_KEY]))
 

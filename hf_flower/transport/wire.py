@@ -35,7 +35,13 @@ from ..constants import ARRAYS_KEY, PACKED_ARRAYS_KEY, PACKED_LAYOUT_KEY
 
 # The codec of `weights.py` (views on the message bytes, without copies): the wire format is
 # built from the same encoding as every other weights message.
-from ..weights import WeightsMismatchError, _decode, _readonly_views, _tensor_to_array, transfer_dtype
+from ..weights import (
+    WeightsMismatchError,
+    _decode,
+    _readonly_views,
+    _tensor_to_array,
+    transfer_dtype,
+)
 
 FLAT_ARRAY_NAME = "flat"
 # The indices of the rows sent of the tensors sent by rows (int64, tensor after tensor).

@@ -13,8 +13,8 @@ import time
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from hf_flower import client_app
-from hf_flower.launch import distributed
+from hf_flower.client import client_app
+from hf_flower.client import ranks as distributed
 from hf_flower.weights import get_weights
 
 REVIEW_FACTS = {"label-names": ["0", "1"]}  # conftest's reviews: integer labels 0 and 1

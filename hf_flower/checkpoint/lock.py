@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from .checkpoint import OutputDirError, make_output_dir
+from . import OutputDirError, make_output_dir
 
 LOCK_FILE = ".hf-flower.lock"
 # How long a refused run waits for a holder that has just locked to write its pid.

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .constants import CLIENT_KEY, PARTITION_ID_KEY
+from ..constants import CLIENT_KEY, PARTITION_ID_KEY
 
 PROGRESS_DIR_ENV = "HF_FLOWER_PROGRESS_DIR"
 CLIENT_FILE = "client-{node}-round-{round}.json"

@@ -19,18 +19,25 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from transformers import set_seed
 
-from . import checkpoint, data, hub, resume, run_lock
-from .arguments import RunArguments
-from .modeling import load_tokenizer
+from .. import checkpoint, data, hub
+from ..arguments import RunArguments
+from ..arguments.run_config import from_run_config
+from ..checkpoint import lock as run_lock
+from ..modeling import load_tokenizer
+from ..tasks import get_task
+from ..transport.averaging import averages_replies
+from ..weights import get_weights, trainable_state_dict
+from . import resume
 from .preflight import check_run, partition_sizes
 from .round_grid import TrackingGrid
 from .rounds import RoundCheckpointer
-from .run_config import from_run_config
-from .strategies import ResumedStrategy, build_strategy, nodes_waited_for, set_strategy_state
-from .tasks import get_task
-from .transport.averaging import averages_replies
+from .strategies import (
+    ResumedStrategy,
+    build_strategy,
+    nodes_waited_for,
+    set_strategy_state,
+)
 from .validation import ExampleCap, ExpectedReply
-from .weights import get_weights, trainable_state_dict
 
 app = ServerApp()
 

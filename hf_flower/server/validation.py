@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from flwr.app import ArrayRecord, MessageType, RecordDict
 
-from .constants import (
+from ..constants import (
     ARRAYS_HELD_KEY,
     ARRAYS_KEY,
     CLIENT_KEY,
@@ -36,16 +36,16 @@ from .constants import (
     PACKED_LAYOUT_KEY,
     PARTITION_ID_KEY,
 )
-from .strategies import strategy_class
-from .tasks import Task
-from .transport import wire
-from .weights import (
+from ..tasks import Task
+from ..transport import wire
+from ..weights import (
     NonFiniteWeightsError,
     WeightsMismatchError,
     WeightsOutOfRangeError,
     update_norm,
     validate_arrays,
 )
+from .strategies import strategy_class
 
 # What a client's training reply reports besides `num-examples` (`client_app.train`).
 TRAIN_METRICS = ("train_loss", "train_runtime", "train_steps")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .arguments import ModelArguments
+    from . import ModelArguments
 
 TRUST_REMOTE_CODE_ENV = "HF_FLOWER_TRUST_REMOTE_CODE"
 ALLOWED_MODELS_ENV = "HF_FLOWER_ALLOWED_MODELS"

@@ -16,7 +16,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .arguments import (
+from . import (
     HUB_TRAINING_FIELDS,
     DataArguments,
     FederationArguments,
@@ -147,7 +147,7 @@ def from_run_config(
         )
     training_kwargs["num_train_epochs"] = federation.local_epochs
     # Imported here: it brings Flower and accelerate, which mapping a run config does not need.
-    from .launch.distributed import join_launched_processes
+    from ..client.ranks import join_launched_processes
 
     training = TrainingArguments(**join_launched_processes(training_kwargs))
     peft.resolve(model.task)  # `flwr run .` passes the pyproject's `auto`

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 
-from . import checkpoint, hub, resume
-from .arguments import RunArguments
-from .client_policy import unsettable_training_fields
-from .constants import LABEL_NAMES_KEY
-from .modeling import load_model_config
-from .run_config import to_run_config, training_overrides
+from .. import checkpoint, hub
+from ..arguments import RunArguments
+from ..arguments.policy import unsettable_training_fields
+from ..arguments.run_config import to_run_config, training_overrides
+from ..constants import LABEL_NAMES_KEY
+from ..modeling import load_model_config
+from ..tasks import RunFacts, get_task
+from . import resume
 from .strategies import build_strategy, strategy_class
-from .tasks import RunFacts, get_task
 
 
 def check_federation(run_args: RunArguments) -> None:

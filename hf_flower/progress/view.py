@@ -23,9 +23,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .. import live_progress
-from ..live_progress import ERROR, MISSING, OK, REJECTED, ClientState, Phase, Reply, RoundProgress
-from ..progress import SUMMARY_METRICS
+from . import live as live_progress
+from .lines import SUMMARY_METRICS
+from .live import (
+    ERROR,
+    MISSING,
+    OK,
+    REJECTED,
+    ClientState,
+    Phase,
+    Reply,
+    RoundProgress,
+)
 
 INDENT = "  "
 CLIENT_BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"

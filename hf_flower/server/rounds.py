@@ -22,14 +22,21 @@ from flwr.app import ArrayRecord, MessageType, MetricRecord
 from flwr.common.logger import log
 from transformers import Trainer
 
-from . import adapters, checkpoint, hub, model_card, progress, resume
-from .arguments import RunArguments
+from .. import (
+    adapters,
+    checkpoint,
+    hub,
+    model_card,
+)
+from ..arguments import RunArguments
+from ..arguments.run_config import to_run_config
+from ..progress import lines as progress
+from ..tasks import RunFacts, Task
+from ..weights import set_weights
+from . import resume
 from .round_grid import RoundStats, TrackingGrid
-from .run_config import to_run_config
 from .strategies import get_strategy_state
-from .tasks import RunFacts, Task
 from .tracking import RoundTracker
-from .weights import set_weights
 
 
 class HubPushError(RuntimeError):

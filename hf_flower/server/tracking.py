@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flwr.common.logger import log
 
-from . import checkpoint
+from .. import checkpoint
 
 # Groups of a round's record that hold metrics, and their names in the trackers.
 METRIC_GROUPS = {"train": "train", "evaluate": "evaluate", "central": "central"}

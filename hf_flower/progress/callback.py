@@ -9,8 +9,8 @@ from __future__ import annotations
 from flwr.app import Context
 from transformers import Trainer, TrainerCallback
 
-from . import live_progress
-from .constants import PARTITION_ID_KEY
+from ..constants import PARTITION_ID_KEY
+from . import live as live_progress
 
 
 class LiveProgressCallback(TrainerCallback):

@@ -21,9 +21,9 @@ import logging
 import os
 from pathlib import Path
 
-from . import checkpoint
-from .checkpoint import OutputDirError
-from .constants import LABEL_NAMES_KEY
+from .. import checkpoint
+from ..checkpoint import OutputDirError
+from ..constants import LABEL_NAMES_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def load_round_arrays(folder: Path, model, auto_model_class):
     first (a foreign folder changes nothing); the return value is the model's trainable part in
     float32, as for round 0.
     """
-    from .weights import get_weights, state_dict_to_arrays, validate_arrays
+    from ..weights import get_weights, state_dict_to_arrays, validate_arrays
 
     adapter_round = (folder / checkpoint.ADAPTER_CONFIG_FILE).is_file()
     if adapter_round:

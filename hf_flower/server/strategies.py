@@ -17,7 +17,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
-from .arguments import FederationArguments
+from ..arguments import FederationArguments
 
 # XGBoost strategies aggregate serialised trees, not tensors: they cannot train a transformer.
 UNSUPPORTED = {"FedXgbBagging", "FedXgbCyclic"}

@@ -22,8 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from . import live_progress
-from .constants import (
+from ..constants import (
     ARRAYS_KEY,
     CLIENT_KEY,
     CONFIG_KEY,
@@ -32,12 +31,13 @@ from .constants import (
     PARTITION_ID_KEY,
     SERVER_ROUND_KEY,
 )
-from .transport.averaging import RunningMean
-from .transport.exchange import Exchange
-from .transport.flwr_compat import aggregate_metricrecords
-from .transport.wire import cast_arrays, to_float32_arrays
+from ..progress import live as live_progress
+from ..transport.averaging import RunningMean
+from ..transport.exchange import Exchange
+from ..transport.flwr_compat import aggregate_metricrecords
+from ..transport.wire import cast_arrays, to_float32_arrays
+from ..weights import arrays_nbytes, arrays_to_state_dict
 from .validation import ExampleCap, ExpectedReply, validate_reply
-from .weights import arrays_nbytes, arrays_to_state_dict
 
 
 class RoundFailedError(RuntimeError):

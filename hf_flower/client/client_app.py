@@ -18,10 +18,11 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from transformers import Trainer, TrainingArguments, set_seed
 
-from . import data as data_lib
-from .arguments import RunArguments
-from .client_policy import ClientPolicy
-from .constants import (
+from .. import data as data_lib
+from ..arguments import RunArguments
+from ..arguments.policy import ClientPolicy
+from ..arguments.run_config import from_run_config
+from ..constants import (
     ARRAYS_KEY,
     CLIENT_KEY,
     CONFIG_KEY,
@@ -32,13 +33,19 @@ from .constants import (
     PARTITION_ID_KEY,
     SERVER_ROUND_KEY,
 )
-from .launch.distributed import join_launched_processes
-from .modeling import load_tokenizer
-from .progress_callback import report_training
-from .run_config import from_run_config
-from .strategies import strategy_class
-from .tasks import DEFAULT_TASK, RunFacts, Task, get_task
-from .trainer import (
+from ..modeling import load_tokenizer
+from ..progress.callback import report_training
+from ..server.strategies import strategy_class
+from ..tasks import (
+    DEFAULT_TASK,
+    RunFacts,
+    Task,
+    get_task,
+)
+from ..transport.flwr_compat import ErrorCode
+from ..weights import get_weights, set_weights
+from .ranks import join_launched_processes
+from .round_driver import (
     FederatedTrainer,
     OptimizerStateStore,
     RoundSchedule,
@@ -46,8 +53,6 @@ from .trainer import (
     TaskExpiredError,
     round_seed,
 )
-from .transport.flwr_compat import ErrorCode
-from .weights import get_weights, set_weights
 
 # Client-side halves of Flower's differential-privacy wrappers, by strategy name.
 CLIENT_SIDE_DP_MODS = {

@@ -152,11 +152,12 @@ def make_trainer(context: hf_flower.TrainerContext) -> Trainer:
 
     raw = load_reviews(config["dataset"])
     if config["negatives_per_positive"]:
-        raw = DatasetDict({split: make_imbalanced(raw[split], config["negatives_per_positive"]) for split in raw})
+        ratio = config["negatives_per_positive"]
+        raw = DatasetDict({split: make_imbalanced(reviews, ratio) for split, reviews in raw.items()})
     # Weights from the whole training split, before it is partitioned, rather than from each client's
     # partition: with FedAvg the clients must minimise the same loss, and weights from each client's
-    # own label counts would give each a different one (and none at all to a class its partition
-    # lacks). Every process loads the whole split anyway; clients that cannot see each other's data
+    # own label counts would give each a different one (and none to a class missing from its
+    # partition). Every process loads the whole split anyway; clients that cannot see each other's data
     # pass the same "class_weights" instead.
     class_weights = config["class_weights"] or balanced_class_weights(raw["train"]["label"])
 

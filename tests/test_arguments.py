@@ -30,14 +30,16 @@ def test_yaml_sets_defaults_and_flags_override(tmp_path):
     assert run_args.data.dataset == "my.csv"
 
 
-def test_local_epochs_drive_num_train_epochs():
-    run_args = parse_args(["--output_dir", "out", "--local_epochs", "2"])
-    assert run_args.training.num_train_epochs == 2
-
-
-def test_num_train_epochs_is_ambiguous():
-    with pytest.raises(ValueError, match="use --local_epochs"):
-        parse_args(["--output_dir", "out", "--num_train_epochs", "5"])
+def test_training_arguments_describe_the_whole_run():
+    """`--num_train_epochs` (or `--max_steps`) is the whole federated training, as for one
+    `trainer.train()`; `--local_epochs` says it per round instead, and the two must agree."""
+    run_args = parse_args(["--num_train_epochs", "6", "--num_rounds", "3"])
+    assert run_args.training.num_train_epochs == 6 and run_args.federation.local_epochs is None
+    assert parse_args(["--local_epochs", "2", "--num_rounds", "3", "--num_train_epochs", "6"])
+    with pytest.raises(
+        ValueError, match=r"--num_train_epochs 5 \(the whole federated training\) and --local_epochs 1"
+    ):
+        parse_args(["--num_train_epochs", "5", "--local_epochs", "1", "--num_rounds", "3"])
 
 
 def test_unknown_yaml_key_is_named(tmp_path):
@@ -52,8 +54,12 @@ def test_token_in_yaml_is_refused(tmp_path):
         parse_args(["--config", config])
 
 
-def test_default_output_dir():
-    assert parse_args([]).training.output_dir == "outputs/hf-flower"
+def test_output_dir_is_the_servers_not_the_trainers():
+    run_args = parse_args(["--output_dir", "out"])
+    assert run_args.federation.output_dir == "out"
+    assert parse_args([]).federation.output_dir == "outputs/hf-flower"
+    # A client's Trainer writes no checkpoints: no run config carries a TrainingArguments output_dir.
+    assert "training.output-dir" not in to_run_config(run_args)
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import json
 import time
 
 import pytest
-from conftest import sft_flags
+from conftest import run_config_of, sft_flags, trainer_for
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from huggingface_hub import ModelCard
 from peft import AutoPeftModelForCausalLM
@@ -13,16 +13,18 @@ from resume_checks import assert_resumed_like, interrupted_after
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from hf_flower import checkpoint
-from hf_flower.arguments import parse_args
-from hf_flower.arguments.run_config import to_run_config
 from hf_flower.client import client_app
-from hf_flower.launch.plan import RunPlan, prepare_simulation, run_prepare
+from hf_flower.factory import model_facts
+from hf_flower.launch.plan import RunPlan, run_prepare
+from hf_flower.launch.simulation import prepare_simulation
 from hf_flower.launch.simulation import run_simulation
 from hf_flower.weights import get_weights
 
 
-def message(arrays, kind, server_round=1):
-    content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})})
+def message(arrays, kind, server_round=1, facts=None):
+    content = RecordDict(
+        {"arrays": arrays, "config": ConfigRecord({"server-round": server_round, **(facts or {})})}
+    )
     metadata = Metadata(
         run_id=1, message_id="m1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
         group_id=str(server_round), created_at=time.time(), ttl=3600, message_type=kind,
@@ -31,21 +33,19 @@ def message(arrays, kind, server_round=1):
 
 
 def test_client_trains_lora_and_scores_generated_answers(tmp_path, tiny_chat_model_dir, chat_jsonl):
-    run_config = to_run_config(
-        parse_args(sft_flags(tmp_path, tiny_chat_model_dir, chat_jsonl, "--max_steps", "2"))
-    )
+    run_config = run_config_of(sft_flags(tmp_path, tiny_chat_model_dir, chat_jsonl, "--max_steps", "6"))
     assert run_config["adapter.peft"] == "lora"  # --peft auto: LoRA for language models
     node = Context(
         run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
         run_config=run_config,
     )  # fmt: skip
-    run = client_app.load_run(client_app._frozen(run_config), client_app.facts_key({}))
-    start = get_weights(run.model)
+    server = trainer_for(run_config)
+    start = get_weights(server.model)
     assert all(".lora_" in name for name in start)  # only the adapters travel
 
-    trained = client_app.train(message(start, MessageType.TRAIN), node)
+    trained = client_app.train(message(start, MessageType.TRAIN, facts=model_facts(server.model)), node)
     assert not trained.has_error(), trained.error.reason if trained.has_error() else ""
-    assert trained.content["metrics"]["train_steps"] == 2
+    assert trained.content["metrics"]["train_steps"] == 2  # --max_steps 6 over 3 rounds
     assert trained.content["metrics"]["num-examples"] == 20 - 4  # (48 - 8 test rows) / 2, less its eval split
 
     evaluated = client_app.evaluate(message(trained.content["arrays"], MessageType.EVALUATE), node)
@@ -125,7 +125,7 @@ def sft_run(tmp_path_factory, tiny_chat_model_dir, chat_jsonl):
     """The output folder of an uninterrupted simulated SFT run (`sft_run_flags`, merged rounds)."""
     tmp_path = tmp_path_factory.mktemp("sft-run")
     flags = sft_run_flags(tmp_path, tiny_chat_model_dir, chat_jsonl, "--save_merged")
-    assert run_simulation(RunPlan.from_run_args(parse_args(flags))) == 0
+    assert run_simulation(RunPlan.from_run_config(run_config_of(flags))) == 0
     return tmp_path / "run"
 
 
@@ -162,5 +162,5 @@ def test_resumed_sft_run_matches_the_uninterrupted_run(
 ):
     interrupted_after(sft_run, tmp_path / "run", 1)
     flags = sft_run_flags(tmp_path, tiny_chat_model_dir, chat_jsonl, "--save_merged", "--resume")
-    assert run_simulation(RunPlan.from_run_args(parse_args(flags))) == 0
+    assert run_simulation(RunPlan.from_run_config(run_config_of(flags))) == 0
     assert_resumed_like(tmp_path / "run", sft_run, 1)

@@ -1,44 +1,54 @@
-"""The ClientApp's train/evaluate handlers, called in-process with real Flower messages."""
+"""The ClientApp's train/evaluate handlers, called in-process with real Flower messages: the Trainer the
+run's factory builds, kept between rounds and checked against the server's model."""
 
 import time
 
 import pytest
 import torch
-from conftest import REVIEW_FACTS, REVIEW_LABELS
+from conftest import REVIEW_LABELS, run_config_of, trainer_for
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from hf_flower.arguments import parse_args
-from hf_flower.arguments.run_config import to_run_config
-from hf_flower.client import client_app
+from hf_flower.client import client_app, session
+from hf_flower.factory import model_facts
 from hf_flower.weights import get_weights
+
+
+def tiny_flags(tmp_path, tiny_model_dir, reviews_csv, *flags):
+    return [
+        "--model_name_or_path", str(tiny_model_dir), "--dataset", str(reviews_csv),
+        "--max_length", "32", "--test_size", "40", "--max_steps", "9", "--num_rounds", "3",
+        "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "run"), *flags,
+    ]  # fmt: skip
 
 
 @pytest.fixture
 def run_config(tmp_path, tiny_model_dir, reviews_csv):
-    run_args = parse_args(
-        [
-            "--model_name_or_path", str(tiny_model_dir), "--dataset", str(reviews_csv),
-            "--max_length", "32", "--test_size", "40", "--max_steps", "3",
-            "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "run"),
-        ]
-    )  # fmt: skip
-    return to_run_config(run_args)
+    return run_config_of(tiny_flags(tmp_path, tiny_model_dir, reviews_csv))
 
 
-def context(run_config, partition_id=0):
+@pytest.fixture
+def server(run_config):
+    """The server's Trainer of the run: its model gives the weights and facts every message carries."""
+    return trainer_for(run_config)
+
+
+def context(run_config, partition_id=0, run_id=1):
     node_config = {"partition-id": partition_id, "num-partitions": 2}
-    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config)
+    return Context(
+        run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
 
 
-def instruction(arrays, kind=MessageType.TRAIN, server_round=1, ttl=3600.0, **config):
-    """A message as a SuperNode hands it to the ClientApp (sent now, living `ttl` seconds)."""
+def instruction(arrays, kind=MessageType.TRAIN, server_round=1, ttl=3600.0, facts=None, **config):
+    """A message as a SuperNode hands it to the ClientApp (sent now, living `ttl` seconds), with what
+    the server says of its model (`facts`, by default a 2-class classifier's)."""
+    facts = (
+        facts
+        if facts is not None
+        else {"model-class": "BertForSequenceClassification", "label-names": list(REVIEW_LABELS)}
+    )
     content = RecordDict(
-        {
-            "arrays": arrays,
-            "config": ConfigRecord(
-                {"server-round": server_round, "label-names": list(REVIEW_LABELS), **config}
-            ),
-        }
+        {"arrays": arrays, "config": ConfigRecord({"server-round": server_round, **facts, **config})}
     )
     metadata = Metadata(
         run_id=1, message_id="m1", src_node_id=1, dst_node_id=7, reply_to_message_id="",
@@ -47,62 +57,60 @@ def instruction(arrays, kind=MessageType.TRAIN, server_round=1, ttl=3600.0, **co
     return Message(metadata=metadata, content=content)
 
 
-def test_train_replies_new_weights_and_reuses_the_model(run_config):
+def test_train_replies_new_weights_and_keeps_the_trainer(run_config, server):
     ctx = context(run_config)
-    task_misses = client_app.load_run.cache_info().misses
-    partition_misses = client_app.load_partition.cache_info().misses
-    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
-    start = get_weights(task.model)
+    start = get_weights(server.model)
     reply = client_app.train(instruction(start), ctx)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     metrics = reply.content["metrics"]
+    # --max_steps 9 over --num_rounds 3: each round trains its third.
     assert metrics["num-examples"] > 0 and metrics["train_steps"] == 3
     assert reply.content["client"]["partition-id"] == 0
     new = reply.content["arrays"].to_torch_state_dict()
     assert any(not torch.equal(new[k], v) for k, v in start.to_torch_state_dict().items())
-    # A second message in the same process reuses the model, tokenizer and data.
+    # The next message of the run and partition reuses the Trainer: model, tokenizer and data.
+    trainer = session.session_for(instruction(start), ctx).driver.trainer
     client_app.train(instruction(start, server_round=2), ctx)
-    assert client_app.load_run.cache_info().misses == task_misses + 1
-    assert client_app.load_partition.cache_info().misses == partition_misses + 1
+    assert session.session_for(instruction(start), ctx).driver.trainer is trainer
+    # Another partition in this process gets its own, and the first one goes: one Trainer a process.
+    other = session.session_for(instruction(start), context(run_config, partition_id=1))
+    assert other.driver.trainer is not trainer and other.context.partition_id == 1
 
 
-def test_training_stops_when_the_message_expires(run_config, monkeypatch):
+def test_training_stops_when_the_message_expires(run_config, server, monkeypatch):
     """The server makes a message expire when its round ends (`--round_timeout`): the client stops
     training there, at a step boundary, and says so instead of replying late."""
-    from hf_flower.client import round_driver as trainer
+    from hf_flower.client import callbacks
 
     stops = []
-    original = trainer.TaskDeadline.on_step_end
+    original = callbacks.TaskDeadline.on_step_end
 
     def record(self, args, state, control, **kwargs):
         control = original(self, args, state, control, **kwargs)
         stops.append((state.global_step, control.should_training_stop))
         return control
 
-    monkeypatch.setattr(trainer.TaskDeadline, "on_step_end", record)
-    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
-    message = instruction(get_weights(task.model), ttl=0.01)
+    monkeypatch.setattr(callbacks.TaskDeadline, "on_step_end", record)
+    message = instruction(get_weights(server.model), ttl=0.01)
     time.sleep(0.05)
     reply = client_app.train(message, context(run_config))
-    assert stops == [(1, True)]  # of --max_steps 3
+    assert stops == [(1, True)]  # of the round's 3 steps
     assert reply.has_error()
     assert "message expired after 1 training steps" in reply.error.reason
     assert "--round_timeout" in reply.error.reason
 
 
-def test_evaluate_reports_loss_accuracy_f1(run_config):
-    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
+def test_evaluate_reports_every_metric_of_the_trainers_evaluate(run_config, server):
     reply = client_app.evaluate(
-        instruction(get_weights(task.model), MessageType.EVALUATE), context(run_config)
+        instruction(get_weights(server.model), MessageType.EVALUATE), context(run_config)
     )
     metrics = reply.content["metrics"]
     assert set(metrics) == {"eval_loss", "eval_accuracy", "eval_f1", "eval_runtime", "num-examples"}
     assert 0 <= metrics["eval_accuracy"] <= 1
 
 
-def test_failure_is_reported_with_partition_and_round(run_config):
-    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
-    arrays = get_weights(task.model)
+def test_failure_is_reported_with_partition_and_round(run_config, server):
+    arrays = get_weights(server.model)
     del arrays["classifier.weight"]
     reply = client_app.train(instruction(arrays, server_round=4), context(run_config, partition_id=1))
     assert reply.has_error()
@@ -110,23 +118,36 @@ def test_failure_is_reported_with_partition_and_round(run_config):
     assert "classifier.weight" in reply.error.reason
 
 
-def test_proximal_term_pulls_towards_global_weights(run_config):
-    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
-    client = client_app.load_partition(client_app._frozen(run_config), REVIEW_FACTS, 0, 2)
-    plain = client_app.build_trainer(task, 0.0, train_dataset=client.train)
-    proximal = client_app.build_trainer(task, 10.0, train_dataset=client.train)
-    with torch.no_grad():
-        for p in task.model.parameters():
-            p.add_(0.1)
-    batch = plain.data_collator([client.train[i] for i in range(4)])
-    task.model.eval()
-    assert proximal.compute_loss(task.model, dict(batch)) > plain.compute_loss(task.model, dict(batch)) + 1.0
+def test_a_client_model_unlike_the_servers_is_refused_before_training(run_config, server):
+    facts = {**model_facts(server.model), "model-class": "RobertaForSequenceClassification"}
+    reply = client_app.train(
+        instruction(get_weights(server.model), facts=facts), context(run_config, run_id=2)
+    )
+    assert reply.has_error()
+    assert (
+        "built another model than the server's (model class: the server's RobertaForSequenceClassification, "
+        "this client's BertForSequenceClassification)" in reply.error.reason
+    )
 
 
-def test_client_side_dp_clips_the_update(run_config):
+def test_proximal_term_pulls_towards_global_weights(run_config, server):
+    """FedProx's `proximal-mu` (sent by Flower's FedProx) keeps a round's update closer to the
+    weights the round started from."""
+    start = get_weights(server.model)
+    reference = start.to_torch_state_dict()
+
+    def moved(**config) -> float:
+        reply = client_app.train(instruction(start, **config), context(run_config))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        after = reply.content["arrays"].to_torch_state_dict()
+        return float(torch.sqrt(sum(((after[k] - reference[k]) ** 2).sum() for k in reference)))
+
+    assert moved(**{"proximal-mu": 200.0}) < 0.5 * moved()
+
+
+def test_client_side_dp_clips_the_update(run_config, server):
     run_config = {**run_config, "federation.strategy": "DifferentialPrivacyClientSideFixedClipping"}
-    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
-    start = get_weights(task.model)
+    start = get_weights(server.model)
     before = {k: v.clone() for k, v in start.to_torch_state_dict().items()}
     message = instruction(start, clipping_norm=0.01)
     reply = client_app.differential_privacy_mod(message, context(run_config), client_app.train)
@@ -147,51 +168,64 @@ def test_client_side_dp_clips_the_update(run_config):
 def test_only_the_trainable_part_travels_in_the_transfer_dtype(
     tmp_path, tiny_model_dir, reviews_csv, flags, travels
 ):
-    run_args = parse_args(
-        [
-            "--model_name_or_path", str(tiny_model_dir), "--dataset", str(reviews_csv),
-            "--max_length", "32", "--test_size", "40", "--max_steps", "2", "--learning_rate", "1e-2",
-            "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "run"), *flags,
-        ]
-    )  # fmt: skip
-    run_config = to_run_config(run_args)
-    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
-    frozen = {n: p.detach().clone() for n, p in task.model.named_parameters() if not p.requires_grad}
-    assert frozen  # something is frozen
-    start = get_weights(task.model, run_args.federation.transfer_dtype)
+    flags = tiny_flags(tmp_path, tiny_model_dir, reviews_csv, "--learning_rate", "1e-2", *flags)
+    run_config = run_config_of(flags)
+    server = trainer_for(run_config)
+    dtype = run_config["federation.transfer-dtype"]
+    start = get_weights(server.model, dtype)
+    facts = model_facts(server.model)
 
-    reply = client_app.train(instruction(start), context(run_config))
+    reply = client_app.train(instruction(start, facts=facts), context(run_config))
 
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    model = session.session_for(instruction(start, facts=facts), context(run_config)).driver.trainer.model
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen  # something is frozen
     arrays = reply.content["arrays"]
-    trainable = [n for n, p in task.model.named_parameters() if p.requires_grad]
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert list(arrays) == trainable and all(travels(n) for n in arrays)
-    assert {a.dtype for a in arrays.values()} == {run_args.federation.transfer_dtype}
-    for name, p in task.model.named_parameters():
+    assert {a.dtype for a in arrays.values()} == {dtype}
+    server_weights = dict(server.model.named_parameters())
+    for name, p in model.named_parameters():
         if name in frozen:
-            assert torch.equal(p, frozen[name]), name  # frozen weights never change
+            assert torch.equal(p, server_weights[name]), name  # frozen weights never change
 
 
-def test_own_data_client_maps_its_labels_onto_the_servers(tmp_path, run_config):
+def test_own_data_client_maps_its_labels_onto_the_servers(tmp_path, run_config, server):
     """A deployed client's file: labels by name onto the run's classes; an unknown one is named."""
     own = tmp_path / "own.csv"
     own.write_text("text,label\n" + "great film,positive\n" * 9 + "a film,mixed\n")
     node = Context(
         run_id=1, node_id=8, node_config={"data-path": str(own)}, state=RecordDict(), run_config=run_config
     )
-    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
-    message = instruction(get_weights(task.model), **{"label-names": ["negative", "positive"]})
+    facts = {"model-class": "BertForSequenceClassification", "label-names": ["negative", "positive"]}
 
-    reply = client_app.train(message, node)
+    reply = client_app.train(instruction(get_weights(server.model), facts=facts), node)
 
     assert reply.has_error()
     assert "Label 'mixed' in column 'label'" in reply.error.reason
     assert "not one of the run's classes ['negative', 'positive']" in reply.error.reason
 
 
-def test_message_without_the_runs_classes_is_refused(run_config):
-    task = client_app.load_run(client_app._frozen(run_config), REVIEW_FACTS)
-    message = instruction(get_weights(task.model))
-    del message.content["config"]["label-names"]
-    reply = client_app.train(message, context(run_config))
-    assert reply.has_error() and "carries no 'label-names'" in reply.error.reason
+def test_own_data_client_needs_the_servers_classes(tmp_path, run_config, server):
+    own = tmp_path / "own.csv"
+    own.write_text("text,label\n" + "great film,positive\n" * 10)
+    node = Context(
+        run_id=3, node_id=8, node_config={"data-path": str(own)}, state=RecordDict(), run_config=run_config
+    )
+    reply = client_app.train(instruction(get_weights(server.model), facts={}), node)
+    assert reply.has_error() and "carries no class names ('label-names')" in reply.error.reason
+
+
+def test_a_server_may_not_make_a_client_import_code(run_config, server, tmp_path):
+    """Outside a simulation, a run config's `federation.trainer` is refused: the client runs its own
+    factory or a built-in task."""
+    script = tmp_path / "evil.py"
+    script.write_text("import os\nos.environ['PWNED'] = '1'\ndef make_trainer(context):\n    pass\n")
+    run_config = {**run_config, "federation.trainer": f"{script}:make_trainer"}
+    reply = client_app.train(instruction(get_weights(server.model)), context(run_config, run_id=4))
+    assert reply.has_error()
+    assert "a server may not make a client import code" in reply.error.reason
+    import os
+
+    assert "PWNED" not in os.environ

@@ -13,6 +13,7 @@ from hf_flower.arguments import parse_args
 from hf_flower.arguments.policy import (
     ALLOWED_MODELS_ENV,
     SERVER_SETTABLE_TRAINING_FIELDS,
+    RUN_CONFIG_TRAINER_ENV,
     TRUST_REMOTE_CODE_ENV,
     ClientPolicy,
     RunRefused,
@@ -131,13 +132,20 @@ def test_client_flags_reach_the_clientapp_through_the_environment():
     assert policy == ClientPolicy(trust_remote_code=True, allowed_models=("org/a@v1",))
     assert ClientPolicy.from_env(policy.to_env()) == policy
     # A client started without the flags resets what its shell may have exported.
-    assert ClientPolicy().to_env() == {TRUST_REMOTE_CODE_ENV: "0", ALLOWED_MODELS_ENV: ""}
+    assert ClientPolicy().to_env() == {
+        TRUST_REMOTE_CODE_ENV: "0",
+        ALLOWED_MODELS_ENV: "",
+        RUN_CONFIG_TRAINER_ENV: "0",
+    }
     assert ClientPolicy.from_env({}) == NO_POLICY
 
 
 def test_in_simulation_the_operators_own_flag_counts():
     assert ClientPolicy.of_operator(run_config("--trust_remote_code")).trust_remote_code is True
     assert ClientPolicy.of_operator(run_config()).trust_remote_code is False
+    # Its run config is the operator's own: its clients import the Trainer factory it names.
+    assert ClientPolicy.of_operator(run_config()).run_config_trainer is True
+    assert ClientPolicy.from_env({}).run_config_trainer is False
 
 
 def test_a_refused_run_is_this_clients_failure_reply_not_a_crash(monkeypatch):

@@ -11,12 +11,10 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-from conftest import build_tiny_model, make_review
+from conftest import build_tiny_model, make_review, run_config_of
 from transformers import AutoConfig, pipeline
 
 from hf_flower import checkpoint
-from hf_flower.arguments import parse_args
-from hf_flower.arguments.run_config import to_run_config
 from hf_flower.launch.processes import ManagedProcess, free_port
 from hf_flower.progress.live import PROGRESS_DIR_ENV
 
@@ -38,14 +36,14 @@ def no_dropout_model(tmp_path_factory):
 
 def rank_metrics(tmp_path, batch_size: int, launcher: list[str], flags: list[str], facts=None) -> dict:
     """The metrics of one train and one evaluate message on partition 0 of 2 (`rank_metrics.py`)."""
-    run_args = parse_args(
+    run_config = run_config_of(
         [
             *flags, "--local_epochs", "2", "--per_device_train_batch_size", str(batch_size),
             "--per_device_eval_batch_size", "4", "--output_dir", str(tmp_path / "unused"),
         ]
     )  # fmt: skip
     config_path = tmp_path / f"run_config_{batch_size}.json"
-    config_path.write_text(json.dumps(to_run_config(run_args)))
+    config_path.write_text(json.dumps(run_config))
     output = tmp_path / f"metrics_{batch_size}.json"
     worker = str(ROOT / "tests" / "workers" / "rank_metrics.py")
     facts_arg = [json.dumps(facts)] if facts is not None else []

@@ -9,9 +9,10 @@ from conftest import build_tiny_model, write_reviews_csv
 from hf_flower import checkpoint
 from hf_flower.arguments import parse_args
 from hf_flower.commands import simulate
-from hf_flower.launch.plan import prepare_simulation, run_prepare
+from hf_flower.launch.plan import run_prepare
+from hf_flower.launch.simulation import prepare_simulation
 from hf_flower.modeling import ModelError, load_model
-from hf_flower.server.round_grid import RoundFailedError
+from hf_flower.server.replies import RoundFailedError
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(capfd, base
 
 
 def test_strategy_kwargs_that_are_not_an_object_name_the_flag(capsys, base_flags):
-    message = "--strategy_kwargs must be a JSON object of parameter names and values"
+    message = "--strategy_kwargs must be a JSON object of names and values"
     run_and_expect(capsys, base_flags + ["--strategy_kwargs", "[1,2]"], message)
 
 

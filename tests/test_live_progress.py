@@ -71,21 +71,13 @@ def test_an_unwritable_folder_never_stops_training(tmp_path):
 def test_callback_reports_steps_and_loss_from_the_main_process_only(tmp_path, monkeypatch):
     from transformers import TrainerControl, TrainerState
 
-    from hf_flower.progress.callback import LiveProgressCallback, report_training
+    from hf_flower.progress.callback import LiveProgressCallback, training_progress
 
-    monkeypatch.setenv(live_progress.PROGRESS_DIR_ENV, str(tmp_path))
-
-    class FakeTrainer:
-        def __init__(self):
-            self.callbacks = []
-
-        def add_callback(self, callback):
-            self.callbacks.append(callback)
-
-    trainer = FakeTrainer()
     context = types.SimpleNamespace(node_id=11, node_config={"partition-id": 3, "num-partitions": 4})
-    report_training(trainer, context, server_round=2)
-    (callback,) = trainer.callbacks
+    monkeypatch.delenv(live_progress.PROGRESS_DIR_ENV, raising=False)
+    assert training_progress(context, server_round=2) is None  # no launcher watching: no callback
+    monkeypatch.setenv(live_progress.PROGRESS_DIR_ENV, str(tmp_path))
+    callback = training_progress(context, server_round=2)
     assert isinstance(callback, LiveProgressCallback)
 
     state, control = TrainerState(max_steps=4), TrainerControl()
@@ -106,10 +98,6 @@ def test_callback_reports_steps_and_loss_from_the_main_process_only(tmp_path, mo
     quiet.on_train_begin(None, other_rank, control)
     quiet.on_train_end(None, other_rank, control)
     assert not (tmp_path / "client-12-round-2.json").exists()
-
-    monkeypatch.delenv(live_progress.PROGRESS_DIR_ENV)
-    report_training(trainer, context, server_round=3)
-    assert len(trainer.callbacks) == 1  # no launcher asked: nothing added
 
 
 def message(node, partition=None, error=None, metrics=None):

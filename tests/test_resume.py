@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_run_flags
+from conftest import run_config_of, tiny_run_flags
 from resume_checks import assert_resumed_like, interrupted_after
 from safetensors.numpy import save_file
 
 from hf_flower import checkpoint
-from hf_flower.arguments import parse_args
 from hf_flower.checkpoint import OutputDirError
 from hf_flower.commands import simulate
 from hf_flower.launch.flower import LOGS_DIRNAME
@@ -35,9 +34,8 @@ def flags(output_dir, tiny_model_dir, reviews_csv, *extra) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir, reviews_csv):
     output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    assert (
-        run_simulation(RunPlan.from_run_args(parse_args(flags(output_dir, tiny_model_dir, reviews_csv)))) == 0
-    )
+    run_config = run_config_of(flags(output_dir, tiny_model_dir, reviews_csv))
+    assert run_simulation(RunPlan.from_run_config(run_config)) == 0
     return output_dir
 
 
@@ -64,11 +62,11 @@ def test_resumed_run_matches_the_uninterrupted_run(
     assert "Simulating" not in out and not (output_dir / LOGS_DIRNAME).exists()  # no Flower process
     assert refused_after < 20, refused_after  # the launcher's preparation only (Flower's start: 50 s)
 
-    resumed = parse_args(flags(output_dir, tiny_model_dir, reviews_csv, "--resume_from_round", "1"))
+    resumed = run_config_of(flags(output_dir, tiny_model_dir, reviews_csv, "--resume_from_round", "1"))
     check_run(resumed, prepare_output=True)
     (aside,) = output_dir.glob(f"{checkpoint.SET_ASIDE_PREFIX}*")
     assert (aside / "round-2" / checkpoint.WEIGHTS_FILE).read_bytes() == damaged  # kept, not deleted
-    assert run_simulation(RunPlan.from_run_args(resumed)) == 0
+    assert run_simulation(RunPlan.from_run_config(resumed)) == 0
     assert "round 3/3" in capsys.readouterr().out
     assert_resumed_like(output_dir, uninterrupted, 1)
 
@@ -93,10 +91,10 @@ def snapshot(path: Path) -> set:
     [
         ("empty", "holds no complete round to continue from"),
         ("only-half-round", "holds no complete round to continue from"),
-        ("other-labels", "labels: saved ['neg', 'pos'], this run's data ['0', '1']"),
+        ("other-labels", "labels: saved ['neg', 'pos'], this run ['0', '1']"),
         ("other-model", "hidden_size: saved 32, this run 16"),
         ("nothing-left", "already holds round 3 and --num_rounds is 3: nothing to continue"),
-        ("adapter-round", "holds LoRA adapters and this run trains every weight (--peft none)"),
+        ("adapter-round", "holds LoRA adapters and this run's model trains every weight"),
         ("other-lora-rank", "r: saved 8, this run 4"),
     ],
 )
@@ -120,9 +118,9 @@ def test_resume_refuses_folders_it_cannot_continue(tmp_path, tiny_model_dir, rev
         (folder / checkpoint.METRICS_FILE).write_text(json.dumps({"round": 1}))
     before = snapshot(output_dir)
     lora = ("--peft", "lora", "--lora_r", "4") if setup == "other-lora-rank" else ()
-    run_args = parse_args(flags(output_dir, tiny_model_dir, reviews_csv, *lora, "--resume"))
+    run_config = run_config_of(flags(output_dir, tiny_model_dir, reviews_csv, *lora, "--resume"))
     with pytest.raises(OutputDirError, match="--resume") as err:
-        check_run(run_args, prepare_output=True)
+        check_run(run_config, prepare_output=True)
     assert message in str(err.value)
     assert snapshot(output_dir) == before  # nothing deleted, not even a hidden half round
 

@@ -3,28 +3,26 @@
 import threading
 
 import pytest
-from conftest import tiny_run_flags
+from conftest import run_config_of, tiny_run_flags, trainer_for
 
 from hf_flower import checkpoint
-from hf_flower.arguments import parse_args
-from hf_flower.modeling import load_tokenizer
+from hf_flower.arguments import FederationArguments, HubArguments
+from hf_flower.arguments.run_config import group_from_run_config
 from hf_flower.server import round_grid, rounds
 from hf_flower.server.preflight import check_run
-from hf_flower.server.validation import ExpectedReply
-from hf_flower.tasks import get_task
+from hf_flower.server.replies import RoundRules
+from hf_flower.server.validation import ExampleCap, ExpectedReply
 from hf_flower.weights import get_weights
 
 
 def make_checkpointer(tmp_path, tiny_model_dir, reviews_csv, in_background: bool):
     flags = ["--evaluate_in_background", str(in_background).lower()]
-    run_args = parse_args(tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, *flags))
-    facts = check_run(run_args, prepare_output=True)
-    task = get_task(run_args.model.task)
-    tokenizer = load_tokenizer(run_args.model)
-    model = task.load_model(run_args, facts)
-    test_set = task.central_test_set(run_args, tokenizer, facts)
-    grid = round_grid.TrackingGrid(None, ExpectedReply({}), min_train_clients=2)
-    return rounds.RoundCheckpointer(run_args, task, facts, model, tokenizer, test_set, grid)
+    run_config = run_config_of(tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, *flags))
+    check_run(run_config, prepare_output=True)
+    federation = group_from_run_config(FederationArguments, run_config)
+    hub_args = group_from_run_config(HubArguments, run_config)
+    grid = round_grid.TrackingGrid(None, RoundRules(ExpectedReply({}), 2, ExampleCap(), False))
+    return rounds.RoundCheckpointer(trainer_for(run_config), federation, hub_args, run_config, grid)
 
 
 @pytest.fixture
@@ -34,14 +32,14 @@ def checkpointer(tmp_path, tiny_model_dir, reviews_csv):
 
 def test_between_rounds_the_round_is_saved_before_the_strategy_goes_on(tmp_path, tiny_model_dir, reviews_csv):
     checkpointer = make_checkpointer(tmp_path, tiny_model_dir, reviews_csv, in_background=False)
-    result = checkpointer(0, get_weights(checkpointer.model))
+    result = checkpointer(0, get_weights(checkpointer.trainer.model))
     assert 0 <= result["eval_accuracy"] <= 1  # Flower's result history gets the central metrics
     assert checkpoint.list_rounds(checkpointer.output_dir) == [0]
     assert checkpointer.finish(None) is None
 
 
 def test_rounds_are_evaluated_and_saved_off_the_strategy_thread_in_order(checkpointer):
-    arrays = get_weights(checkpointer.model)
+    arrays = get_weights(checkpointer.trainer.model)
     worker_threads = []
     finish_round = checkpointer._finish_round
 
@@ -63,7 +61,7 @@ def test_rounds_are_evaluated_and_saved_off_the_strategy_thread_in_order(checkpo
 
 
 def test_a_round_the_worker_cannot_save_fails_the_run(checkpointer, monkeypatch):
-    arrays = get_weights(checkpointer.model)
+    arrays = get_weights(checkpointer.trainer.model)
     save_round = checkpoint.save_round
 
     def full_disk(output_dir, round_num, *args, **kwargs):

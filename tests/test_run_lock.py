@@ -18,7 +18,8 @@ from conftest import NO_SUCH_PID, tiny_run_flags
 from hf_flower import checkpoint
 from hf_flower.checkpoint import lock as run_lock
 from hf_flower.checkpoint.lock import RunLock, RunLockedError
-from hf_flower.launch.plan import prepare_simulation, run_prepare
+from hf_flower.launch.plan import run_prepare
+from hf_flower.launch.simulation import prepare_simulation
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = (
@@ -68,9 +69,7 @@ def test_a_second_run_is_refused_naming_the_holder(tmp_path):
 
 
 def test_the_lock_covers_the_processes_that_run_under_its_holder(tmp_path):
-    covered = (
-        "import sys\nfrom hf_flower.checkpoint import lock as run_lock\nrun_lock.hold_for_process(sys.argv[1])\nprint('covered')"
-    )
+    covered = "import sys\nfrom hf_flower.checkpoint import lock as run_lock\nrun_lock.hold_for_process(sys.argv[1])\nprint('covered')"
     with RunLock(tmp_path):
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
             RunLock(tmp_path)  # a second lock, even in the same process

@@ -29,7 +29,8 @@ from hf_flower.commands import client as client_command_module
 from hf_flower.commands import make_certs
 from hf_flower.launch import certs
 from hf_flower.launch.client import ClientOptions, supernode_command
-from hf_flower.launch.plan import prepare_server, run_prepare
+from hf_flower.launch.plan import run_prepare
+from hf_flower.launch.server import prepare_server
 from hf_flower.launch.processes import ManagedProcess, free_port
 from hf_flower.launch.server import ServerOptions, superlink_command
 

@@ -11,10 +11,9 @@ from datasets import ClassLabel, Dataset, Features, Value
 from transformers import AutoTokenizer
 
 from hf_flower.arguments import DataArguments
-from hf_flower.data import DataError
+from hf_flower.data import DataError, chat_prompt_completion
 from hf_flower.tasks import sft_data, sft_tokens
 from hf_flower.tasks.sft_data import (
-    chat_prompt_completion,
     check_sft_columns,
     load_sft_splits,
     sft_format,

@@ -12,24 +12,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tomli_w
-from conftest import tiny_run_flags
+from conftest import run_config_of, tiny_run_flags, trainer_for
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
 
 from hf_flower import checkpoint
-from hf_flower.arguments import parse_args
-from hf_flower.arguments.run_config import to_run_config
 from hf_flower.launch.plan import RunPlan
 from hf_flower.launch.simulation import run_simulation
-from hf_flower.server.preflight import check_run
 
 pytestmark = pytest.mark.slow
 TEST_APP = Path(__file__).with_name("flower_test_app.py")
 
 
-def make_app(tmp_path: Path, run_args, plan: dict) -> Path:
+def make_app(tmp_path: Path, run_config: dict, plan: dict) -> Path:
     """A Flower app folder: our ServerApp, the recording ClientApp, and this run's config."""
     app_dir = tmp_path / "app"
     app_dir.mkdir()
@@ -45,7 +42,7 @@ def make_app(tmp_path: Path, run_args, plan: dict) -> Path:
                         "serverapp": "hf_flower.server.server_app:app",
                         "clientapp": f"{TEST_APP.stem}:app",
                     },
-                    "config": to_run_config(run_args),
+                    "config": run_config,
                 }
             }
         },
@@ -54,8 +51,8 @@ def make_app(tmp_path: Path, run_args, plan: dict) -> Path:
     return app_dir
 
 
-def tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *flags):
-    return parse_args(tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, *flags))
+def tiny_run_config(tmp_path, tiny_model_dir, reviews_csv, *flags) -> dict:
+    return run_config_of(tiny_run_flags(tmp_path / "run", tiny_model_dir, reviews_csv, *flags))
 
 
 def assert_weighted_average(output_dir: Path, record_dir: Path, server_round: int, partitions) -> list[int]:
@@ -84,7 +81,7 @@ def test_rounds_average_good_replies_reject_nan_and_stop_below_minimum(
     """One 3-client run, min_train_clients=2: round 1 averages all three replies; in round 2
     partition 2 sends NaN, which is rejected while the round goes on with the other two; in
     round 3 two clients fail, fewer than the minimum, and the run stops with rounds 0-2 saved."""
-    run_args = tiny_run_args(
+    run_config = tiny_run_config(
         tmp_path, tiny_model_dir, reviews_csv,
         "--num_clients", "3", "--num_rounds", "3", "--min_train_clients", "2",
         "--min_evaluate_clients", "2", "--min_available_clients", "3", "--evaluate_initial_model", "false",
@@ -95,11 +92,11 @@ def test_rounds_average_good_replies_reject_nan_and_stop_below_minimum(
         "nan_update": {"partition": 2, "round": 2},
         "drop_key": [{"partition": 1, "round": 3}, {"partition": 2, "round": 3}],
     }
-    app_dir = make_app(tmp_path, run_args, plan)
+    app_dir = make_app(tmp_path, run_config, plan)
 
-    assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 1
+    assert run_simulation(RunPlan.from_run_config(run_config), app_dir=app_dir) == 1
 
-    output_dir = Path(run_args.training.output_dir)
+    output_dir = Path(run_config["federation.output-dir"])
     assert checkpoint.list_rounds(output_dir) == [0, 1, 2]
     history = checkpoint.read_history(output_dir)
     assert [r["round"] for r in history["rounds"]] == [0, 1, 2]
@@ -146,9 +143,9 @@ LORA_FLAGS = ("--peft", "lora", "--lora_r", "4", "--transfer_dtype", "bfloat16",
 def lora_run(tmp_path_factory, tiny_model_dir, reviews_csv):
     """A 2-round LoRA run (`LORA_FLAGS`) that records its replies: the folder and its run args."""
     tmp_path = tmp_path_factory.mktemp("lora")
-    run_args = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *LORA_FLAGS)
-    app_dir = make_app(tmp_path, run_args, {"record_dir": str(tmp_path / "replies")})
-    assert run_simulation(RunPlan.from_run_args(run_args), app_dir=app_dir) == 0
+    run_config = tiny_run_config(tmp_path, tiny_model_dir, reviews_csv, *LORA_FLAGS)
+    app_dir = make_app(tmp_path, run_config, {"record_dir": str(tmp_path / "replies")})
+    assert run_simulation(RunPlan.from_run_config(run_config), app_dir=app_dir) == 0
     return tmp_path
 
 
@@ -199,16 +196,13 @@ def test_lora_round_loads_back_as_resume_continues_it(lora_run, tmp_path, tiny_m
     from peft import AutoPeftModelForSequenceClassification
 
     from hf_flower.server import resume
-    from hf_flower.tasks import get_task
     from hf_flower.weights import decode_arrays, get_weights
 
-    run_args = tiny_run_args(tmp_path, tiny_model_dir, reviews_csv, *LORA_FLAGS)
-    task = get_task(run_args.model.task)
-    model = task.load_model(run_args, check_run(run_args))
+    model = trainer_for(tiny_run_config(tmp_path, tiny_model_dir, reviews_csv, *LORA_FLAGS)).model
     fresh = decode_arrays(get_weights(model, "float32"))
     round_1 = lora_run / "run" / "round-1"
 
-    arrays = decode_arrays(resume.load_round_arrays(round_1, model, task.auto_model_class()))
+    arrays = decode_arrays(resume.load_round_arrays(round_1, model))
 
     assert arrays.keys() == fresh.keys()
     assert any(".modules_to_save." in key for key in arrays)

@@ -14,6 +14,7 @@ from hf_flower.constants import (
     PACKED_ARRAYS_KEY,
     SERVER_ROUND_KEY,
 )
+from hf_flower.server.replies import RoundRules
 from hf_flower.server.round_grid import TrackingGrid
 from hf_flower.server.validation import ExampleCap, ExpectedReply
 from hf_flower.transport.client_loop import HeldWeights, serve
@@ -112,7 +113,7 @@ def test_weights_a_node_holds_travel_by_id_and_the_rest_packed():
     _, aggregate = weights(1)
     nodes = {1: FakeNode(), 2: FakeNode()}
     fake = FakeGrid(nodes)
-    grid = TrackingGrid(fake, ExpectedReply(reference), min_train_clients=2)
+    grid = TrackingGrid(fake, RoundRules(ExpectedReply(reference), min_train_clients=2))
 
     assert len(send(grid, MessageType.TRAIN, initial, 1)) == 2
     assert len(send(grid, MessageType.EVALUATE, aggregate, 1)) == 2
@@ -132,7 +133,7 @@ def test_weights_a_node_holds_travel_by_id_and_the_rest_packed():
 def test_packed_replies_reach_the_strategy_as_ordinary_records():
     reference, initial = weights(0)
     grid = TrackingGrid(
-        FakeGrid({1: FakeNode(), 2: FakeNode()}), ExpectedReply(reference), min_train_clients=2
+        FakeGrid({1: FakeNode(), 2: FakeNode()}), RoundRules(ExpectedReply(reference), min_train_clients=2)
     )
     for reply in send(grid, MessageType.TRAIN, initial, 1):
         assert PACKED_ARRAYS_KEY not in reply.content.array_records
@@ -142,7 +143,7 @@ def test_packed_replies_reach_the_strategy_as_ordinary_records():
 def test_a_node_that_lost_its_weights_gets_them_in_full():
     reference, initial = weights(0)
     nodes = {1: FakeNode(), 2: FakeNode()}
-    grid = TrackingGrid(FakeGrid(nodes), ExpectedReply(reference), min_train_clients=2)
+    grid = TrackingGrid(FakeGrid(nodes), RoundRules(ExpectedReply(reference), min_train_clients=2))
     send(grid, MessageType.EVALUATE, initial, 1)
 
     nodes[2].held = HeldWeights()  # node 2 restarted under the same node id
@@ -163,7 +164,7 @@ def test_clients_that_say_nothing_always_get_full_per_tensor_weights():
             return self.app(message, None)
 
     grid = TrackingGrid(
-        FakeGrid({1: PlainNode(), 2: PlainNode()}), ExpectedReply(reference), min_train_clients=2
+        FakeGrid({1: PlainNode(), 2: PlainNode()}), RoundRules(ExpectedReply(reference), min_train_clients=2)
     )
     send(grid, MessageType.EVALUATE, initial, 1)
     send(grid, MessageType.TRAIN, initial, 2)
@@ -192,10 +193,7 @@ def test_replies_averaged_on_arrival_aggregate_like_all_of_them():
     nodes = {n: TrainingNode(n) for n in (1, 2)}
     grid = TrackingGrid(
         FakeGrid(nodes),
-        ExpectedReply(reference),
-        min_train_clients=2,
-        average_on_arrival=True,
-        example_cap=ExampleCap(fixed=100),
+        RoundRules(ExpectedReply(reference), 2, example_cap=ExampleCap(fixed=100), average_on_arrival=True),
     )
     (averaged,) = send(grid, MessageType.TRAIN, initial, 1)
 
@@ -228,7 +226,7 @@ def test_replies_are_reported_to_a_launcher_as_they_arrive(tmp_path, monkeypatch
             return Message(Error(code=0, reason="client partition 2 failed\ntraceback"), reply_to=message)
 
     nodes = {1: FakeNode(), 2: RejectedNode(), 3: FailingNode()}
-    grid = TrackingGrid(FakeGrid(nodes), ExpectedReply(reference), min_train_clients=1)
+    grid = TrackingGrid(FakeGrid(nodes), RoundRules(ExpectedReply(reference), min_train_clients=1))
     assert len(send(grid, MessageType.TRAIN, initial, 4, nodes=(1, 2, 3))) == 1
 
     phase = live_progress.read_rounds(tmp_path)[4].phases["train"]
@@ -249,7 +247,7 @@ def test_a_round_has_one_deadline_and_its_messages_expire_with_it(monkeypatch):
 
     reference, initial = weights(0)
     fake = FakeGrid({1: FakeNode(), 2: FakeNode()})
-    grid = TrackingGrid(fake, ExpectedReply(reference), min_train_clients=2)
+    grid = TrackingGrid(fake, RoundRules(ExpectedReply(reference), min_train_clients=2))
     send(grid, MessageType.TRAIN, initial, server_round=1)  # timeout=5
     assert all(4.5 < m.metadata.ttl <= 5.1 for m in fake.pushed)
     trained_at = time.monotonic()
@@ -281,7 +279,8 @@ def test_replies_leave_out_the_rows_training_left_as_they_were():
             return reply
 
     grid = TrackingGrid(
-        FakeGrid({1: EmbeddingNode(), 2: EmbeddingNode()}), ExpectedReply(reference), min_train_clients=2
+        FakeGrid({1: EmbeddingNode(), 2: EmbeddingNode()}),
+        RoundRules(ExpectedReply(reference), min_train_clients=2),
     )
     replies = send(grid, MessageType.TRAIN, initial, 1)
 
@@ -303,8 +302,8 @@ def embedding_weights(changed_rows=()) -> ArrayRecord:
 def test_an_aggregate_goes_as_the_rows_that_differ_from_what_the_node_holds():
     previous, aggregate = embedding_weights(), embedding_weights(changed_rows=[7, 99])
     nodes = {1: FakeNode(), 2: FakeNode()}
-    grid = TrackingGrid(FakeGrid(nodes), ExpectedReply({"embeddings": torch.zeros(1000, 8), "bias": torch.zeros(8)}),
-                        min_train_clients=2)  # fmt: skip
+    grid = TrackingGrid(FakeGrid(nodes), RoundRules(ExpectedReply({"embeddings": torch.zeros(1000, 8), "bias": torch.zeros(8)}),
+                        min_train_clients=2))  # fmt: skip
     send(grid, MessageType.TRAIN, previous, 1)  # both nodes now hold `previous`
 
     send(grid, MessageType.EVALUATE, aggregate, 1)
@@ -321,8 +320,8 @@ def test_an_aggregate_goes_as_the_rows_that_differ_from_what_the_node_holds():
 def test_a_node_without_the_base_of_the_rows_gets_the_weights_in_full():
     previous, aggregate = embedding_weights(), embedding_weights(changed_rows=[7])
     nodes = {1: FakeNode(), 2: FakeNode()}
-    grid = TrackingGrid(FakeGrid(nodes), ExpectedReply({"embeddings": torch.zeros(1000, 8), "bias": torch.zeros(8)}),
-                        min_train_clients=2)  # fmt: skip
+    grid = TrackingGrid(FakeGrid(nodes), RoundRules(ExpectedReply({"embeddings": torch.zeros(1000, 8), "bias": torch.zeros(8)}),
+                        min_train_clients=2))  # fmt: skip
     send(grid, MessageType.TRAIN, previous, 1)
     nodes[2].held = HeldWeights()  # node 2 restarted under the same node id
 

@@ -27,6 +27,7 @@ from hf_flower.constants import (
     PACKED_LAYOUT_KEY,
     PARTITION_ID_KEY,
 )
+from hf_flower.server.replies import RoundRules
 from hf_flower.server.round_grid import ClientsMissingError, TrackingGrid
 from hf_flower.server.strategies import nodes_waited_for
 from hf_flower.server.validation import (
@@ -36,13 +37,11 @@ from hf_flower.server.validation import (
     InvalidReplyError,
     validate_reply,
 )
-from hf_flower.tasks import get_task
 from hf_flower.transport import wire
 from hf_flower.transport.averaging import averages_replies
 from hf_flower.weights import arrays_to_state_dict, get_weights, state_dict_to_arrays
 
 TRAIN, EVALUATE = MessageType.TRAIN, MessageType.EVALUATE
-TASK = get_task("text-classification")
 
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -51,12 +50,7 @@ pytestmark = pytest.mark.usefixtures("server_identity")
 torch.manual_seed(0)
 MODEL = torch.nn.Linear(4, 3)
 REFERENCE = {name: p.detach() for name, p in MODEL.named_parameters()}
-EXPECTED = ExpectedReply(
-    REFERENCE,
-    evaluate_metrics=TASK.reported_metrics,
-    required_evaluate_metrics=("eval_loss", "eval_runtime"),
-    max_update_norm=5.0,
-)
+EXPECTED = ExpectedReply(REFERENCE, max_update_norm=5.0)
 # The same run without --max_update_norm: the example cap alone bounds far-off replies.
 NO_NORM_BOUND = dataclasses.replace(EXPECTED, max_update_norm=0.0)
 # What the server knows of the run's partitions: (train, eval) examples of the largest.
@@ -170,10 +164,7 @@ def run_round(
     """One round of `strategy` over the clients; the grid and the round's aggregated weights."""
     grid = TrackingGrid(
         ClientGrid(clients),
-        expected,
-        min_train_clients=3,
-        average_on_arrival=fast_transport and averages_replies(strategy),
-        example_cap=cap,
+        RoundRules(expected, 3, cap, average_on_arrival=fast_transport and averages_replies(strategy)),
         wait_for_clients_timeout=5,  # a test that sampled more clients than it has fails, not hangs
         fast_transport=fast_transport,
     )
@@ -245,6 +236,11 @@ def many_metrics(content):
     content[METRICS_KEY] = MetricRecord({**content[METRICS_KEY], **{f"m{i}": 0.0 for i in range(5000)}})
 
 
+def many_eval_metrics(content):
+    """Names as Trainer's evaluate() makes them, but more than any compute_metrics reports."""
+    content[METRICS_KEY] = MetricRecord({**content[METRICS_KEY], **{f"eval_m{i}": 0.0 for i in range(300)}})
+
+
 def change_weights(change):
     def attack(content):
         state_dict = {name: torch.from_numpy(a.numpy().copy()) for name, a in content[ARRAYS_KEY].items()}
@@ -312,6 +308,8 @@ MALFORMED = {
     "evaluate num-examples -10": (EVALUATE, set_metric(NUM_EXAMPLES_KEY, -10)),
     "evaluate accuracy 1e9": (EVALUATE, set_metric("eval_accuracy", 1e9)),
     "evaluate 5,000 extra metrics": (EVALUATE, many_metrics),
+    "evaluate 300 eval_ metrics": (EVALUATE, many_eval_metrics),
+    "evaluate a metric name no Trainer makes": (EVALUATE, set_metric("eval_\x1b[2Jloss", 0.1)),
     "evaluate extra record": (EVALUATE, extra_record),
     "evaluate without partition-id": (EVALUATE, without_partition_id),
 }
@@ -400,7 +398,7 @@ def test_averaging_on_arrival_and_the_strategy_weigh_the_same_capped_counts():
     aggregates = {}
     for averaging in (True, False):
         grid = TrackingGrid(
-            ClientGrid([*honest, bad]), NO_NORM_BOUND, min_train_clients=3, average_on_arrival=averaging
+            ClientGrid([*honest, bad]), RoundRules(NO_NORM_BOUND, 3, average_on_arrival=averaging)
         )
         messages = FedAvg(min_available_nodes=4).configure_train(1, get_weights(MODEL), ConfigRecord(), grid)
         arrays, _ = FedAvg().aggregate_train(1, grid.send_and_receive(messages, timeout=10))
@@ -484,7 +482,7 @@ def test_client_side_adaptive_clipping_may_report_its_norm_bit(tmp_path):
     run_args = parse_args(
         [*flags, "--strategy_kwargs", '{"noise_multiplier": 0.1, "num_sampled_clients": 2}']
     )
-    expected = ExpectedReply.for_run(run_args, TASK, REFERENCE)
+    expected = ExpectedReply.for_run(run_args.federation, REFERENCE)
     content = honest_train_content()
     content[METRICS_KEY]["norm_bit"] = 1
     validate_reply(TRAIN, content, expected)
@@ -523,7 +521,10 @@ class TooFewNodes(ClientGrid):
 def test_waiting_for_clients_ends_with_a_clear_error():
     strategy = FedAvg(min_available_nodes=3)
     grid = TrackingGrid(
-        TooFewNodes([]), EXPECTED, 2, wait_for_clients_timeout=0.1, clients_wanted=nodes_waited_for(strategy)
+        TooFewNodes([]),
+        RoundRules(EXPECTED, 2),
+        wait_for_clients_timeout=0.1,
+        clients_wanted=nodes_waited_for(strategy),
     )
     started = time.monotonic()
     with pytest.raises(ClientsMissingError) as error:
@@ -534,7 +535,7 @@ def test_waiting_for_clients_ends_with_a_clear_error():
 
 
 def test_each_wait_for_clients_has_its_own_deadline():
-    grid = TrackingGrid(TooFewNodes([]), EXPECTED, 2, wait_for_clients_timeout=0.2)
+    grid = TrackingGrid(TooFewNodes([]), RoundRules(EXPECTED, 2), wait_for_clients_timeout=0.2)
     grid.get_node_ids()
     time.sleep(0.3)
     grid.send_and_receive([])  # the strategy sent a round: the next poll starts a new wait

@@ -17,10 +17,11 @@ from .data import (
     DataArguments,
 )
 from .federation import (
+    DEFAULT_OUTPUT_DIR,
     SCHEDULE_SCOPES,
     TRANSFER_DTYPE_NAMES,
     FederationArguments,
-    parse_strategy_kwargs,
+    parse_json_object,
 )
 from .hub import (
     HUB_STRATEGIES,
@@ -31,7 +32,9 @@ from .hub import (
 from .model import OFFLINE_MODEL, ModelArguments, split_names
 from .parser import (
     ARGUMENT_GROUPS,
-    DEFAULT_OUTPUT_DIR,
+    NOT_TRAINING_FLAGS,
+    RUN_GROUPS,
+    TASK_GROUPS,
     HfFlowerParser,
     RunArguments,
     finalize,
@@ -42,6 +45,9 @@ from .parser import (
 __all__ = [
     "ARGUMENT_GROUPS",
     "DEFAULT_OUTPUT_DIR",
+    "NOT_TRAINING_FLAGS",
+    "RUN_GROUPS",
+    "TASK_GROUPS",
     "DataArguments",
     "FederationArguments",
     "HUB_STRATEGIES",
@@ -62,6 +68,6 @@ __all__ = [
     "finalize",
     "load_yaml_config",
     "parse_args",
-    "parse_strategy_kwargs",
+    "parse_json_object",
     "split_names",
 ]

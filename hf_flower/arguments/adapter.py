@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..tasks import TASK_DEFAULT_PEFT
 from .model import split_names
 
 PEFT_METHODS = ("auto", "none", "lora")
@@ -30,8 +29,6 @@ class PeftArguments:
         modules_to_save: Modules trained in full beside the adapters. Default: the modules that
             `from_pretrained` initialised fresh, i.e. the classification head (`classifier`;
             `pre_classifier` and `classifier` for DistilBERT).
-        save_merged: Also save each round's model with the adapters merged in, in `round-N/merged/`
-            (a plain `from_pretrained` folder; needs no peft to load).
     """
 
     peft: str = field(default="auto", metadata={"help": "Adapter method.", "choices": PEFT_METHODS})
@@ -43,9 +40,6 @@ class PeftArguments:
     )
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full; default: the freshly initialised head."}
-    )
-    save_merged: bool = field(
-        default=False, metadata={"help": "Also save each round with adapters merged, in round-N/merged/."}
     )
 
     def __post_init__(self):
@@ -62,10 +56,3 @@ class PeftArguments:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         self.lora_target_modules = split_names(self.lora_target_modules)
         self.modules_to_save = split_names(self.modules_to_save)
-
-    def resolve(self, task: str) -> None:
-        """Replace `auto` by the task's default method, then check what depends on it."""
-        if self.peft == "auto":
-            self.peft = TASK_DEFAULT_PEFT[task]
-        if self.save_merged and self.peft == "none":
-            raise ValueError("save_merged needs adapters to merge: add --peft lora, or drop --save_merged.")

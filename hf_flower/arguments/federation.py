@@ -8,19 +8,27 @@ from dataclasses import dataclass, field
 
 # hf_flower.weights.TRANSFER_DTYPES, named here so parsing arguments needs no torch.
 TRANSFER_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DEFAULT_OUTPUT_DIR = "outputs/hf-flower"
 # How far a client's learning-rate schedule reaches: the whole federated training, or one round.
 SCHEDULE_SCOPES = ("global", "round")
 
 
 @dataclass
 class FederationArguments:
-    """How the federation runs: rounds, clients, strategy and where the server saves rounds.
+    """How the federation runs: the Trainer, rounds, clients, strategy and where the server saves rounds.
 
     Args:
+        trainer: The Trainer factory every process calls, `make_trainer(context) -> Trainer`:
+            `module:function` or `path/to/script.py:function`. Empty: the built-in task of `--task`.
+        trainer_config: Settings of that factory, a JSON object (or a mapping): `context.config`.
+            In a simulation every process gets these; a deployed client passes its own.
+        output_dir: Where the server saves every round (`round-N/`), history.json and its logs.
         num_rounds: Aggregation rounds.
         num_clients: Clients (data partitions; in simulation also virtual SuperNodes).
-        local_epochs: Local epochs per round (replaces `TrainingArguments.num_train_epochs`;
-            `--max_steps` still caps the steps of a round, as in `Trainer`).
+        local_epochs: Local epochs per round. `TrainingArguments` describe the whole federated
+            training, as they describe one `trainer.train()`, and each round trains `1/num_rounds`
+            of it (`num_train_epochs`, or `max_steps` when set); `local_epochs` sets
+            `num_train_epochs = local_epochs * num_rounds` instead. Unset: the Trainer's own.
         strategy: Name of a strategy in `flwr.serverapp.strategy` (`FedAvg`, `FedProx`, `FedAdam`...).
         strategy_kwargs: Extra keyword arguments of that strategy, as a mapping or a JSON object
             (e.g. `{"proximal_mu": 0.1}`).
@@ -61,6 +69,8 @@ class FederationArguments:
             next round trains, so clients never wait for the server. While clients train, the
             evaluation uses one CPU thread, so it does not take the cores of clients that share
             the machine (simulation); `false` evaluates between rounds with every thread.
+        save_merged: Also save each round of an adapter model (PEFT) with the adapters merged in,
+            in `round-N/merged/` (a plain `from_pretrained` folder; needs no peft to load).
         fast_transport: Send each round through hf-flower's fast exchange
             (`hf_flower.transport`: weights a client holds sent by id, packed weights, replies
             polled every 0.2 s, training replies averaged as they arrive). `false`: Flower's own
@@ -69,9 +79,22 @@ class FederationArguments:
             and counted the same way on both, and both save the same aggregates.
     """
 
+    trainer: str = field(
+        default="",
+        metadata={"help": "Trainer factory `module:function` or `script.py:function` (default: --task)."},
+    )
+    trainer_config: dict | str | None = field(
+        default_factory=dict,
+        metadata={"help": "Settings of the Trainer factory (context.config), a JSON object."},
+    )
+    output_dir: str = field(
+        default=DEFAULT_OUTPUT_DIR, metadata={"help": "Where the server saves the rounds."}
+    )
     num_rounds: int = field(default=3, metadata={"help": "Aggregation rounds."})
     num_clients: int = field(default=2, metadata={"help": "Clients (data partitions)."})
-    local_epochs: float = field(default=1.0, metadata={"help": "Local epochs per round."})
+    local_epochs: float | None = field(
+        default=None, metadata={"help": "Local epochs per round (default: num_train_epochs / num_rounds)."}
+    )
     strategy: str = field(default="FedAvg", metadata={"help": "Strategy name in flwr.serverapp.strategy."})
     strategy_kwargs: dict | str | None = field(
         default_factory=dict, metadata={"help": "Strategy keyword arguments, as a JSON object."}
@@ -122,6 +145,10 @@ class FederationArguments:
         default=True,
         metadata={"help": "Evaluate and save each round while the next one trains (clients never wait)."},
     )
+    save_merged: bool = field(
+        default=False,
+        metadata={"help": "Also save each adapter round with adapters merged, in round-N/merged/."},
+    )
     fast_transport: bool = field(
         default=True,
         metadata={"help": "hf-flower's fast round exchange; false: Flower's own Grid.send_and_receive."},
@@ -136,11 +163,18 @@ class FederationArguments:
             raise ValueError(
                 f"Unknown transfer_dtype {self.transfer_dtype!r}; choose one of {list(TRANSFER_DTYPE_NAMES)}."
             )
-        self.strategy_kwargs = parse_strategy_kwargs(self.strategy_kwargs)
+        self.strategy_kwargs = parse_json_object(
+            self.strategy_kwargs, "strategy_kwargs", '{"proximal_mu": 0.1}'
+        )
+        self.trainer_config = parse_json_object(
+            self.trainer_config, "trainer_config", '{"model_name_or_path": "..."}'
+        )
+        if not self.output_dir:
+            raise ValueError("output_dir must name a folder, got an empty string.")
         for name in ("num_rounds", "num_clients"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.local_epochs <= 0:
+        if self.local_epochs is not None and self.local_epochs <= 0:
             raise ValueError(f"local_epochs must be positive, got {self.local_epochs}.")
         for name in ("fraction_train", "fraction_evaluate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -175,20 +209,19 @@ class FederationArguments:
             )
 
 
-def parse_strategy_kwargs(value: dict | str | None) -> dict:
-    """`--strategy_kwargs` as a dict: a mapping (from YAML) or a JSON object (from the command line
-    or the run config); anything else is an error naming the flag."""
-    example = "e.g. '{\"proximal_mu\": 0.1}'"
+def parse_json_object(value: dict | str | None, flag: str, example: str) -> dict:
+    """`--<flag>` as a dict: a mapping (from YAML or Python) or a JSON object (from the command line
+    or the run config); anything else is an error naming the flag and an `example`."""
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as err:
-            raise ValueError(f"--strategy_kwargs must be a JSON object ({example}): {err}") from None
+            raise ValueError(f"--{flag} must be a JSON object (e.g. '{example}'): {err}") from None
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ValueError(
-            f"--strategy_kwargs must be a JSON object of parameter names and values ({example}), "
+            f"--{flag} must be a JSON object of names and values (e.g. '{example}'), "
             f"not a {type(value).__name__}: {json.dumps(value, default=str)[:100]}"
         )
     return dict(value)

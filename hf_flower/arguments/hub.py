@@ -41,6 +41,8 @@ class HubArguments:
             failure is still reported; the rounds are always kept locally).
         hub_license: License in the model card's metadata (a Hub license id such as
             `apache-2.0`); that of the base model and data is yours to check. Omitted when unset.
+        hub_dataset: Hub id of the data set the model was trained on, for the model card's
+            metadata (`datasets:`). The built-in tasks fill it from `--dataset` when it is a Hub id.
     """
 
     push_to_hub: bool = field(default=False, metadata={"help": "Push every round to the Hub."})
@@ -57,6 +59,9 @@ class HubArguments:
     )
     hub_license: str | None = field(
         default=None, metadata={"help": "License id for the model card (e.g. apache-2.0)."}
+    )
+    hub_dataset: str | None = field(
+        default=None, metadata={"help": "Hub id of the training data set, named in the model card."}
     )
 
     def __post_init__(self):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..tasks import DEFAULT_TASK, TASK_NAMES
-
 OFFLINE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -23,8 +21,8 @@ class ModelArguments:
         freeze_modules: Modules whose parameters do not train, by (dotted) name or name suffix,
             e.g. `embeddings` or `encoder.layer.0`. Frozen weights never travel between server
             and clients. Comma-separated or space-separated.
-        task: `text-classification` (a sequence classifier) or `causal-lm` (supervised
-            fine-tuning of a causal language model).
+        task: The built-in task: `text-classification` (a sequence classifier, the default) or
+            `causal-lm` (supervised fine-tuning of a causal language model); `hf_flower.tasks`.
         load_in_4bit: QLoRA (`causal-lm` with `--peft lora`): each client loads the base model
             quantized to 4 bits (bitsandbytes NF4) and trains LoRA adapters on it, in a quarter
             of the memory. The server keeps the base in full precision: it evaluates and merges
@@ -32,7 +30,8 @@ class ModelArguments:
     """
 
     task: str = field(
-        default=DEFAULT_TASK, metadata={"help": "What to fine-tune for.", "choices": TASK_NAMES}
+        default="text-classification",
+        metadata={"help": "Built-in task: text-classification or causal-lm (hf_flower.tasks)."},
     )
 
     model_name_or_path: str = field(
@@ -58,8 +57,6 @@ class ModelArguments:
     )
 
     def __post_init__(self):
-        if self.task not in TASK_NAMES:
-            raise ValueError(f"Unknown task {self.task!r}; choose one of {list(TASK_NAMES)}.")
         if self.num_labels is not None and self.num_labels < 2:
             raise ValueError(f"num_labels must be at least 2 for classification, got {self.num_labels}.")
         self.freeze_modules = split_names(self.freeze_modules)

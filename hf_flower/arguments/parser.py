@@ -18,9 +18,10 @@ from .federation import FederationArguments
 from .hub import HUB_TRAINING_FIELDS, SECRET_TRAINING_FIELDS, HubArguments
 from .model import ModelArguments
 
-DEFAULT_OUTPUT_DIR = "outputs/hf-flower"
-
-
+# Every federated run: how it federates, and what the server saves and pushes.
+RUN_GROUPS = (FederationArguments, HubArguments)
+# The built-in tasks' own settings (`--task`): their model, data, adapters and TrainingArguments.
+TASK_GROUPS = (ModelArguments, DataArguments, TrainingArguments, PeftArguments)
 ARGUMENT_GROUPS = (
     ModelArguments,
     DataArguments,
@@ -29,6 +30,10 @@ ARGUMENT_GROUPS = (
     PeftArguments,
     HubArguments,
 )
+# TrainingArguments fields that are no flags: the Hub's (`HubArguments` owns them) and `output_dir`
+# (`FederationArguments.output_dir`, where the server saves the rounds; a client's Trainer writes no
+# checkpoints).
+NOT_TRAINING_FLAGS = (*HUB_TRAINING_FIELDS, "output_dir")
 
 
 @dataclass
@@ -50,14 +55,13 @@ class HfFlowerParser(HfArgumentParser):
     override them, and a key that no group knows is an error that names it.
     """
 
-    def __init__(self, extra_groups: tuple = ()):
+    def __init__(self, extra_groups: tuple = (), groups: tuple = ARGUMENT_GROUPS):
         self._group_fields: dict[type, list[str]] = {}
-        super().__init__(ARGUMENT_GROUPS + tuple(extra_groups))
-        self.set_defaults(output_dir=DEFAULT_OUTPUT_DIR)
+        super().__init__(tuple(groups) + tuple(extra_groups))
 
     def _add_dataclass_arguments(self, dtype) -> None:
-        """Add a group's flags, leaving out TrainingArguments' Hub fields (`HubArguments` owns them)."""
-        skip = set(HUB_TRAINING_FIELDS) if issubclass(dtype, TrainingArguments) else set()
+        """Add a group's flags, leaving out TrainingArguments' `NOT_TRAINING_FLAGS`."""
+        skip = set(NOT_TRAINING_FLAGS) if issubclass(dtype, TrainingArguments) else set()
         names = [f.name for f in dataclasses.fields(dtype) if f.init and f.name not in skip]
         self._group_fields[dtype] = names
         if not skip:
@@ -89,9 +93,13 @@ class HfFlowerParser(HfArgumentParser):
         if unknown:
             raise ValueError(f"Unknown arguments {unknown}; see --help for the flags.")
         # Each group gets the flags it added (HfArgumentParser would also hand TrainingArguments
-        # the Hub flags of `HubArguments`, which share their names).
+        # the flags of `HubArguments` and `FederationArguments` that share their names).
         return tuple(
             dtype(**{name: getattr(namespace, name) for name in self._group_fields[dtype]})
+            if not issubclass(dtype, TrainingArguments)
+            else dtype(
+                output_dir=None, **{name: getattr(namespace, name) for name in self._group_fields[dtype]}
+            )
             for dtype in self.dataclass_types
         )
 
@@ -111,7 +119,7 @@ def load_yaml_config(path: str | Path, groups) -> dict[str, Any]:
         f.name
         for group in groups
         for f in dataclasses.fields(group)
-        if not (issubclass(group, TrainingArguments) and f.name in HUB_TRAINING_FIELDS)
+        if not (issubclass(group, TrainingArguments) and f.name in NOT_TRAINING_FLAGS)
     }
     secret = sorted(set(config) & set(SECRET_TRAINING_FIELDS))
     if secret:
@@ -142,16 +150,17 @@ def parse_args(args: list[str] | None = None) -> RunArguments:
 
 
 def finalize(run_args: RunArguments) -> RunArguments:
-    """Cross-group checks and the settings a federated client's Trainer always needs."""
+    """Checks across groups: `--local_epochs` and `--num_train_epochs` say one thing."""
     training, federation = run_args.training, run_args.federation
-    default_epochs = _training_field_default("num_train_epochs")
-    if training.num_train_epochs not in (default_epochs, federation.local_epochs):
-        raise ValueError(
-            f"num_train_epochs={training.num_train_epochs} is ambiguous in a federation: use "
-            "--local_epochs for the epochs of local training in each round."
-        )
-    training.num_train_epochs = federation.local_epochs
-    run_args.peft.resolve(run_args.model.task)
+    if federation.local_epochs is not None:
+        whole_run = federation.local_epochs * federation.num_rounds
+        default_epochs = _training_field_default("num_train_epochs")
+        if training.num_train_epochs not in (default_epochs, whole_run):
+            raise ValueError(
+                f"--num_train_epochs {training.num_train_epochs:g} (the whole federated training) and "
+                f"--local_epochs {federation.local_epochs:g} per round x {federation.num_rounds} rounds "
+                "disagree: give one of them."
+            )
     return run_args
 
 

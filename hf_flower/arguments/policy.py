@@ -4,6 +4,9 @@ A client executes whatever run the SuperLink hands it, and whoever reaches the S
 submit a run. So the run config is untrusted input on the client, checked when it is read (before
 any model, data or `TrainingArguments` is built from it):
 
+- a run config that names a Trainer factory (`federation.trainer`) is refused unless the client's
+  operator is the run's operator (a simulation): a server never makes a client import code. A client
+  runs its own factory (`hf_flower.main(make_trainer)`, `hf-flower client --trainer`) or a built-in task;
 - `model.trust-remote-code` is refused unless the client's own operator allowed remote code
   (`hf-flower client --trust_remote_code`);
 - with `--allowed_models`, any other model (or revision, or tokenizer) is refused;
@@ -22,6 +25,7 @@ A refusal is a `RunRefused` error; the ClientApp sends it to the server as this 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,9 +37,10 @@ if TYPE_CHECKING:
 
 TRUST_REMOTE_CODE_ENV = "HF_FLOWER_TRUST_REMOTE_CODE"
 ALLOWED_MODELS_ENV = "HF_FLOWER_ALLOWED_MODELS"
+RUN_CONFIG_TRAINER_ENV = "HF_FLOWER_RUN_CONFIG_TRAINER"
 
 # TrainingArguments a server may set on a client: what to compute and how fast. The fields the
-# client replaces with its own values (`client_app.build_trainer`: output_dir, save and eval
+# client replaces with its own values (`client.round_driver.RoundDriver`: output_dir, save and eval
 # strategy, best model) are harmless and listed so that every run config passes them.
 SERVER_SETTABLE_TRAINING_FIELDS = frozenset(
     {
@@ -104,10 +109,13 @@ class ClientPolicy:
         trust_remote_code: Let a run load models whose repository ships its own Python code.
         allowed_models: Model ids or folders this client may load, each optionally pinned to a
             revision (`id@revision`); empty: any model.
+        run_config_trainer: Import the Trainer factory the run config names (a simulation, whose
+            run config is its operator's own).
     """
 
     trust_remote_code: bool = False
     allowed_models: tuple[str, ...] = ()
+    run_config_trainer: bool = False
 
     @classmethod
     def from_flags(cls, trust_remote_code: bool, allowed_models: str | None) -> ClientPolicy:
@@ -127,21 +135,26 @@ class ClientPolicy:
 
     @classmethod
     def of_operator(cls, run_config: Mapping[str, Any]) -> ClientPolicy:
-        """In simulation the operator is every client: remote code exactly when its own run allows it."""
-        return cls(trust_remote_code=run_config.get("model.trust-remote-code") is True)
+        """In simulation the operator is every client: remote code exactly when its own run allows
+        it, and the Trainer factory its run config names."""
+        return cls(
+            trust_remote_code=run_config.get("model.trust-remote-code") is True, run_config_trainer=True
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientPolicy:
         """The policy this process was started with (`to_env`); nothing allowed when unset."""
         environ = os.environ if environ is None else environ
         allowed = environ.get(ALLOWED_MODELS_ENV, "")
-        return cls.from_flags(environ.get(TRUST_REMOTE_CODE_ENV, "") == "1", allowed or None)
+        policy = cls.from_flags(environ.get(TRUST_REMOTE_CODE_ENV, "") == "1", allowed or None)
+        return dataclasses.replace(policy, run_config_trainer=environ.get(RUN_CONFIG_TRAINER_ENV, "") == "1")
 
     def to_env(self) -> dict[str, str]:
         """The environment that carries this policy to the ClientApp of this process and its children."""
         return {
             TRUST_REMOTE_CODE_ENV: "1" if self.trust_remote_code else "0",
             ALLOWED_MODELS_ENV: ",".join(self.allowed_models),
+            RUN_CONFIG_TRAINER_ENV: "1" if self.run_config_trainer else "0",
         }
 
     def check(self, model_args: ModelArguments, training_kwargs: Mapping[str, Any]) -> None:

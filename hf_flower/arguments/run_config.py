@@ -17,7 +17,6 @@ from typing import Any
 from transformers import TrainingArguments
 
 from . import (
-    HUB_TRAINING_FIELDS,
     DataArguments,
     FederationArguments,
     HubArguments,
@@ -25,12 +24,12 @@ from . import (
     PeftArguments,
     RunArguments,
 )
+from .parser import NOT_TRAINING_FLAGS
 
 # TrainingArguments that get their own run-config key (`training.<kebab-name>`), so they can be
 # set with `flwr run . --run-config`. Any other field travels in `training.extra` as JSON. Clients
-# follow only the fields of `client_policy.SERVER_SETTABLE_TRAINING_FIELDS`.
+# follow only the fields of `policy.SERVER_SETTABLE_TRAINING_FIELDS`.
 RUN_CONFIG_TRAINING_FIELDS = (
-    "output_dir",
     "learning_rate",
     "per_device_train_batch_size",
     "per_device_eval_batch_size",
@@ -80,25 +79,35 @@ def _decode(value: Any, annotation: Any) -> Any:
 
 
 def training_overrides(training: TrainingArguments) -> dict[str, Any]:
-    """The TrainingArguments fields that differ from their defaults, as JSON-able values."""
+    """The TrainingArguments fields that differ from their defaults, as JSON-able values (never
+    `output_dir`: a client's Trainer writes no checkpoints; the server's rounds go to
+    `FederationArguments.output_dir`)."""
     defaults = TrainingArguments(output_dir=training.output_dir).to_dict()
     current = training.to_dict()
     return {
         name: value
         for name, value in current.items()
-        if value != defaults.get(name) and name not in HUB_TRAINING_FIELDS and not name.startswith("_")
+        if value != defaults.get(name) and name not in NOT_TRAINING_FLAGS and not name.startswith("_")
     }
 
 
-def to_run_config(run_args: RunArguments) -> dict[str, bool | int | float | str]:
-    """Flatten all groups into Flower's run config (`group.kebab-name = value`)."""
+def groups_to_run_config(*groups) -> dict[str, bool | int | float | str]:
+    """Flatten argument groups (`FederationArguments`, `HubArguments`, ...) into Flower's run config
+    (`group.kebab-name = value`)."""
     config: dict[str, Any] = {}
-    for group in (run_args.model, run_args.data, run_args.federation, run_args.peft, run_args.hub):
+    for group in groups:
         prefix = RUN_CONFIG_PREFIXES[type(group)]
         for f in dataclasses.fields(group):
             config[f"{prefix}.{_kebab(f.name)}"] = _encode(getattr(group, f.name))
+    return config
+
+
+def to_run_config(run_args: RunArguments) -> dict[str, bool | int | float | str]:
+    """Flatten all groups of a built-in task's run into Flower's run config."""
+    config = groups_to_run_config(
+        run_args.model, run_args.data, run_args.federation, run_args.peft, run_args.hub
+    )
     overrides = training_overrides(run_args.training)
-    overrides.pop("num_train_epochs", None)  # federation.local-epochs carries it
     for name in RUN_CONFIG_TRAINING_FIELDS:
         value = overrides.pop(name, None)
         if value is None:
@@ -106,6 +115,18 @@ def to_run_config(run_args: RunArguments) -> dict[str, bool | int | float | str]
         config[f"training.{_kebab(name)}"] = _encode(value)
     config["training.extra"] = json.dumps(overrides, sort_keys=True)
     return config
+
+
+def group_from_run_config(group_cls: type, run_config: dict[str, Any]):
+    """One argument group (`FederationArguments`, ...) from Flower's run config; keys it lacks keep
+    their defaults."""
+    prefix = RUN_CONFIG_PREFIXES[group_cls]
+    kwargs = {}
+    for name, annotation in typing.get_type_hints(group_cls).items():
+        key = f"{prefix}.{_kebab(name)}"
+        if key in run_config:
+            kwargs[name] = _decode(run_config[key], annotation)
+    return group_cls(**kwargs)
 
 
 def from_run_config(
@@ -116,14 +137,9 @@ def from_run_config(
     `policy` (a client's `ClientPolicy.check`) sees the model arguments and the TrainingArguments
     keyword arguments before anything is built from them, and raises to refuse the run.
     """
-    groups = []
-    for group_cls, prefix in RUN_CONFIG_PREFIXES.items():
-        kwargs = {}
-        for name, annotation in typing.get_type_hints(group_cls).items():
-            key = f"{prefix}.{_kebab(name)}"
-            if key in run_config:
-                kwargs[name] = _decode(run_config[key], annotation)
-        groups.append(group_cls(**kwargs))
+    model, data, federation, peft, hub = (
+        group_from_run_config(group_cls, run_config) for group_cls in RUN_CONFIG_PREFIXES
+    )
     training_kwargs = json.loads(run_config.get("training.extra") or "{}")
     if not isinstance(training_kwargs, dict):
         raise ValueError(f"training.extra must be a JSON object (field: value), got {training_kwargs!r}.")
@@ -135,20 +151,15 @@ def from_run_config(
     unknown = sorted(set(training_kwargs) - set(annotations))
     if unknown:
         raise ValueError(f"training.extra names fields TrainingArguments does not have: {unknown}.")
-    model, data, federation, peft, hub = groups
     if policy is not None:
         policy(model, training_kwargs)
-    refused = sorted(set(training_kwargs) & set(HUB_TRAINING_FIELDS))
+    refused = sorted(set(training_kwargs) & set(NOT_TRAINING_FLAGS))
     if refused:
         raise ValueError(
-            f"training.extra sets {refused}: a run config carries no Hub token and no Hub settings of "
-            "TrainingArguments (the server pushes rounds with the hub.* keys; tokens come from HF_TOKEN "
-            "or `hf auth login`). Remove them from the run config."
+            f"training.extra sets {refused}: a run config carries no Hub token, no Hub settings and no "
+            "output_dir of TrainingArguments (the server saves rounds in federation.output-dir and pushes "
+            "them with the hub.* keys; tokens come from HF_TOKEN or `hf auth login`). Remove them from "
+            "the run config."
         )
-    training_kwargs["num_train_epochs"] = federation.local_epochs
-    # Imported here: it brings Flower and accelerate, which mapping a run config does not need.
-    from ..client.ranks import join_launched_processes
-
-    training = TrainingArguments(**join_launched_processes(training_kwargs))
-    peft.resolve(model.task)  # `flwr run .` passes the pyproject's `auto`
+    training = TrainingArguments(**training_kwargs)
     return RunArguments(model, data, federation, training, peft, hub)

@@ -2,8 +2,7 @@
 
 A job is the message's small parts as JSON (metadata, config, run and node config) and its
 weights as tensors, broadcast with `torch.distributed` one by one: nothing is pickled. In a plain
-single process every function here is a no-op. `join_launched_processes` keeps a client's
-`TrainingArguments` on the process group that `accelerate launch` joined.
+single process every function here is a no-op.
 """
 
 from __future__ import annotations
@@ -141,16 +140,3 @@ def receive_job() -> tuple[Message, Context] | None:
         run_config=header["run_config"],
     )
     return Message(metadata=metadata, content=content), context
-
-
-def join_launched_processes(training_kwargs: dict) -> dict:
-    """TrainingArguments kwargs that keep the process group of an `accelerate launch`.
-
-    A `TrainingArguments` built without `use_configured_state` resets Accelerate's state, so in a
-    process whose ranks already joined (a multi-rank client) every one must reuse that state.
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return training_kwargs
-    accelerator_config = dict(training_kwargs.get("accelerator_config") or {})
-    accelerator_config["use_configured_state"] = True
-    return {**training_kwargs, "accelerator_config": accelerator_config, "ddp_find_unused_parameters": False}

@@ -1,35 +1,50 @@
-"""The `Trainer` a client runs each round, made to mean the whole federated training.
+"""The round driver: one client's rounds, run on the Trainer the user's `make_trainer` built.
 
-A client builds a fresh `Trainer` for every round (new weights arrive each time), and a fresh
-`Trainer` on its own would restart everything a Hugging Face user expects to run once across
-training: the learning-rate schedule would warm up and decay inside every round, every round
-would see the data in the same order, and the optimizer's moments would start from zero. Here:
+A client process builds its Trainer once and trains it every round. `TrainingArguments` keep the
+meaning they have for one `trainer.train()`: they describe the whole federated training, and each
+round trains its share of it. For every round the driver
 
-- `RoundSchedule`: round r continues the schedule where round r-1 left it. The schedule spans
-  `num_rounds * local_steps` steps and round r starts at global step `(r - 1) * local_steps`, so
-  warm-up happens once and a linear or cosine schedule ends at the last round
-  (`--schedule_scope round` restarts it every round instead).
-- `round_seed`: each round gets its own seed (from `--seed` and the round), so the data order and
-  dropout differ between rounds and are the same in every run with that seed.
-- `OptimizerStateStore`: with `--keep_optimizer_state`, the optimizer's state (AdamW's moments)
-  is kept between rounds on the client side, never in a message to the server.
-- `TaskDeadline`: training stops when the message it answers expires (the server makes each
-  message expire when its round's `--round_timeout` ends): a reply after that is dropped anyway.
+- loads the server's weights into the model's trainable part (`weights.set_weights`);
+- sets the round's share of the training: `max_steps / num_rounds` steps when `max_steps` is set,
+  else `num_train_epochs / num_rounds` epochs (or `--local_epochs` per round);
+- seeds the round (`round_seed`): a new data order and dropout every round, the same in every run;
+- creates a fresh optimizer and adds the round's callbacks (`callbacks.py`): one learning-rate
+  schedule across rounds, optionally the optimizer state of the previous round, FedProx's proximal
+  term, the message's deadline. An optimizer and scheduler the user passed (`optimizers=`) are kept
+  and simply go on from round to round;
+- trains, and returns the trainable weights and the metrics the server validates.
+
+Clients never write checkpoints, evaluate during training or push to the Hub: the federation
+evaluates each round, and the server saves and pushes the aggregates.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import time
+import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
-from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback, get_scheduler
+from accelerate.optimizer import AcceleratedOptimizer
+from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
+from transformers.trainer_utils import IntervalStrategy, SaveStrategy
 
-OPTIMIZER_STATE_KEY = "optimizer-state"
+from ..arguments import FederationArguments
+from ..constants import NUM_EXAMPLES_KEY
+from ..weights import set_weights
+from .callbacks import (
+    GlobalSchedule,
+    KeptOptimizerState,
+    OptimizerStateStore,
+    ProximalTerm,
+    RoundSchedule,
+    TaskDeadline,
+    TaskExpiredError,
+)
+
+# Evaluation metrics a client does not report: throughput, which says more about the machine than
+# the model.
+UNREPORTED_EVAL_SUFFIXES = ("_per_second", "_model_preparation_time")
 
 
 def round_seed(seed: int, server_round: int) -> int:
@@ -37,161 +52,147 @@ def round_seed(seed: int, server_round: int) -> int:
     return int(np.random.SeedSequence([seed, server_round]).generate_state(1)[0])
 
 
-@dataclasses.dataclass(frozen=True)
-class RoundSchedule:
-    """Where one round sits in the learning-rate schedule of the whole federated training."""
+def round_share(max_steps: int, num_train_epochs: float, federation: FederationArguments) -> dict:
+    """The `TrainingArguments` of one round's training, from those of the whole training.
 
-    server_round: int
-    num_rounds: int
-    scope: str = "global"
-
-    def span(self, local_steps: int) -> tuple[int, int]:
-        """(global step at which this round starts, steps of the whole schedule)."""
-        if self.scope == "round":
-            return 0, local_steps
-        return (self.server_round - 1) * local_steps, self.num_rounds * local_steps
-
-
-def _at_global_step(lr_lambda, offset: int, step: int) -> float:
-    return lr_lambda(step + offset)
-
-
-def shifted_scheduler(scheduler: LambdaLR, offset: int) -> LambdaLR:
-    """`scheduler` started `offset` steps in: local step k gets the factor of step `offset + k`."""
-    lambdas = [functools.partial(_at_global_step, fn, offset) for fn in scheduler.lr_lambdas]
-    # The first scheduler already recorded each group's `initial_lr`, which this one starts from.
-    return LambdaLR(scheduler.optimizer, lambdas)
-
-
-class OptimizerStateStore:
-    """An optimizer's state kept in a client-side `RecordDict` between rounds.
-
-    In simulation and on a SuperNode the store is the node's `Context.state`, which Flower keeps
-    on the client side (a partition that lands in another worker finds it there) and never sends
-    to the server. Only the per-parameter state travels into it: the learning rate and other
-    hyperparameters of the groups stay those of the new round's optimizer.
+    As in `Trainer`, `max_steps > 0` takes precedence over epochs; `--local_epochs` sets the epochs
+    of a round directly.
     """
-
-    def __init__(self, state: RecordDict):
-        self.state = state
-
-    def save(self, optimizer: torch.optim.Optimizer) -> None:
-        saved = optimizer.state_dict()
-        tensors = {
-            f"{param}.{name}": value if torch.is_tensor(value) else torch.tensor(value)
-            for param, values in saved["state"].items()
-            for name, value in values.items()
-        }
-        self.state[OPTIMIZER_STATE_KEY] = ArrayRecord({k: v.detach().cpu() for k, v in tensors.items()})
-
-    def load(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Restore the saved state into `optimizer`; False when there is none yet."""
-        if OPTIMIZER_STATE_KEY not in self.state.array_records:
-            return False
-        state: dict[int, dict] = {}
-        for key, tensor in self.state[OPTIMIZER_STATE_KEY].to_torch_state_dict().items():
-            param, name = key.split(".", 1)
-            state.setdefault(int(param), {})[name] = tensor
-        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-        return True
+    if max_steps > 0:
+        return {"max_steps": math.ceil(max_steps / federation.num_rounds)}
+    epochs = federation.local_epochs or num_train_epochs / federation.num_rounds
+    return {"max_steps": -1, "num_train_epochs": epochs}
 
 
-class FederatedTrainer(Trainer):
-    """`Trainer` for one client round.
+class RoundDriver:
+    """Runs a client's rounds on `trainer`, whatever its class (a `Trainer` subclass, a TRL trainer)."""
 
-    Adds FedProx's proximal term `mu / 2 * ||w - w_global||^2` when mu > 0, a learning-rate
-    schedule that spans rounds (`round_schedule`), and an optimizer that continues from the state
-    of the previous round (`optimizer_store`).
-    """
+    def __init__(self, trainer: Trainer, federation: FederationArguments):
+        args = trainer.args
+        self.trainer = trainer
+        self.federation = federation
+        self.seed, self.data_seed = args.seed, args.data_seed
+        self.share = round_share(args.max_steps, args.num_train_epochs, federation)
+        # An optimizer and scheduler the user passed (`optimizers=`) are theirs: they go on from
+        # round to round as they would in one long `train()`. Ours are made afresh each round.
+        self.own_optimizer = trainer.optimizer is None
+        self.own_scheduler = trainer.lr_scheduler is None
 
-    def __init__(
+    def train(
         self,
-        *args,
+        weights: Mapping,
+        server_round: int,
+        *,
         proximal_mu: float = 0.0,
-        round_schedule: RoundSchedule | None = None,
+        deadline: float | None = None,
         optimizer_store: OptimizerStateStore | None = None,
-        **kwargs,
-    ):
-        super().__init__(*args, **kwargs)
-        # A sequence classifier's loss is a per-batch mean that ignores `num_items_in_batch`; left
-        # True, Trainer multiplies it by the number of ranks (2x the loss under 2-rank DDP).
-        self.model_accepts_loss_kwargs = False
-        self.proximal_mu = proximal_mu
-        self.round_schedule = round_schedule
-        self.optimizer_store = optimizer_store
-        self.global_params = (
-            [p.detach().clone() for p in self.model.parameters() if p.requires_grad]
-            if proximal_mu > 0
-            else []
-        )
-
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
-        if self.optimizer_store is not None:
-            self.optimizer_store.load(optimizer)
-        return optimizer
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.round_schedule is None or self.lr_scheduler is not None:
-            return super().create_scheduler(num_training_steps, optimizer)
-        optimizer = optimizer or self.optimizer
-        offset, total = self.round_schedule.span(num_training_steps)
-        scheduler = get_scheduler(
-            self.args.lr_scheduler_type,
-            optimizer=optimizer,
-            num_warmup_steps=self.args.get_warmup_steps(total),
-            num_training_steps=total,
-            scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
-        )
-        if not isinstance(scheduler, LambdaLR):
+        callbacks: tuple[TrainerCallback, ...] = (),
+    ) -> dict[str, float]:
+        """Train round `server_round` from `weights`; the round's metrics (the weights stay in the model)."""
+        trainer = self.trainer
+        if trainer.train_dataset is None:
             raise ValueError(
-                f"lr_scheduler_type={self.args.lr_scheduler_type!r} is not a schedule over steps, so it "
-                "cannot span rounds. Use a step schedule (linear, cosine, ...) or --schedule_scope round."
+                "make_trainer returned a Trainer without a train_dataset on a client: give it the "
+                "client's training data (e.g. `train_dataset=context.partition(dataset['train'])`)."
             )
-        self.lr_scheduler = shifted_scheduler(scheduler, offset) if offset else scheduler
-        self._created_lr_scheduler = True
-        return self.lr_scheduler
+        set_weights(trainer.model, weights)
+        self._prepare(server_round)
+        schedule = RoundSchedule(server_round, self.federation.num_rounds, self.federation.schedule_scope)
+        expiry = TaskDeadline(deadline) if deadline is not None else None
+        added = [GlobalSchedule(schedule)] if self.own_scheduler else []
+        added += callbacks
+        if optimizer_store is not None:
+            added.append(KeptOptimizerState(optimizer_store))
+        if proximal_mu > 0:
+            added.append(ProximalTerm(proximal_mu, trainer.model))
+        if expiry is not None:
+            added.append(expiry)
+        for callback in added:
+            trainer.add_callback(callback)
+        try:
+            output = trainer.train()
+        finally:
+            for callback in added:
+                trainer.remove_callback(callback)
+        if expiry is not None and expiry.expired:
+            raise TaskExpiredError(
+                f"the server's message expired after {output.global_step} training steps: its round "
+                "ended (--round_timeout) before this client finished; raise --round_timeout or lower "
+                "the local work (--max_steps, --local_epochs)"
+            )
+        return {
+            "train_loss": mean_over_ranks(trainer, output.training_loss),
+            "train_runtime": float(output.metrics["train_runtime"]),
+            "train_steps": int(output.global_step),
+            NUM_EXAMPLES_KEY: num_examples(trainer.train_dataset, output.global_step, trainer),
+        }
 
-    def train(self, *args, **kwargs):
-        output = super().train(*args, **kwargs)
-        if self.optimizer_store is not None:
-            self.optimizer_store.save(self.optimizer)
-        return output
+    def _prepare(self, server_round: int) -> None:
+        """The round's share, seed and fresh optimizer; no checkpoints, no evaluation inside it."""
+        trainer, args = self.trainer, self.trainer.args
+        for name, value in self.share.items():
+            setattr(args, name, value)
+        args.seed = round_seed(self.seed, server_round)
+        if self.data_seed is not None:
+            # Accelerate took the data seed when the Trainer was built: its sampler reads it there.
+            args.data_seed = round_seed(self.data_seed, server_round)
+            trainer.accelerator.dataloader_config.data_seed = args.data_seed
+        # What Trainer.__init__ does with the seed; without a data_seed, accelerate's sampler draws
+        # the order from this seed too.
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        args.save_strategy = SaveStrategy.NO
+        args.eval_strategy = IntervalStrategy.NO
+        args.load_best_model_at_end = False
+        args.eval_on_start = False
+        args.push_to_hub = False
+        if self.own_optimizer:
+            trainer.optimizer = None
+        elif isinstance(trainer.optimizer, AcceleratedOptimizer):
+            trainer.optimizer = trainer.optimizer.optimizer  # the Trainer wraps it again each train()
 
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
-        if self.proximal_mu <= 0:
-            return result
-        loss, outputs = result if return_outputs else (result, None)
-        local_params = [p for p in model.parameters() if p.requires_grad]
-        proximal = sum((p - g).pow(2).sum() for p, g in zip(local_params, self.global_params))
-        loss = loss + self.proximal_mu / 2 * proximal
-        return (loss, outputs) if return_outputs else loss
+    def evaluate(self, weights: Mapping) -> dict[str, float]:
+        """The model with `weights`, evaluated on the client's `eval_dataset`: every numeric
+        `eval_*` metric `trainer.evaluate()` returns (the user's `compute_metrics` included)."""
+        trainer = self.trainer
+        if trainer.eval_dataset is None:
+            raise ValueError(
+                "make_trainer returned a Trainer without an eval_dataset on a client: give it the "
+                "client's own held-out examples, or set --fraction_evaluate 0 to skip federated evaluation."
+            )
+        set_weights(trainer.model, weights)
+        metrics = reported_eval_metrics(trainer.evaluate())
+        metrics[NUM_EXAMPLES_KEY] = num_examples(trainer.eval_dataset)
+        return metrics
 
 
-class TaskExpiredError(RuntimeError):
-    """The message a client was training for expired: its round is over on the server."""
+def reported_eval_metrics(metrics: Mapping) -> dict[str, float]:
+    """The evaluation metrics worth reporting: every finite number named `eval_*` but throughput."""
+    return {
+        name: float(value)
+        for name, value in metrics.items()
+        if name.startswith("eval_")
+        and not name.endswith(UNREPORTED_EVAL_SUFFIXES)
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    }
 
 
-class TaskDeadline(TrainerCallback):
-    """Stop training at `deadline` (a `time.time()` value: the message's `created_at + ttl`, as
-    Flower itself reads it, so client and server clocks are assumed to agree as Flower assumes).
+def num_examples(dataset, steps: int = 0, trainer: Trainer | None = None) -> int:
+    """Examples a client reports for a data set (FedAvg weighs it by them): its length, or for a
+    streamed (`IterableDataset`) training set, the examples its `steps` drew."""
+    if isinstance(dataset, Mapping):
+        return sum(num_examples(part) for part in dataset.values())
+    try:
+        return len(dataset)
+    except TypeError:
+        if trainer is None:
+            raise ValueError("a streamed eval_dataset has no length to report: give a Dataset") from None
+        args = trainer.args
+        return steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
-    Under `accelerate launch` every rank stops at the same step: the ranks agree on "expired" with
-    one all-reduce per step, or a rank that stopped alone would leave the others waiting in the
-    next gradient all-reduce. `expired` says whether it stopped training.
-    """
 
-    def __init__(self, deadline: float):
-        self.deadline = deadline
-        self.expired = False
-
-    def on_step_end(self, args, state, control, **kwargs):
-        expired = torch.tensor([float(time.time() > self.deadline)])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_backend() == "nccl":
-                expired = expired.cuda()
-            torch.distributed.all_reduce(expired, op=torch.distributed.ReduceOp.MAX)
-        if expired.item() > 0:
-            self.expired = control.should_training_stop = True
-        return control
+def mean_over_ranks(trainer: Trainer, value: float) -> float:
+    """A per-rank average made global: each DDP rank only averages the loss of its own shard."""
+    tensor = torch.tensor(float(value), device=trainer.accelerator.device)
+    return float(trainer.accelerator.reduce(tensor, reduction="mean"))

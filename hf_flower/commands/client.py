@@ -21,8 +21,15 @@ With the federation's own CA (`hf-flower make-certs`), SuperNode authentication,
         --auth_private_key keys/client-0 --data_path my_reviews.csv \
         --allowed_models sentence-transformers/all-MiniLM-L6-v2@main
 
-The run config the server sends is checked before it is used (`hf_flower/client_policy.py`):
-remote model code only with --trust_remote_code, Hub, file and process settings never.
+With your own Trainer (a script whose `make_trainer(context)` builds it; `python my_script.py client
+...` is the same, see `hf_flower.main`):
+
+    hf-flower client --superlink server.example.org:9092 --trainer my_script.py:make_trainer \
+        --trainer_config '{"model_name_or_path": "..."}' --data_path my_reviews.csv
+
+The run config the server sends is checked before it is used (`hf_flower/arguments/policy.py`):
+a client runs its own Trainer factory or a built-in task, never one a server names; remote model
+code only with --trust_remote_code; Hub, file and process settings never.
 """
 
 import sys
@@ -32,7 +39,9 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from ..arguments import parse_json_object
 from ..arguments.policy import ClientPolicy
+from ..factory import factory_ref
 from ..launch.client import ClientOptions, run_client
 from ..transport.supernode import DEFAULT_PULL_INTERVAL
 
@@ -60,6 +69,10 @@ class ClientArguments:
             default is 30). The server declares a client dead after two missed ones, so a shorter
             interval frees a round from a crashed client sooner.
         work_dir: Folder for this client's logs.
+        trainer: This client's Trainer factory, `module:function` or `path/to/script.py:function`
+            (its `make_trainer`); without it, the built-in task the server's run names.
+        trainer_config: Settings of that factory (`context.config`), a JSON object: this client's
+            own, never the server's.
     """
 
     superlink: str = field(metadata={"help": "SuperLink address, HOST:PORT."})
@@ -87,6 +100,12 @@ class ClientArguments:
         default=None, metadata={"help": "Seconds between heartbeats, 10-1800 (default: Flower's 30)."}
     )
     work_dir: str | None = field(default=None, metadata={"help": "Folder for the client's logs."})
+    trainer: str | None = field(
+        default=None, metadata={"help": "Trainer factory, `module:function` or `script.py:function`."}
+    )
+    trainer_config: str | None = field(
+        default=None, metadata={"help": "Settings of the Trainer factory (context.config), a JSON object."}
+    )
 
     def node_config(self) -> dict:
         if self.pull_interval <= 0:
@@ -106,10 +125,19 @@ class ClientArguments:
         return {"partition-id": self.partition_id, "num-partitions": self.num_partitions}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, factory=None) -> int:
+    """`hf-flower client ARGS`; `factory`: the `make_trainer` of the script that runs it
+    (`hf_flower.main`), which then takes no `--trainer`."""
     (args,) = HfArgumentParser(ClientArguments).parse_args_into_dataclasses(argv)
     try:
+        if factory is not None and args.trainer:
+            raise ValueError("--trainer: this script's own make_trainer is the client's Trainer factory.")
         options = ClientOptions(
+            trainer=factory_ref(factory or args.trainer) if (factory or args.trainer) else None,
+            factory=factory,
+            trainer_config=parse_json_object(
+                args.trainer_config, "trainer_config", '{"model_name_or_path": "..."}'
+            ),
             superlink=args.superlink,
             node_config=args.node_config(),
             work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="hf-flower-client-")),

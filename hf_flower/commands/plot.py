@@ -1,4 +1,4 @@
-"""Draw the per-round accuracy and loss of a run (from its history.json) as a PNG:
+"""Draw the per-round metrics (accuracy, ...) and loss of a run (from its history.json) as a PNG:
 
     hf-flower plot outputs/quickstart                 # -> outputs/quickstart/metrics.png
     hf-flower plot outputs/quickstart --out plot.png
@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 
 from .. import checkpoint
-from ..model_card import plot_rounds
-from ..tasks import DEFAULT_TASK, get_task
+from ..model_card import card_metrics, plot_rounds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.output_dir}/history.json holds no round yet.", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else Path(args.output_dir) / checkpoint.PLOT_FILE
-    task = get_task(history.get("run_config", {}).get("model.task", DEFAULT_TASK))
-    plot_rounds(rounds, out, title=Path(args.output_dir).resolve().name, scores=task.plotted_scores)
+    scores = card_metrics(rounds[-1].get("central", {}), history.get("best_metric", "eval_loss"))
+    plot_rounds(rounds, out, title=Path(args.output_dir).resolve().name, scores=scores)
     print(f"Wrote {out}")
     return 0
 

@@ -15,8 +15,8 @@ With TLS and SuperNode authentication (see `hf-flower make-certs`), for clients 
 
 import sys
 
-from ..launch.plan import launch, prepare_server
-from ..launch.server import run_server
+from ..launch.plan import launch
+from ..launch.server import prepare_server, run_server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ With the Hugging Face Hub (the setup of Flower's Hugging Face quickstart):
 
 import sys
 
-from ..launch.plan import launch, prepare_simulation
-from ..launch.simulation import run_simulation
+from ..launch.plan import launch
+from ..launch.simulation import prepare_simulation, run_simulation
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ the server, its labels are matched to them by name, and all its rows are its own
 Every data problem raises `DataError`, whose message names the bad value and the setting to change.
 """
 
+from .chat import SENTIMENT_PROMPT, chat_prompt_completion
 from .columns import (
     ColumnCheck,
     DataError,
@@ -75,8 +76,10 @@ __all__ = [
     "ClientData",
     "ColumnCheck",
     "DataError",
+    "SENTIMENT_PROMPT",
     "Splits",
     "central_test_set",
+    "chat_prompt_completion",
     "check_columns",
     "check_max_length",
     "client_data",

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 
 from ..arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET, DataArguments
+from .chat import chat_prompt_completion
 from .columns import (
     ColumnCheck,
     DataError,
@@ -100,8 +101,6 @@ def load_offline_imdb_chat() -> Dataset:
     """The offline IMDB reviews as SFT rows: `prompt`, a chat turn asking for the sentiment of the
     review's last `OFFLINE_CHAT_MAX_WORDS` words in one word, and `completion`, `positive` or
     `negative`. Train with `--task causal-lm --prompt_column prompt --completion_column completion`."""
-    from ..tasks.sft_data import chat_prompt_completion
-
     return chat_prompt_completion(load_offline_imdb(), max_words=OFFLINE_CHAT_MAX_WORDS, keep="end")
 
 

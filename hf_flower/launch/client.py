@@ -4,7 +4,7 @@ running hf-flower's ClientApp for every message it receives.
 This module starts and stops what such a client needs: the SuperNode (`--isolation process`,
 through `transport/supernode.py`), and on the way out the other ranks; the polling for tasks and
 the handling of each message is `transport/client_loop.py`. Under `accelerate launch`, rank 0
-hands every job to the other ranks (`distributed.py`) and all ranks run the same `Trainer`
+hands every job to the other ranks (`client/ranks.py`) and all ranks run the same `Trainer`
 together; rank 0 replies.
 """
 
@@ -13,24 +13,18 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import Context, Message
 
 from ..arguments.policy import ClientPolicy
-from ..client import client_app
-from ..client import ranks as distributed
+from ..client import client_app, ranks, session
+from ..factory import load_factory
 from ..transport import client_loop, supernode
-from .processes import (
-    LOOPBACK,
-    ManagedProcess,
-    Stopped,
-    free_port,
-    port_is_open,
-    stop_signals_raise,
-)
-from .simulation import flower_env
+from .flower import flower_env
+from .processes import LOOPBACK, ManagedProcess, Stopped, free_port, port_is_open, stop_signals_raise
 
 
 @dataclass
@@ -44,6 +38,11 @@ class ClientOptions:
     superlink: str
     node_config: dict
     work_dir: Path
+    # The client's own Trainer factory (`factory_ref`), the function itself when the caller holds it
+    # (a script's `hf_flower.main`), and its settings; without it, the built-in task a run names.
+    trainer: str | None = None
+    factory: Callable | None = None
+    trainer_config: dict = field(default_factory=dict)
     root_certificates: str | None = None
     insecure: bool = False
     policy: ClientPolicy = field(default_factory=ClientPolicy)
@@ -127,13 +126,13 @@ def _toml_value(value) -> str:
 
 def run_everywhere(message: Message, context: Context) -> Message:
     """Rank 0's message, run by every rank; rank 0's reply."""
-    distributed.send_job(message, context)
+    ranks.send_job(message, context)
     return client_app.app(message=message, context=context)
 
 
 def follower_loop() -> None:
     """Ranks other than 0: run every job rank 0 hands over, until it says stop."""
-    while (job := distributed.receive_job()) is not None:
+    while (job := ranks.receive_job()) is not None:
         message, context = job
         client_app.app(message=message, context=context)
 
@@ -142,9 +141,13 @@ def run_client(options: ClientOptions) -> int:
     """Serve the federation until the run ends, the SuperLink is gone too long, or a signal."""
     # The ClientApp runs in this process (every rank) and reads its policy from the environment.
     os.environ.update(options.policy.to_env())
-    if not distributed.is_main_process():
+    if options.trainer is not None:
+        session.use_factory(
+            options.trainer, options.factory or load_factory(options.trainer), options.trainer_config
+        )
+    if not ranks.is_main_process():
         follower_loop()
-        distributed.shutdown()
+        ranks.shutdown()
         return 0
 
     runtime_port = free_port()
@@ -168,8 +171,8 @@ def run_client(options: ClientOptions) -> int:
                 poll_interval=options.poll_interval,
                 poll_retry_seconds=options.poll_retry_seconds,
                 # The other ranks hear from this one at least that often.
-                on_idle=distributed.send_idle,
-                idle_seconds=distributed.IDLE_NOTICE_SECONDS,
+                on_idle=ranks.send_idle,
+                idle_seconds=ranks.IDLE_NOTICE_SECONDS,
             )
             if supernode.running():
                 print(
@@ -183,5 +186,5 @@ def run_client(options: ClientOptions) -> int:
         print(f"Client stopping ({reason or 'interrupted'}).", flush=True)
         return 0
     finally:
-        distributed.send_stop()
-        distributed.shutdown()
+        ranks.send_stop()
+        ranks.shutdown()

@@ -45,14 +45,18 @@ def write_connection(flwr_home: Path, address: str, root_certificates: str | Non
 
 
 def flower_env(flwr_home: Path, progress_dir: Path | None = None) -> dict[str, str]:
-    """Environment of Flower's processes: our FLWR_HOME, and this Python's scripts first on PATH
-    (the SuperLink starts `flower-superexec` and `flwr-simulation` by name). With `progress_dir`,
+    """Environment of Flower's processes: our FLWR_HOME, this Python's scripts first on PATH (the
+    SuperLink starts `flower-superexec` and `flwr-simulation` by name), the launcher's folder on
+    PYTHONPATH. With `progress_dir`,
     the ServerApp and the clients it reaches (Ray's workers inherit it) report progress there."""
     env = dict(os.environ)
     env.pop(live_progress.PROGRESS_DIR_ENV, None)
     if progress_dir is not None:
         env[live_progress.PROGRESS_DIR_ENV] = str(progress_dir)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # The launcher's working folder first on the import path, as it is for the launcher: a
+    # `--trainer my_module:make_trainer` imports in the ServerApp and the clients too.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH", "")]))
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     # Ray would otherwise print its dashboard/usage notices and try to reach the network.

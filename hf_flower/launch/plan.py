@@ -47,15 +47,15 @@ class RunPlan:
     serverapp_under_launcher: bool = True
 
     @classmethod
-    def from_run_args(cls, run_args, options: Any = None) -> RunPlan:
-        """The plan of `run_args` (a `RunArguments`), its output folder made absolute."""
-        from ..arguments.run_config import to_run_config
+    def from_run_config(cls, run_config: dict[str, Any], options: Any = None) -> RunPlan:
+        """The plan of a run given as Flower's run config (its output folder already absolute)."""
+        from ..arguments import FederationArguments
+        from ..arguments.run_config import group_from_run_config
 
-        run_args.training.output_dir = str(Path(run_args.training.output_dir).resolve())
-        federation = run_args.federation
+        federation = group_from_run_config(FederationArguments, run_config)
         return cls(
-            run_config=to_run_config(run_args),
-            output_dir=run_args.training.output_dir,
+            run_config=dict(run_config),
+            output_dir=federation.output_dir,
             num_rounds=federation.num_rounds,
             num_clients=federation.num_clients,
             min_available_clients=federation.min_available_clients,
@@ -66,32 +66,55 @@ class RunPlan:
         )
 
 
-def prepare_simulation(argv: list[str] | None, claim: Claim = run_lock.ensure_not_in_use) -> RunPlan:
-    """`scripts/simulate.py`'s arguments, parsed and checked (the output folder claimed, then made
-    ready)."""
-    from ..arguments import parse_args
-    from ..modeling import check_4bit_support
-    from ..server.preflight import check_run
+def uses_own_trainer(argv: list[str]) -> bool:
+    """Whether a launcher's command line (or its `--config` YAML) names a Trainer factory
+    (`--trainer`): then it takes only the groups of every run, not those of the built-in tasks."""
+    from ..arguments import ARGUMENT_GROUPS, load_yaml_config
 
-    run_args = parse_args(argv)
-    claim(run_args.training.output_dir)
-    check_run(run_args, prepare_output=True)
-    check_4bit_support(run_args.model)  # the clients train on this machine
-    return RunPlan.from_run_args(run_args)
+    if any(arg == "--trainer" or arg.startswith("--trainer=") for arg in argv):
+        return True
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        return bool(load_yaml_config(argv[argv.index("--config") + 1], ARGUMENT_GROUPS).get("trainer"))
+    return False
 
 
-def prepare_server(argv: list[str] | None, claim: Claim = run_lock.ensure_not_in_use) -> RunPlan:
-    """`scripts/server.py`'s arguments (the run's and `ServerOptions`), parsed and checked (the
-    output folder claimed, then made ready)."""
-    from ..arguments import HfFlowerParser, RunArguments, finalize
-    from ..server.preflight import check_run
-    from .server import ServerOptions
+def parse_run(
+    argv: list[str], extra_groups: tuple = (), trainer: str | None = None
+) -> tuple[dict[str, Any], tuple]:
+    """A launcher's command line as Flower's run config, and its `extra_groups` (its own options).
 
-    *groups, options = HfFlowerParser((ServerOptions,)).parse_args_and_config(argv)
-    run_args = finalize(RunArguments(*groups))
-    claim(run_args.training.output_dir)
-    check_run(run_args, prepare_output=True)
-    return RunPlan.from_run_args(run_args, options)
+    A run of a Trainer factory (`--trainer`, or `trainer` fixed by a script's `hf_flower.main`)
+    takes the groups of every run (`FederationArguments`, `HubArguments`); a run of a built-in task
+    takes the task's groups too (model, data, adapters, `TrainingArguments`). The output folder is
+    made absolute: every process of the run sees the same one.
+    """
+    import dataclasses as dc
+
+    from ..arguments import (
+        ARGUMENT_GROUPS,
+        RUN_GROUPS,
+        FederationArguments,
+        HfFlowerParser,
+        RunArguments,
+        finalize,
+    )
+    from ..arguments.run_config import groups_to_run_config, to_run_config
+    from ..factory import factory_ref
+    from ..tasks import resolve
+
+    own = trainer is not None or uses_own_trainer(argv)
+    parser = HfFlowerParser(tuple(extra_groups), groups=RUN_GROUPS if own else ARGUMENT_GROUPS)
+    parsed = parser.parse_args_and_config(argv)
+    groups, extras = parsed[: len(parsed) - len(extra_groups)], parsed[len(parsed) - len(extra_groups) :]
+    federation = next(g for g in groups if isinstance(g, FederationArguments))
+    changes = {"output_dir": str(Path(federation.output_dir).resolve())}
+    if own:
+        changes["trainer"] = factory_ref(trainer or federation.trainer)
+    groups = [dc.replace(g, **changes) if g is federation else g for g in groups]
+    if own:
+        return groups_to_run_config(*groups), tuple(extras)
+    # ARGUMENT_GROUPS are in `RunArguments`' order.
+    return to_run_config(resolve(finalize(RunArguments(*groups)))), tuple(extras)
 
 
 @dataclasses.dataclass(frozen=True)

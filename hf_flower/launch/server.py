@@ -24,7 +24,7 @@ from .flower import (
     submit_and_watch,
     write_connection,
 )
-from .plan import RunPlan
+from .plan import Claim, RunPlan, parse_run
 from .processes import LOOPBACK, ManagedProcess, free_port
 
 LOOPBACK_HOSTS = (LOOPBACK, "localhost", "::1")
@@ -81,6 +81,18 @@ class ServerOptions:
     def loopback_only(self) -> bool:
         """Whether only this machine can reach the SuperLink's port."""
         return self.host in LOOPBACK_HOSTS
+
+
+def prepare_server(argv: list[str] | None, claim: Claim, trainer: str | None = None) -> RunPlan:
+    """A server's command line (the run's groups and `ServerOptions`), parsed and checked (the output
+    folder claimed, then made ready). `trainer`: the factory a script fixed (`hf_flower.main`)."""
+    from ..server.preflight import check_run
+
+    run_config, (options,) = parse_run(list(argv or []), (ServerOptions,), trainer=trainer)
+    plan = RunPlan.from_run_config(run_config, options)
+    claim(plan.output_dir)
+    check_run(run_config, prepare_output=True)
+    return plan
 
 
 def superlink_command(options: ServerOptions, port: int) -> list[str]:

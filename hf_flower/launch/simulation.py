@@ -4,12 +4,20 @@ What it does, in order: write a Flower connection (`FLWR_HOME` inside the run's 
 SuperLink in simulation mode on a free loopback port (no `uv` installs at run time), submit our
 app with the run config built from the parsed arguments, print one line per round as the
 ServerApp saves it, and stop every process it started, also on error or Ctrl-C.
+
+Three doors lead here: `hf-flower simulate` (`prepare_simulation` parses its flags), a script's
+`python my_script.py simulate` (the same, its `make_trainer` fixed), and `simulate(make_trainer, ...)`
+from Python.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from .. import checkpoint
 from ..arguments.policy import ClientPolicy
 from .app import write_app_dir
 from .flower import (
@@ -21,8 +29,28 @@ from .flower import (
     submit_and_watch,
     write_connection,
 )
-from .plan import RunPlan
-from .processes import LOOPBACK, ManagedProcess, free_port
+from .plan import Claim, RunPlan, parse_run
+from .processes import LOOPBACK, ManagedProcess, Stopped, free_port, stop_signals_raise
+
+
+class SimulationError(RuntimeError):
+    """A simulation started from Python did not complete; the message says how it ended."""
+
+
+def prepare_simulation(argv: list[str] | None, claim: Claim, trainer: str | None = None) -> RunPlan:
+    """A simulation's command line, parsed and checked (the output folder claimed, then made ready).
+    `trainer`: the factory a script fixed (`hf_flower.main(make_trainer)`)."""
+    from ..arguments import ModelArguments
+    from ..arguments.run_config import group_from_run_config
+    from ..modeling import check_4bit_support
+    from ..server.preflight import check_run
+
+    run_config, _ = parse_run(list(argv or []), trainer=trainer)
+    plan = RunPlan.from_run_config(run_config)
+    claim(plan.output_dir)
+    check_run(run_config, prepare_output=True)
+    check_4bit_support(group_from_run_config(ModelArguments, run_config))  # the clients train on this machine
+    return plan
 
 
 def simulation_config(plan: RunPlan) -> str:
@@ -66,3 +94,61 @@ def run_simulation(plan: RunPlan, app_dir: Path | None = None) -> int:
         return submit_and_watch(
             plan, superlink, app_dir, flwr_home, env, ["--federation-config", simulation_config(plan)]
         )
+
+
+def simulate(
+    make_trainer,
+    *,
+    trainer_config: Mapping[str, Any] | None = None,
+    output_dir: str = "outputs/hf-flower",
+    **settings,
+) -> dict:
+    """Federate `make_trainer` on this machine with Flower's simulation engine; the run's history.
+
+    `make_trainer(context) -> transformers.Trainer` is a function at the top level of a module or
+    script (each simulated client and the server import it in their own process). `trainer_config`
+    becomes `context.config` everywhere; `settings` are `FederationArguments` and `HubArguments`
+    fields (`num_clients=2, num_rounds=3, strategy="FedProx", strategy_kwargs={...}`, ...).
+    Every round is saved in `output_dir`; the history (history.json: each round's client and central
+    metrics) is returned once the run completed, and `SimulationError` raised when it did not.
+    """
+    from ..arguments import FederationArguments, HubArguments
+    from ..arguments.run_config import groups_to_run_config
+    from ..checkpoint import lock as run_lock
+    from ..factory import factory_ref
+    from ..server.preflight import check_run
+
+    fields = {
+        group: {f.name for f in dataclasses.fields(group)} for group in (FederationArguments, HubArguments)
+    }
+    unknown = sorted(set(settings) - set().union(*fields.values()) - {"trainer"})
+    if unknown or "trainer" in settings:
+        known = sorted(set().union(*fields.values()) - {"trainer", "trainer_config", "output_dir"})
+        raise TypeError(f"simulate() got unknown settings {unknown or ['trainer']}; it takes {known}.")
+    federation = FederationArguments(
+        trainer=factory_ref(make_trainer),
+        trainer_config=dict(trainer_config or {}),
+        output_dir=str(Path(output_dir).resolve()),
+        **{k: v for k, v in settings.items() if k in fields[FederationArguments]},
+    )
+    hub_args = HubArguments(**{k: v for k, v in settings.items() if k in fields[HubArguments]})
+    run_config = groups_to_run_config(federation, hub_args)
+    plan = RunPlan.from_run_config(run_config)
+    with run_lock.RunLock(plan.output_dir), stop_signals_raise():
+        check_run(run_config, prepare_output=True)
+        try:
+            code = run_simulation(plan)
+        except (KeyboardInterrupt, Stopped) as stop:
+            checkpoint.mark_interrupted(plan.output_dir, f"{type(stop).__name__}: the simulation was stopped")
+            raise
+    log = Path(plan.output_dir) / LOGS_DIRNAME / "run.log"
+    try:
+        history = checkpoint.read_history(plan.output_dir)
+    except FileNotFoundError:
+        history = {"status": "failed", "error": None}
+    if code != 0:
+        raise SimulationError(
+            f"The simulation did not complete (status {history.get('status')!r}): "
+            f"{history.get('error') or 'the ServerApp stopped before round 0'}; see {log}"
+        )
+    return history

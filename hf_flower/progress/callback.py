@@ -7,7 +7,7 @@ launcher never does.
 from __future__ import annotations
 
 from flwr.app import Context
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
 from ..constants import PARTITION_ID_KEY
 from . import live as live_progress
@@ -41,11 +41,13 @@ class LiveProgressCallback(TrainerCallback):
             self.progress.update(state.global_step, state.max_steps, done=True)
 
 
-def report_training(trainer: Trainer, context: Context, server_round: int) -> None:
-    """Add a `LiveProgressCallback` for this node's round to `trainer` when a launcher asked for
-    progress (`HF_FLOWER_PROGRESS_DIR`); otherwise leave it as it is."""
+def training_progress(context: Context, server_round: int) -> LiveProgressCallback | None:
+    """A `LiveProgressCallback` for this node's round when a launcher asked for progress
+    (`HF_FLOWER_PROGRESS_DIR`), else None."""
     directory = live_progress.progress_dir()
-    if directory is not None:
-        partition_id = context.node_config.get(PARTITION_ID_KEY)
-        progress = live_progress.TrainingProgress(directory, context.node_id, partition_id, server_round)
-        trainer.add_callback(LiveProgressCallback(progress))
+    if directory is None:
+        return None
+    partition_id = context.node_config.get(PARTITION_ID_KEY)
+    return LiveProgressCallback(
+        live_progress.TrainingProgress(directory, context.node_id, partition_id, server_round)
+    )

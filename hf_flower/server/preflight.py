@@ -1,23 +1,32 @@
-"""Checks of a run's configuration that fail in seconds, before any Flower process or training starts."""
+"""Checks of a run that fail in seconds, before any Flower process or training starts.
+
+`check_run` takes the run as Flower's run config, the one form every door shares (a launcher's
+parsed flags, `simulate(...)` from Python, `flwr run .`), and checks the federation (minimums,
+strategy, transfer), the Hub access, the Trainer factory (importable, callable with the context),
+a built-in task's model and data, and the output folder. It returns the (train, eval) example
+counts of the run's partitions where the server knows them (a built-in task's data set), from which
+the server caps the counts clients claim (`validation.ExampleCap`).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from typing import Any
 
 from .. import checkpoint, hub
-from ..arguments import RunArguments
+from ..arguments import FederationArguments, HubArguments, RunArguments
 from ..arguments.policy import unsettable_training_fields
-from ..arguments.run_config import to_run_config, training_overrides
-from ..constants import LABEL_NAMES_KEY
+from ..arguments.run_config import from_run_config, group_from_run_config, training_overrides
+from ..factory import check_signature, load_factory
 from ..modeling import load_model_config
-from ..tasks import RunFacts, get_task
+from ..tasks import builtin_factory_ref, get_task, resolve
 from . import resume
 from .strategies import build_strategy, strategy_class
 
 
-def check_federation(run_args: RunArguments) -> None:
+def check_federation(federation: FederationArguments) -> None:
     """Minimums that the number of clients can never satisfy would make the server wait forever."""
-    federation = run_args.federation
     for name in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
         if getattr(federation, name) > federation.num_clients:
             raise ValueError(
@@ -26,9 +35,8 @@ def check_federation(run_args: RunArguments) -> None:
             )
 
 
-def check_transfer(run_args: RunArguments) -> None:
+def check_transfer(federation: FederationArguments) -> None:
     """Client-side clipping (Flower's DP mods) reads the weights with numpy, which has no bfloat16."""
-    federation = run_args.federation
     client_side_dp = strategy_class(federation.strategy).__name__.startswith("DifferentialPrivacyClientSide")
     if client_side_dp and federation.transfer_dtype == "bfloat16":
         raise ValueError(
@@ -38,7 +46,7 @@ def check_transfer(run_args: RunArguments) -> None:
 
 
 def check_client_policy(run_args: RunArguments) -> None:
-    """Training settings that every client refuses from a server (`client_policy`) stop the run
+    """Training settings that every client refuses from a server (`arguments.policy`) stop the run
     here, at once, rather than as every client's failure in round 1."""
     refusals = unsettable_training_fields(training_overrides(run_args.training))
     if refusals:
@@ -48,46 +56,77 @@ def check_client_policy(run_args: RunArguments) -> None:
         )
 
 
-def check_run(run_args: RunArguments, prepare_output: bool = False) -> RunFacts:
-    """Validate task, model, data, partitions, strategy, Hub access and output folder; return the
-    run's facts (`Task.run_facts`, e.g. its classes), which every client will share.
+def trainer_ref(federation: FederationArguments, run_config: Mapping[str, Any]) -> str:
+    """The run's Trainer factory: `--trainer`, or the built-in task of `--task`."""
+    return federation.trainer or builtin_factory_ref(str(run_config.get("model.task", "")))
+
+
+def check_task(
+    run_args: RunArguments, resume_point: resume.ResumePoint | None = None
+) -> list[tuple[int, int]]:
+    """A built-in task's settings, model and data (and the round a resumed run continues from,
+    against the model's weightless skeleton); the (train, eval) counts of its partitions."""
+    resolve(run_args)
+    task = get_task(run_args.model.task)
+    task.check_args(run_args)
+    check_client_policy(run_args)
+    load_model_config(run_args.model)
+    label_names = task.label_names(run_args)
+    task.check_run(run_args, label_names)
+    if resume_point is not None:
+        resume.check_resumable(
+            resume_point, task.skeleton(run_args, label_names), run_args.federation.output_dir
+        )
+    return partition_counts(run_args)
+
+
+def check_run(run_config: Mapping[str, Any], prepare_output: bool = False) -> list[tuple[int, int]]:
+    """Validate federation, strategy, Hub access, Trainer factory, a built-in task's model and data,
+    and the output folder; the (train, eval) counts of the run's partitions (empty where the server
+    cannot know them: a user's own factory).
 
     With `prepare_output`, also create `output_dir` (refusing one that already holds rounds unless
     `overwrite_output_dir`; with `resume`, checking the round it continues from against its
-    checksums and that it belongs to this model and labels before anything in it is touched,
-    then moving later rounds aside). The caller holds the folder's `run_lock`.
+    checksums and, for a built-in task, against the model first). The caller holds the folder's
+    `checkpoint.lock`. A user's factory builds its model in the ServerApp, which checks the round
+    against it there, before round 1 (`resume.check_resumable`).
     """
-    task = get_task(run_args.model.task)
-    task.check_args(run_args)
-    check_federation(run_args)
-    build_strategy(run_args.federation)
-    check_transfer(run_args)
-    check_client_policy(run_args)
-    if run_args.hub.push_to_hub:
-        hub.check_push_access(run_args.hub.hub_model_id)
-    output_dir, federation = run_args.training.output_dir, run_args.federation
-    if prepare_output and not federation.resume:
-        checkpoint.prepare_output_dir(output_dir, federation.overwrite_output_dir)
-    model_config = load_model_config(run_args.model)
-    facts = task.run_facts(run_args)
-    task.check_run(run_args, facts)
-    if prepare_output and federation.resume:
-        resumed_round = resume.check_resumable(output_dir, run_args, model_config, facts.get(LABEL_NAMES_KEY))
-        checkpoint.prepare_output_dir(output_dir, overwrite=False, resume=True)
-        resume.set_aside_later_rounds(output_dir, resumed_round)
-    partition_sizes(run_args)
-    return facts
+    run_config = dict(run_config)
+    federation = group_from_run_config(FederationArguments, run_config)
+    hub_args = group_from_run_config(HubArguments, run_config)
+    check_federation(federation)
+    build_strategy(federation)
+    check_transfer(federation)
+    if hub_args.push_to_hub:
+        hub.check_push_access(hub_args.hub_model_id)
+    resuming = prepare_output and federation.resume
+    point = resume.check_round_to_resume(federation.output_dir, federation) if resuming else None
+    ref = trainer_ref(federation, run_config)
+    if federation.trainer:
+        check_signature(load_factory(ref), ref)
+        counts: list[tuple[int, int]] = []
+    else:
+        counts = check_task(from_run_config(run_config), point)
+    if prepare_output:
+        overwrite = federation.overwrite_output_dir and not resuming
+        checkpoint.prepare_output_dir(federation.output_dir, overwrite, resume=resuming)
+    return counts
 
 
-# `partition_sizes` results of this process, by run configuration.
-_PARTITION_SIZES: dict[str, list[int]] = {}
+# `partition_counts` results of this process, by run configuration.
+_PARTITION_COUNTS: dict[str, list[tuple[int, int]]] = {}
 
 
-def partition_sizes(run_args: RunArguments) -> list[int]:
-    """Examples in each client's partition (`Task.partition_sizes`), computed once per run
-    configuration in a process: `check_run` computes them as a check, and the ServerApp reads
-    them again to cap the example counts clients report (`validation.ExampleCap`)."""
+def partition_counts(run_args: RunArguments) -> list[tuple[int, int]]:
+    """The (train, eval) example counts a client of each of a built-in task's partitions reports,
+    computed once per run configuration in a process (the launcher's check and the ServerApp's cap
+    both need them)."""
+    from ..arguments.run_config import to_run_config
+    from ..data import client_split_sizes
+
     key = json.dumps(to_run_config(run_args), sort_keys=True)
-    if key not in _PARTITION_SIZES:
-        _PARTITION_SIZES[key] = get_task(run_args.model.task).partition_sizes(run_args)
-    return list(_PARTITION_SIZES[key])
+    if key not in _PARTITION_COUNTS:
+        sizes = get_task(run_args.model.task).partition_sizes(run_args)
+        eval_size = run_args.data.client_eval_size
+        _PARTITION_COUNTS[key] = [client_split_sizes(size, eval_size) for size in sizes]
+    return list(_PARTITION_COUNTS[key])

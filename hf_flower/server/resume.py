@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..checkpoint import OutputDirError
-from ..constants import LABEL_NAMES_KEY
+from ..constants import LABEL_NAMES_KEY, MODEL_CLASS_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -114,67 +114,72 @@ def set_aside_later_rounds(output_dir: str | os.PathLike, round_num: int) -> Non
         )  # fmt: skip
 
 
-def check_resumable(
-    output_dir: str | os.PathLike, run_args, model_config, label_names: list[str] | None
-) -> int:
-    """Refuse to resume from a damaged round, or a folder of another model, adapter setup or label
-    set, or one with nothing left to do.
-
-    Reads only the resumed round (`--resume_from_round`, else the latest): its checksums, its
-    config.json (a full round) or adapter_config.json (an adapter round), and the run's classes
-    from history.json; returns that round's number. Raises `OutputDirError` naming the
-    difference and the fix.
-    """
-    point = find_resume_point(output_dir, run_args.federation.resume_from_round)
-    num_rounds = run_args.federation.num_rounds
-    if point.round >= num_rounds:
+def check_round_to_resume(output_dir: str | os.PathLike, federation) -> ResumePoint:
+    """The round a resumed run continues from (`--resume_from_round`, else the latest), checked
+    against its checksums, with rounds left to train (`federation` is the run's
+    `FederationArguments`). Reads no model: `check_resumable` compares the round with the model
+    once the server has built it."""
+    point = find_resume_point(output_dir, federation.resume_from_round)
+    if point.round >= federation.num_rounds:
         raise OutputDirError(
             f"--resume: output_dir {output_dir} already holds round {point.round} and --num_rounds is "
-            f"{num_rounds}: nothing to continue. Raise --num_rounds to train more rounds."
+            f"{federation.num_rounds}: nothing to continue. Raise --num_rounds to train more rounds."
         )
+    return point
+
+
+def check_resumable(point: ResumePoint, model, output_dir: str | os.PathLike) -> None:
+    """Refuse to continue `point` with a `model` of another kind: full weights against adapters, another
+    architecture (the config's shape keys), base model or LoRA setup, or other classes. Raises
+    `OutputDirError` naming the difference and the fix; the weights themselves are checked when they
+    load (`load_round_arrays`)."""
+    from ..adapters import is_adapter_model
+    from ..factory import model_facts
+
     adapter_round = (point.folder / checkpoint.ADAPTER_CONFIG_FILE).is_file()
-    if adapter_round != (run_args.peft.peft == "lora"):
+    if adapter_round != is_adapter_model(model):
         saved_kind, run_kind = (
-            ("LoRA adapters", "every weight") if adapter_round else ("every weight", "LoRA")
+            ("LoRA adapters", "every weight") if adapter_round else ("every weight", "adapters")
         )
         raise OutputDirError(
-            f"--resume: {point.folder} holds {saved_kind} and this run trains {run_kind} (--peft "
-            f"{run_args.peft.peft}). Resume with the --peft setting the run started with."
+            f"--resume: {point.folder} holds {saved_kind} and this run's model trains {run_kind}. Resume "
+            "with the adapter setup the run started with."
         )
     if adapter_round:
-        differs = _adapter_differences(point.folder, run_args)
-        saved_labels = _history_labels(output_dir)
+        differs = _adapter_differences(point.folder, model)
     else:
         saved = json.loads((point.folder / checkpoint.CONFIG_FILE).read_text(encoding="utf-8"))
-        ours = model_config.to_dict()
+        ours = model.config.to_dict()
         differs = [
             f"{key}: saved {saved[key]!r}, this run {ours[key]!r}"
             for key in ARCHITECTURE_KEYS
             if key in saved and key in ours and saved[key] != ours[key]
         ]
-        saved_labels = [
-            label for _, label in sorted((int(i), v) for i, v in (saved.get("id2label") or {}).items())
-        ]
-    if label_names is not None and saved_labels is not None and saved_labels != list(label_names):
-        differs.append(f"labels: saved {saved_labels}, this run's data {list(label_names)}")
+    facts = model_facts(model)
+    saved_facts = _history_model(output_dir)
+    if not adapter_round and saved.get("id2label"):
+        saved_facts[LABEL_NAMES_KEY] = [saved["id2label"][i] for i in sorted(saved["id2label"], key=int)]
+    for key, what in ((MODEL_CLASS_KEY, "model class"), (LABEL_NAMES_KEY, "labels")):
+        if key in saved_facts and key in facts and saved_facts[key] != facts[key]:
+            differs.append(f"{what}: saved {saved_facts[key]!r}, this run {facts[key]!r}")
     if differs:
         raise OutputDirError(
             f"--resume: {point.folder} was trained with another model, adapter setup or label set ("
             + "; ".join(differs)
-            + "). Resume with the --model_name_or_path, --lora_* settings and data the run started "
-            "with, or choose another --output_dir."
+            + "). Resume with the model, adapters and data the run started with, or choose another "
+            "--output_dir."
         )
-    return point.round
 
 
-def _adapter_differences(folder: Path, run_args) -> list[str]:
-    """How the adapter round in `folder` differs from what this run would train (base model, LoRA
-    rank and scale; the target modules are checked with the weights, when the run starts)."""
+def _adapter_differences(folder: Path, model) -> list[str]:
+    """How the adapter round in `folder` differs from the run's PEFT model (base model, LoRA rank and
+    scale; the target modules are checked with the weights)."""
     saved = json.loads((folder / checkpoint.ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    config = model.peft_config["default"]
     ours = {
-        "base_model_name_or_path": run_args.model.model_name_or_path,
-        "r": run_args.peft.lora_r,
-        "lora_alpha": run_args.peft.lora_alpha,
+        "base_model_name_or_path": config.base_model_name_or_path,
+        "r": getattr(config, "r", None),
+        "lora_alpha": getattr(config, "lora_alpha", None),
     }
     return [
         f"{key}: saved {saved.get(key)!r}, this run {value!r}"
@@ -183,22 +188,23 @@ def _adapter_differences(folder: Path, run_args) -> list[str]:
     ]
 
 
-def _history_labels(output_dir) -> list[str] | None:
-    """The classes the run started with (history.json's run facts), None when not recorded."""
+def _history_model(output_dir) -> dict:
+    """What history.json recorded of the run's model (`factory.model_facts`), {} when nothing."""
     try:
         history = checkpoint.read_history(output_dir)
     except (FileNotFoundError, OutputDirError):
-        return None
-    return (history.get("facts") or {}).get(LABEL_NAMES_KEY)
+        return {}
+    model = history.get("model")
+    return model if isinstance(model, dict) else {}
 
 
-def load_round_arrays(folder: Path, model, auto_model_class):
+def load_round_arrays(folder: Path, model):
     """Load the weights saved in a round folder into `model`; return what the strategy starts from.
 
-    A full round is loaded with `auto_model_class`, an adapter round's `adapter_model.safetensors`
-    into the adapters of `model` (a PEFT model). The saved weights are checked against the model
-    first (a foreign folder changes nothing); the return value is the model's trainable part in
-    float32, as for round 0.
+    A full round is read with the model's own class (`from_pretrained`), an adapter round's
+    `adapter_model.safetensors` into the adapters of `model` (a PEFT model). The saved weights are
+    checked against the model first (a foreign folder changes nothing); the return value is the
+    model's trainable part in float32, as for round 0.
     """
     from ..weights import get_weights, state_dict_to_arrays, validate_arrays
 
@@ -210,7 +216,7 @@ def load_round_arrays(folder: Path, model, auto_model_class):
         saved = load_file(folder / checkpoint.ADAPTER_WEIGHTS_FILE)
         reference = get_peft_model_state_dict(model)
     else:
-        saved = auto_model_class.from_pretrained(folder).state_dict()
+        saved = type(model).from_pretrained(folder).state_dict()
         reference = model.state_dict()
     try:
         validate_arrays(state_dict_to_arrays(saved), reference)

@@ -3,17 +3,17 @@ printed.
 
 `RoundCheckpointer` is the `evaluate_fn` of `strategy.start`: Flower calls it with each round's
 aggregate (after any differential-privacy noise). It is the one place a round is written: the
-folder (weights, tokenizer, strategy state, model card and plot, `checkpoint.save_round`),
-history.json, TensorBoard (`tracking`), the Hub push (`hub.RoundPusher`) and the progress line.
-What the clients did in the round comes from the grid's record of it (`round_grid.RoundStats`).
+folder (the server Trainer's model and processing class, strategy state, model card and plot,
+`checkpoint.save_round`), history.json, TensorBoard (`tracking`), the Hub push (`hub.RoundPusher`)
+and the progress line. Central evaluation is the server Trainer's own `evaluate()` on its
+`eval_dataset`, with its `compute_metrics`. What the clients did in the round comes from the grid's
+record of it (`replies.RoundStats`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
-import tempfile
 import time
 from logging import ERROR, INFO
 
@@ -22,19 +22,14 @@ from flwr.app import ArrayRecord, MessageType, MetricRecord
 from flwr.common.logger import log
 from transformers import Trainer
 
-from .. import (
-    adapters,
-    checkpoint,
-    hub,
-    model_card,
-)
-from ..arguments import RunArguments
-from ..arguments.run_config import to_run_config
+from .. import adapters, checkpoint, hub, model_card
+from ..arguments import FederationArguments, HubArguments
+from ..factory import model_facts
 from ..progress import lines as progress
-from ..tasks import RunFacts, Task
 from ..weights import set_weights
 from . import resume
-from .round_grid import RoundStats, TrackingGrid
+from .replies import RoundStats
+from .round_grid import TrackingGrid
 from .strategies import get_strategy_state
 from .tracking import RoundTracker
 
@@ -79,6 +74,17 @@ def round_record(server_round: int, seconds: float, stats: RoundStats) -> dict:
     }
 
 
+def central_metrics(trainer: Trainer, server_round: int) -> dict[str, float]:
+    """Every number the server Trainer's `evaluate()` reports for the model it holds: its loss and
+    its `compute_metrics` on its `eval_dataset`. The Trainer's step is the round, so what its own
+    `report_to` integrations log lines up with the rounds."""
+    trainer.state.global_step = server_round
+    metrics = trainer.evaluate()
+    return {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
 class RoundCheckpointer:
     """`evaluate_fn` of `strategy.start`: central evaluation, then the round saved, logged and pushed.
 
@@ -94,49 +100,40 @@ class RoundCheckpointer:
 
     def __init__(
         self,
-        run_args: RunArguments,
-        task: Task,
-        facts: RunFacts,
-        model,
-        tokenizer,
-        test_set,
+        trainer: Trainer,
+        federation: FederationArguments,
+        hub_args: HubArguments,
+        run_config: dict,
         grid: TrackingGrid,
         strategy=None,
         resume_point: resume.ResumePoint | None = None,
         pusher: hub.RoundPusher | None = None,
     ):
-        self.run_args = run_args
-        self.model = model
-        self.tokenizer = tokenizer
-        self.task = task
-        self.facts = facts
-        self.test_set = test_set
+        self.trainer = trainer
+        self.federation = federation
+        self.hub_args = hub_args
         self.grid = grid
         self.strategy = strategy
         self.pusher = pusher
+        self.card = model_card.CardFacts.of(trainer, federation, hub_args)
         self.first_round = resume_point.round if resume_point else 0
         self.history = {
             "status": "running",
             "error": None,
-            "num_rounds": run_args.federation.num_rounds,
-            "run_config": to_run_config(run_args),
-            "facts": dict(facts),
+            "num_rounds": federation.num_rounds,
+            "run_config": dict(run_config),
+            "model": model_facts(trainer.model),
+            "best_metric": self.card.best_metric,
             "rounds": list(resume_point.rounds) if resume_point else [],
         }
         if resume_point:
             self.history["resumed_after"] = resume_point.round
-        eval_args = dataclasses.replace(
-            run_args.training, output_dir=tempfile.mkdtemp(prefix="hf-flower-server-"), report_to="none"
-        )
-        self.trainer = Trainer(
-            model=model,
-            args=eval_args,
-            data_collator=task.data_collator(tokenizer),
-            processing_class=tokenizer,
-            compute_metrics=task.compute_metrics(facts),
-        )
-        self.output_dir = run_args.training.output_dir
-        self.tracker = RoundTracker(self.output_dir, run_args.training.report_to)
+        if trainer.eval_dataset is None:
+            log(
+                INFO, "The server's Trainer has no eval_dataset: rounds are saved without central evaluation."
+            )
+        self.output_dir = federation.output_dir
+        self.tracker = RoundTracker(self.output_dir, trainer.args.report_to)
         self.round_started = time.time()
         # One worker, so rounds are evaluated and written in order.
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="round-checkpointer")
@@ -154,7 +151,7 @@ class RoundCheckpointer:
         record = round_record(server_round, time.time() - self.round_started, stats)
         strategy_state = get_strategy_state(self.strategy) if self.strategy is not None else None
         central = None
-        if self.run_args.federation.evaluate_in_background:
+        if self.federation.evaluate_in_background:
             self.pending.append(
                 self.worker.submit(self._finish_round, record, arrays, strategy_state, beside_clients=True)
             )
@@ -167,13 +164,15 @@ class RoundCheckpointer:
     def _finish_round(self, record: dict, arrays: ArrayRecord, strategy_state, beside_clients=False) -> dict:
         """Central evaluation, then the round saved, logged and pushed (`beside_clients`: on the
         worker, while the next round trains). Returns the central metrics."""
-        set_weights(self.model, arrays)
-        if record["round"] > 0 or self.run_args.federation.evaluate_initial_model:
+        set_weights(self.trainer.model, arrays)
+        federation = self.federation
+        evaluates = self.trainer.eval_dataset is not None
+        if evaluates and (record["round"] > 0 or federation.evaluate_initial_model):
             # Beside training clients, one thread: torch's default would take every core they
             # use (2 threads beside 2 clients on 2 cores made rounds 55-66 s instead of 49 s).
-            last = record["round"] >= self.run_args.federation.num_rounds
+            last = record["round"] >= federation.num_rounds
             with torch_threads(1 if beside_clients and not last else None):
-                record["central"] = self.task.evaluate(self.trainer, self.test_set, self.run_args)
+                record["central"] = central_metrics(self.trainer, record["round"])
             if not beside_clients:
                 record["seconds"] = round(record["seconds"] + record["central"].get("eval_runtime", 0.0), 2)
         server_round = record["round"]
@@ -187,9 +186,9 @@ class RoundCheckpointer:
         self.history["rounds"] = rounds
         checkpoint.write_history(self.output_dir, self.history)
         self.tracker.log_round(record)
-        if self.pusher is not None and self.run_args.hub.hub_strategy == "every_round":
+        if self.pusher is not None and self.hub_args.hub_strategy == "every_round":
             self.pusher.submit(server_round, folder)
-        log(INFO, "%s", progress.format_round(record, self.run_args.federation.num_rounds))
+        log(INFO, "%s", progress.format_round(record, federation.num_rounds))
         return record["central"]
 
     def _raise_failed(self) -> None:
@@ -200,10 +199,12 @@ class RoundCheckpointer:
 
     def _write_round(self, folder, rounds: list[dict], strategy_state) -> None:
         """Everything of a round but metrics.json, inside `save_round`'s atomic folder."""
-        adapters.save_model(self.model, self.tokenizer, folder, self.run_args.peft.save_merged)
+        adapters.save_model(
+            self.trainer.model, self.trainer.processing_class, folder, self.federation.save_merged
+        )
         if strategy_state is not None:
             checkpoint.write_strategy_state(folder, *strategy_state)
-        model_card.write_card(folder, self.run_args, self.task, self.facts, rounds)
+        model_card.write_card(folder, self.card, rounds)
 
     def finish(self, error: BaseException | None) -> BaseException | None:
         """Wait for the last rounds and uploads; record how the run ended, and the best round, in
@@ -218,8 +219,9 @@ class RoundCheckpointer:
         error = error or push_error
         self.history["status"] = "failed" if error else "completed"
         self.history["error"] = f"{type(error).__name__}: {error}" if error else None
+        args = self.trainer.args
         self.history["best_round"] = checkpoint.best_round(
-            self.history, f"central.{self.task.best_metric}", self.task.greater_is_better
+            self.history, f"central.{self.card.best_metric}", bool(args.greater_is_better)
         )
         try:
             checkpoint.write_history(self.output_dir, self.history)
@@ -251,7 +253,7 @@ class RoundCheckpointer:
         push_error = None
         rounds = self.history["rounds"]
         if self.pusher is not None:
-            if self.run_args.hub.hub_strategy == "end" and last_round_ok and rounds:
+            if self.hub_args.hub_strategy == "end" and last_round_ok and rounds:
                 last = rounds[-1]["round"]
                 self.pusher.submit(last, checkpoint.round_dir(self.output_dir, last))
             failures = self.pusher.wait()
@@ -267,6 +269,6 @@ class RoundCheckpointer:
                     + "; ".join(f"round {k}: {v}" for k, v in sorted(failures.items()))
                 )
                 log(ERROR, "%s", push_error)
-                if self.run_args.hub.hub_allow_push_failure:
+                if self.hub_args.hub_allow_push_failure:
                     push_error = None
         return push_error

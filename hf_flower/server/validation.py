@@ -12,8 +12,9 @@ this run sends (`client_app._reply`), so Flower's own reply-consistency check
 - weights (train): the names and shapes of the model's trainable part, exactly the run's
   `--transfer_dtype`, finite, every value within `MAX_WEIGHT_MAGNITUDE`, and with
   `--max_update_norm`, an update no longer than that;
-- metrics: exactly the names this run's clients report (the task's, `Task.reported_metrics`, for
-  evaluation), each a finite number, within `METRIC_RANGES` where a range exists;
+- metrics: training, exactly the names a client's round driver reports; evaluation, `eval_*` names
+  as a Trainer's `evaluate()` makes them (at most `MAX_EVAL_METRICS`), each a finite number, within
+  `METRIC_RANGES` where a range exists;
 - `num-examples`: a whole number of at least 1. How much it may weigh is `ExampleCap`'s decision.
 """
 
@@ -21,11 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 
 import torch
 from flwr.app import ArrayRecord, MessageType, RecordDict
 
+from ..arguments import FederationArguments
 from ..constants import (
     ARRAYS_HELD_KEY,
     ARRAYS_KEY,
@@ -36,7 +39,6 @@ from ..constants import (
     PACKED_LAYOUT_KEY,
     PARTITION_ID_KEY,
 )
-from ..tasks import Task
 from ..transport import wire
 from ..weights import (
     NonFiniteWeightsError,
@@ -47,8 +49,12 @@ from ..weights import (
 )
 from .strategies import strategy_class
 
-# What a client's training reply reports besides `num-examples` (`client_app.train`).
+# What a client's training reply reports besides `num-examples` (`client.round_driver.RoundDriver.train`).
 TRAIN_METRICS = ("train_loss", "train_runtime", "train_steps")
+# An evaluation reply's metrics: what `Trainer.evaluate()` names them (its prefix, then the names of
+# the user's `compute_metrics`), a bounded number of bounded names.
+EVAL_METRIC_NAME = re.compile(r"eval_[A-Za-z0-9_.\-/]{1,120}")
+MAX_EVAL_METRICS = 256
 # Flower's client-side adaptive clipping mod adds this 0/1 flag to training replies
 # (`flwr.clientapp.mod.adaptiveclipping_mod`); only that strategy's replies may carry it.
 NORM_BIT_KEY = "norm_bit"
@@ -63,6 +69,8 @@ METRIC_RANGES = {
     "accuracy": (0.0, 1.0),
     "f1": (0.0, 1.0),
     "exact_match": (0.0, 1.0),
+    "precision": (0.0, 1.0),
+    "recall": (0.0, 1.0),
     NORM_BIT_KEY: (0.0, 1.0),
 }
 
@@ -95,27 +103,17 @@ class ExpectedReply:
             shapes of the weights a training reply carries.
         transfer_dtype: `--transfer_dtype`, the dtype of every floating-point weight on the wire.
         train_metrics: The metrics of a training reply besides `num-examples`, all required.
-        evaluate_metrics: The metrics an evaluate reply may hold besides `num-examples`.
-        required_evaluate_metrics: Those every evaluation reports; the others depend on a client's
-            data (e.g. `eval_label_accuracy`).
         max_update_norm: `--max_update_norm` (0: no bound).
     """
 
     reference: Mapping[str, torch.Tensor]
     transfer_dtype: str = "float32"
     train_metrics: tuple[str, ...] = TRAIN_METRICS
-    evaluate_metrics: tuple[str, ...] = Task.reported_metrics
-    required_evaluate_metrics: tuple[str, ...] = Task.reported_metrics
     max_update_norm: float = 0.0
 
     @classmethod
-    def for_run(cls, run_args, task: Task, reference: Mapping[str, torch.Tensor]) -> ExpectedReply:
-        """The replies of run `run_args` (a `RunArguments`) of `task`, whose trainable part is `reference`.
-
-        The task names its client metrics; those every task reports (the base `Task`'s) are
-        required of each evaluation.
-        """
-        federation = run_args.federation
+    def for_run(cls, federation: FederationArguments, reference: Mapping[str, torch.Tensor]) -> ExpectedReply:
+        """The replies of a run with these `FederationArguments`, whose trainable part is `reference`."""
         train_metrics = TRAIN_METRICS
         if strategy_class(federation.strategy).__name__ == ADAPTIVE_CLIPPING_STRATEGY:
             train_metrics += (NORM_BIT_KEY,)
@@ -123,8 +121,6 @@ class ExpectedReply:
             reference=reference,
             transfer_dtype=federation.transfer_dtype,
             train_metrics=train_metrics,
-            evaluate_metrics=tuple(task.reported_metrics),
-            required_evaluate_metrics=tuple(m for m in Task.reported_metrics if m in task.reported_metrics),
             max_update_norm=float(federation.max_update_norm),
         )
 
@@ -151,9 +147,8 @@ def validate_reply(
         elif kind == MessageType.EVALUATE:
             _check_records(content, arrays=set(), metrics={METRICS_KEY}, configs={CLIENT_KEY})
             _check_client(content[CLIENT_KEY])
-            _check_metrics(
-                content[METRICS_KEY], set(expected.required_evaluate_metrics), set(expected.evaluate_metrics)
-            )
+            _check_eval_metric_names(content[METRICS_KEY])
+            _check_metrics(content[METRICS_KEY], set(), set(content[METRICS_KEY]))
         else:
             raise InvalidReplyError(f"a reply to a {kind!r} message, where only train and evaluate are sent")
     except InvalidReplyError:
@@ -246,6 +241,18 @@ def _check_metrics(metrics: Mapping, required: set[str], allowed: set[str]) -> N
     count = metrics[NUM_EXAMPLES_KEY]
     if count != int(count) or count < 1:
         raise InvalidReplyError(f"its {NUM_EXAMPLES_KEY!r} is {count!r}, not a whole number of at least 1")
+
+
+def _check_eval_metric_names(metrics: Mapping) -> None:
+    """At most `MAX_EVAL_METRICS` metrics, each named as a Trainer's `evaluate()` names them."""
+    names = [name for name in metrics if name != NUM_EXAMPLES_KEY]
+    if len(names) > MAX_EVAL_METRICS:
+        raise InvalidReplyError(
+            f"its metrics hold {len(names)} names, more than the {MAX_EVAL_METRICS} accepted"
+        )
+    unexpected = [name for name in names if not EVAL_METRIC_NAME.fullmatch(name)]
+    if unexpected:
+        raise InvalidReplyError(f"its metrics hold names no Trainer's evaluate() makes: {_names(unexpected)}")
 
 
 def metric_range(name: str) -> tuple[float, float]:

@@ -1,132 +1,133 @@
-"""What differs by task, behind one small interface: `Task`, one module per task.
+"""The built-in tasks: Trainer factories written on the public API, like a user's `make_trainer`.
 
-A run names its task with `--task` (`ModelArguments.task`); `get_task(name)` returns the object
-that the client, the server, the pre-flight checks and the model card ask for everything
-task-specific: the model class, data preparation and collator, metrics, central evaluation and the
-card. Nothing else branches on the task. Adding a task (token classification, seq2seq) is one new
-module here defining `TASK`, and one line in `TASK_MODULES`.
+`--task text-classification` and `--task causal-lm` each name a module here whose
+`make_trainer(context)` builds the Trainer from the run's argument groups (`run_arguments`: the
+model, data, adapters and `TrainingArguments` of the command line or run config), and whose `TASK`
+holds the cheap checks a launcher runs before starting anything (`Task`). A run of a built-in task
+goes through the same client, server and round driver as a user's own Trainer. Adding a task is one
+module here defining both, and one line in `TASK_MODULES`.
 
-This module imports nothing heavy: `arguments/` reads the task names from it without torch.
+This module imports nothing heavy: launchers read the task names from it without torch.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from typing import TYPE_CHECKING, Any
+import tempfile
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from datasets import Dataset
-    from transformers import PreTrainedModel, Trainer
-
     from ..arguments import RunArguments
-    from ..data import ClientData
+    from ..context import TrainerContext
 
-# --task name -> module of this package that defines `TASK`.
+# --task name -> module of this package that defines `make_trainer` and `TASK`.
 TASK_MODULES = {"text-classification": "text_classification", "causal-lm": "causal_lm"}
 TASK_NAMES = tuple(TASK_MODULES)
 DEFAULT_TASK = "text-classification"
 # `--peft auto`: what each task trains by default (language models are fine-tuned with LoRA).
 TASK_DEFAULT_PEFT = {"text-classification": "none", "causal-lm": "lora"}
+FACTORY_NAME = "make_trainer"
+# The reviews of the offline data sets are IMDB's train split, so cards name IMDB on the Hub.
+OFFLINE_DATASET_HUB_ID = "stanfordnlp/imdb"
 
-# What the server decides once from its data and sends to every client with each message
-# (`ConfigRecord`-safe: names to lists of strings), e.g. the classes of a classification run.
-RunFacts = dict[str, list[str]]
+
+def check_task_name(name: str) -> str:
+    """`name` when it is a built-in task (an empty name: the default task)."""
+    name = name or DEFAULT_TASK
+    if name not in TASK_MODULES:
+        raise ValueError(f"Unknown task {name!r}; choose one of {list(TASK_MODULES)}.")
+    return name
+
+
+def builtin_factory_ref(task: str) -> str:
+    """The factory reference of built-in task `task`, e.g. `hf_flower.tasks.causal_lm:make_trainer`."""
+    return f"{__name__}.{TASK_MODULES[check_task_name(task)]}:{FACTORY_NAME}"
+
+
+def is_builtin_ref(ref: str) -> bool:
+    """Whether a factory reference names one of the built-in tasks."""
+    return ref in {builtin_factory_ref(name) for name in TASK_NAMES}
+
+
+def get_task(name: str) -> Task:
+    """The `Task` (the launcher's checks) of `--task name`."""
+    return importlib.import_module(f"{__name__}.{TASK_MODULES[check_task_name(name)]}").TASK
+
+
+def resolve(run_args: RunArguments) -> RunArguments:
+    """`--peft auto` made the task's own choice; the settings that depend on it checked."""
+    task = check_task_name(run_args.model.task)
+    if run_args.peft.peft == "auto":
+        run_args.peft.peft = TASK_DEFAULT_PEFT[task]
+    if run_args.federation.save_merged and run_args.peft.peft == "none":
+        raise ValueError("save_merged needs adapters to merge: add --peft lora, or drop --save_merged.")
+    if run_args.hub.hub_dataset is None:
+        run_args.hub.hub_dataset = hub_dataset_id(run_args.data.dataset)
+    return run_args
+
+
+def hub_dataset_id(dataset: str) -> str | None:
+    """The Hub id a model card names for `--dataset`: the offline reviews are IMDB's train split;
+    local files and folders have none."""
+    import os
+
+    from ..arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET
+
+    if dataset in (OFFLINE_DATASET, OFFLINE_CHAT_DATASET):
+        return OFFLINE_DATASET_HUB_ID
+    if (
+        not dataset
+        or os.path.exists(dataset)
+        or dataset.startswith((".", "/", "~"))
+        or dataset.count("/") > 1
+    ):
+        return None
+    return dataset
+
+
+def run_arguments(context: TrainerContext) -> RunArguments:
+    """A built-in task's settings, from the run config of `context`. On a client, the run config is
+    the server's, so the client's own policy checks it first (`arguments.policy`)."""
+    from ..arguments.policy import ClientPolicy
+    from ..arguments.run_config import from_run_config
+
+    policy = ClientPolicy.from_env().check if context.is_client else None
+    return resolve(from_run_config(dict(context.run_config), policy=policy))
+
+
+@functools.cache
+def scratch_dir() -> str:
+    """The `output_dir` of a built-in task's Trainer: it writes no checkpoints (the round driver turns
+    saving off, the server saves rounds itself), and the run's folder is not a client's to write."""
+    return tempfile.mkdtemp(prefix="hf-flower-trainer-")
 
 
 class Task:
-    """The interface of a task; each task module subclasses it once.
+    """What a launcher checks of a built-in task before any Flower process starts.
 
     Attributes:
         name: The `--task` value.
-        pipeline_tag: The Hub's pipeline tag of a saved round (`pipeline(pipeline_tag, model=...)`).
-        best_metric: The central metric that names a run's best round, and whether higher is better.
-        card_template: The model card's template in `hf_flower/templates/`.
-        card_metrics: The central metrics the card's metadata reports (`eval_` dropped).
-        reported_metrics: The evaluation metrics a client sends the server.
-        plotted_scores: The metrics metrics.png draws beside the loss.
     """
 
     name: str
-    pipeline_tag: str
-    best_metric: str = "eval_loss"
-    greater_is_better: bool = False
-    card_template: str
-    reported_metrics: tuple[str, ...] = ("eval_loss", "eval_runtime")
-    card_metrics: tuple[str, ...] = ()
-    plotted_scores: tuple[str, ...] = ("eval_accuracy",)
-
-    # --- Arguments and facts ------------------------------------------------------------------
 
     def check_args(self, run_args: RunArguments) -> None:
         """Refuse settings that belong to another task, naming the flag."""
 
-    def run_facts(self, run_args: RunArguments) -> RunFacts:
-        """What the server decides from its data set and every client must share."""
-        return {}
+    def label_names(self, run_args: RunArguments) -> list[str] | None:
+        """The classes of the run, read from the server's data (None: a task without classes)."""
+        return None
 
-    def facts_from_message(self, config: dict[str, Any]) -> RunFacts:
-        """The facts in a server's message, checked: they shape the client's model."""
-        return {}
-
-    def check_run(self, run_args: RunArguments, facts: RunFacts) -> None:
+    def check_run(self, run_args: RunArguments, label_names: list[str] | None) -> None:
         """Cheap pre-flight checks of model and data, before any Flower process starts."""
 
-    # --- Model and data -----------------------------------------------------------------------
-
-    def auto_model_class(self):
-        """The transformers `AutoModelFor...` class that loads a full round folder."""
-        raise NotImplementedError
-
-    def load_model(self, run_args: RunArguments, facts: RunFacts, on_client: bool = False) -> PreTrainedModel:
-        """The model to train, with `--peft`/`--freeze_modules` applied. `on_client`: the copy a
-        client trains (quantized with `--load_in_4bit`); the server's stays full precision."""
-        raise NotImplementedError
-
-    def client_data(
-        self, run_args: RunArguments, tokenizer, facts: RunFacts, partition_id: int, num_partitions: int
-    ) -> ClientData:
-        """Partition `partition_id` of the run's data set, tokenised: train and eval splits."""
-        raise NotImplementedError
-
-    def own_data(self, run_args: RunArguments, tokenizer, facts: RunFacts, path: str) -> ClientData:
-        """A deployed client's own file or folder, tokenised: all of it, less its eval split."""
+    def skeleton(self, run_args: RunArguments, label_names: list[str] | None):
+        """The run's model as it will train, weightless (`modeling.skeleton`): checks its module
+        settings, and what a resumed round is checked against."""
         raise NotImplementedError
 
     def partition_sizes(self, run_args: RunArguments) -> list[int]:
-        """Examples per partition, without tokenising (the pre-flight check)."""
+        """Examples per partition, without tokenising (the pre-flight check, and the server's cap on
+        the example counts clients report)."""
         raise NotImplementedError
-
-    def central_test_set(self, run_args: RunArguments, tokenizer, facts: RunFacts) -> Dataset:
-        """The server's tokenised test split, which no client trains on."""
-        raise NotImplementedError
-
-    def data_collator(self, tokenizer):
-        raise NotImplementedError
-
-    # --- Metrics ------------------------------------------------------------------------------
-
-    def compute_metrics(self, facts: RunFacts):
-        """`Trainer(compute_metrics=...)`, or None."""
-        return None
-
-    def evaluate(self, trainer: Trainer, dataset: Dataset, run_args: RunArguments) -> dict[str, float]:
-        """Every `eval_*` metric of the model in `trainer` on `dataset` (client and server alike)."""
-        metrics = trainer.evaluate(dataset)
-        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-    def client_eval_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The evaluation metrics a client reports to the server (no timings beyond the runtime)."""
-        return {k: v for k, v in metrics.items() if k in self.reported_metrics}
-
-    # --- Model card ---------------------------------------------------------------------------
-
-    def card_fields(self, run_args: RunArguments, facts: RunFacts) -> dict[str, Any]:
-        """Template fields of the model card that depend on the task."""
-        return {}
-
-
-def get_task(name: str) -> Task:
-    """The `Task` named by `--task`."""
-    if name not in TASK_MODULES:
-        raise ValueError(f"Unknown task {name!r}; choose one of {list(TASK_MODULES)}.")
-    return importlib.import_module(f"{__name__}.{TASK_MODULES[name]}").TASK

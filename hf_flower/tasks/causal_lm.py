@@ -1,50 +1,118 @@
 """Supervised fine-tuning (SFT) of a causal language model, LoRA by default (`--peft auto`).
 
-Data: plain text, prompt/completion columns or chat messages (`sft_data`), the loss on the
-completion (or the assistant's turns) by default. Evaluation, on the server's test split and on
-each client's own eval split alike: loss and perplexity, and, when the data has completions, the
-greedy answer to each held-out prompt (`--eval_max_new_tokens` new tokens) scored by exact match of
-the stripped completion and, for label-like completions, by label accuracy (the first label word in
-the answer) (`sft_metrics`). Nothing is decided by the server beyond the run config: no run facts.
+`make_trainer` is the factory of `--task causal-lm`. Data: plain text, prompt/completion columns or
+chat messages (`sft_data`), the loss on the completion (or the assistant's turns) by default.
+Evaluation, on the server's test split and on each client's own eval split alike (`GeneratingTrainer.evaluate`
+below): loss and perplexity, and, when the data has completions, the greedy answer to each held-out
+prompt (`--eval_max_new_tokens` new tokens) scored by exact match of the stripped completion and, for
+label-like completions, by label accuracy (the first label word in the answer) (`sft_metrics`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+
+from transformers import Trainer
 
 from .. import data as data_lib
-from . import RunFacts, Task
-from .sft_data import check_sft_columns, sft_format
-from .sft_metrics import (
-    exact_match,
-    generate_completions,
-    label_accuracy,
-    perplexity,
-)
+from ..context import TrainerContext
+from ..modeling import load_causal_lm, load_causal_lm_config, load_tokenizer, skeleton
+from . import Task, run_arguments, scratch_dir
+from .sft_data import check_sft_columns, check_sft_tokenizer, load_sft_splits, sft_format
+from .sft_metrics import exact_match, generate_completions, label_accuracy, perplexity
 from .sft_tokens import generation_prompts, sft_collator, tokenize_sft
 
-# Columns of a tokenised eval set that feed generation, not the loss: removed before `evaluate`.
+# Columns of a tokenised eval set that feed generation, not the loss: removed before the loss.
 PROMPT_IDS, REFERENCE = "prompt_ids", "reference"
 GENERATION_COLUMNS = (PROMPT_IDS, REFERENCE)
 # Settings of sequence classification, refused here rather than silently ignored.
 CLASSIFICATION_FLAGS = ("text_pair_column", "num_labels")
 
 
+class GeneratingTrainer(Trainer):
+    """A `Trainer` whose evaluation also generates: perplexity, and exact match (and label accuracy)
+    of the greedy answers to the eval set's prompts, when it has them (`with_generation_inputs`).
+
+    Args:
+        max_new_tokens: Tokens generated per held-out prompt (`--eval_max_new_tokens`).
+    """
+
+    def __init__(self, *args, max_new_tokens: int = 16, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_new_tokens = max_new_tokens
+
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        generation = [c for c in GENERATION_COLUMNS if c in dataset.column_names]
+        metrics = super().evaluate(dataset.remove_columns(generation), ignore_keys, metric_key_prefix)
+        metrics[f"{metric_key_prefix}_perplexity"] = perplexity(metrics[f"{metric_key_prefix}_loss"])
+        if len(generation) == len(GENERATION_COLUMNS) and len(dataset):
+            references = dataset[REFERENCE]
+            with self.accelerator.autocast():  # the run's mixed precision (--bf16), as in evaluate
+                answers = generate_completions(
+                    self.model,
+                    self.processing_class,
+                    dataset[PROMPT_IDS],
+                    self.max_new_tokens,
+                    batch_size=self.args.per_device_eval_batch_size,
+                )
+            metrics[f"{metric_key_prefix}_exact_match"] = exact_match(answers, references)
+            accuracy = label_accuracy(answers, references)
+            if accuracy is not None:
+                metrics[f"{metric_key_prefix}_label_accuracy"] = accuracy
+        return metrics
+
+
+def make_trainer(context: TrainerContext) -> Trainer:
+    """The Trainer of a causal-LM SFT run, for the server or one client (a client's base model is
+    quantized with `--load_in_4bit`; the server's stays full precision)."""
+    run_args = run_arguments(context)
+    tokenizer = load_tokenizer(run_args.model)
+    model = load_causal_lm(run_args.model, run_args.peft, quantize=context.is_client)
+    data_args, seed = run_args.data, run_args.training.seed
+    if context.is_server:
+        splits = data_lib.prepare_splits(data_args, seed, check_sft_columns)
+        tokenized = tokenize_sft(splits.test, tokenizer, data_args)
+        train, evaluation = None, with_generation_inputs(tokenized, splits.test, tokenizer, run_args)
+    else:
+        if context.data_path is not None:
+            rows, eval_rows, train_rows = data_lib.own_rows(
+                context.data_path, data_args, seed, check_sft_columns
+            )
+        else:
+            splits, eval_rows, train_rows = data_lib.client_rows(
+                data_args, context.partition_id, context.num_partitions, seed, check_sft_columns
+            )
+            rows = splits.pool
+        tokenized = tokenize_sft(rows, tokenizer, data_args)
+        train = tokenized.select(train_rows)
+        evaluation = with_generation_inputs(
+            tokenized.select(eval_rows), rows.select(eval_rows), tokenizer, run_args
+        )
+    return GeneratingTrainer(
+        model=model,
+        args=dataclasses.replace(run_args.training, output_dir=scratch_dir()),
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=sft_collator(tokenizer),
+        processing_class=tokenizer,
+        max_new_tokens=data_args.eval_max_new_tokens,
+    )
+
+
+def with_generation_inputs(tokenized, rows, tokenizer, run_args):
+    """`tokenized` with, when the rows have completions, each row's prompt tokens and reference
+    completion: what evaluation generates from and scores against."""
+    if sft_format(run_args.data) == "text" or not len(rows):
+        return tokenized
+    prompts, references = generation_prompts(rows, tokenizer, run_args.data)
+    return tokenized.add_column(PROMPT_IDS, prompts).add_column(REFERENCE, references)
+
+
 class CausalLM(Task):
     name = "causal-lm"
-    pipeline_tag = "text-generation"
-    best_metric = "eval_loss"
-    greater_is_better = False
-    card_template = "model_card_causal_lm.md"
-    card_metrics = ("exact_match", "label_accuracy", "perplexity")
-    plotted_scores = ("eval_exact_match", "eval_label_accuracy")
-    reported_metrics = (
-        "eval_loss",
-        "eval_perplexity",
-        "eval_exact_match",
-        "eval_label_accuracy",
-        "eval_runtime",
-    )
 
     def check_args(self, run_args) -> None:
         for flag in CLASSIFICATION_FLAGS:
@@ -69,88 +137,20 @@ class CausalLM(Task):
             )
         sft_format(run_args.data)
 
-    def check_run(self, run_args, facts: RunFacts) -> None:
-        from ..modeling import check_trainable, load_causal_lm_config, load_tokenizer
-        from .sft_data import check_sft_tokenizer, load_sft_splits
-
+    def check_run(self, run_args, label_names) -> None:
         load_causal_lm_config(run_args.model)
-        check_trainable(run_args.model, run_args.peft, 0, self.auto_model_class())
+        self.skeleton(run_args, label_names)
         train, _ = load_sft_splits(run_args.data)
         check_sft_tokenizer(load_tokenizer(run_args.model), train, run_args.data)
 
-    def auto_model_class(self):
+    def skeleton(self, run_args, label_names):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM
-
-    def load_model(self, run_args, facts: RunFacts, on_client: bool = False):
-        from ..modeling import load_causal_lm
-
-        return load_causal_lm(run_args.model, run_args.peft, quantize=on_client)
-
-    def client_data(self, run_args, tokenizer, facts, partition_id, num_partitions):
-        splits, eval_rows, train_rows = data_lib.client_rows(
-            run_args.data, partition_id, num_partitions, run_args.training.seed, check_sft_columns
-        )
-        return self._client_data(splits.pool, train_rows, eval_rows, run_args, tokenizer)
-
-    def own_data(self, run_args, tokenizer, facts, path):
-        rows, eval_rows, train_rows = data_lib.own_rows(
-            path, run_args.data, run_args.training.seed, check_sft_columns
-        )
-        return self._client_data(rows, train_rows, eval_rows, run_args, tokenizer)
-
-    def _client_data(self, rows, train_rows, eval_rows, run_args, tokenizer) -> data_lib.ClientData:
-        tokenized = tokenize_sft(rows, tokenizer, run_args.data)
-        evaluation = with_generation_inputs(
-            tokenized.select(eval_rows), rows.select(eval_rows), tokenizer, run_args
-        )
-        return data_lib.ClientData(train=tokenized.select(train_rows), eval=evaluation)
+        return skeleton(run_args.model, run_args.peft, AutoModelForCausalLM, peft_task_type="CAUSAL_LM")
 
     def partition_sizes(self, run_args) -> list[int]:
         federation, seed = run_args.federation, run_args.training.seed
         return data_lib.partition_sizes(run_args.data, federation.num_clients, seed, check_sft_columns)
-
-    def central_test_set(self, run_args, tokenizer, facts):
-        splits = data_lib.prepare_splits(run_args.data, run_args.training.seed, check_sft_columns)
-        return with_generation_inputs(
-            tokenize_sft(splits.test, tokenizer, run_args.data), splits.test, tokenizer, run_args
-        )
-
-    def data_collator(self, tokenizer):
-        return sft_collator(tokenizer)
-
-    def evaluate(self, trainer, dataset, run_args) -> dict[str, float]:
-        generation = [c for c in GENERATION_COLUMNS if c in dataset.column_names]
-        metrics = super().evaluate(trainer, dataset.remove_columns(generation), run_args)
-        metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
-        if len(generation) == len(GENERATION_COLUMNS) and len(dataset):
-            references = dataset[REFERENCE]
-            with trainer.accelerator.autocast():  # the run's mixed precision (--bf16), as in evaluate
-                answers = generate_completions(
-                    trainer.model,
-                    trainer.processing_class,
-                    dataset[PROMPT_IDS],
-                    run_args.data.eval_max_new_tokens,
-                    batch_size=trainer.args.per_device_eval_batch_size,
-                )
-            metrics["eval_exact_match"] = exact_match(answers, references)
-            accuracy = label_accuracy(answers, references)
-            if accuracy is not None:
-                metrics["eval_label_accuracy"] = accuracy
-        return metrics
-
-    def card_fields(self, run_args, facts: RunFacts) -> dict[str, Any]:
-        return {"sft_format": sft_format(run_args.data)}
-
-
-def with_generation_inputs(tokenized, rows, tokenizer, run_args):
-    """`tokenized` with, when the rows have completions, each row's prompt tokens and reference
-    completion: what evaluation generates from and scores against."""
-    if sft_format(run_args.data) == "text" or not len(rows):
-        return tokenized
-    prompts, references = generation_prompts(rows, tokenizer, run_args.data)
-    return tokenized.add_column(PROMPT_IDS, prompts).add_column(REFERENCE, references)
 
 
 TASK = CausalLM()

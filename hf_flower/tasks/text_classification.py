@@ -1,31 +1,77 @@
 """Sequence classification: one label per text (or text pair), any `AutoModelForSequenceClassification`.
 
-The classes are the run's, decided once by the server from its data set (`run_facts`) and sent with
-every message, so a client whose own file holds only some classes still builds the same model.
-Data preparation lives in `hf_flower.data`, the model in `hf_flower.modeling`, the metrics (accuracy,
-macro F1) in `hf_flower.metrics`; this module says which of them a classification run uses.
+`make_trainer` is the factory of `--task text-classification`: a `Trainer` with the model of
+`--model_name_or_path`, the tokenised data of `--dataset` (this client's partition or own file; the
+server's test split) and accuracy and macro F1. The classes are the run's, read by the server from
+its data set and sent with every message (the server model's `id2label`), so a client whose own file
+holds only some classes still builds the same model. Data preparation lives in `hf_flower.data`, the
+model in `hf_flower.modeling`, the metrics in `classification_metrics`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+
+from transformers import DataCollatorWithPadding, Trainer, set_seed
 
 from .. import data as data_lib
-from ..constants import LABEL_NAMES_KEY, MAX_LABELS
-from . import RunFacts, Task
+from ..context import TrainerContext
+from ..modeling import check_num_labels, load_model, load_tokenizer, skeleton
+from . import Task, run_arguments, scratch_dir
+from .classification_metrics import make_compute_metrics
 
 # Flags of other tasks, refused here: they would be silently ignored otherwise.
 CAUSAL_LM_FLAGS = ("prompt_column", "completion_column", "messages_column")
+# The central metric that names a run's best round, unless --metric_for_best_model says otherwise.
+BEST_METRIC = "accuracy"
+
+
+def make_trainer(context: TrainerContext) -> Trainer:
+    """The Trainer of a text-classification run, for the server or one client."""
+    run_args = run_arguments(context)
+    if context.data_path is not None and not context.label_names:
+        raise ValueError(
+            "The server's message carries no class names ('label-names'), and a client's own file may "
+            "hold only some of the run's classes. Run one version of hf-flower on server and clients."
+        )
+    label_names = list(context.label_names or []) or data_lib.load_label_names(run_args.data)
+    set_seed(run_args.training.seed)  # the new head's initial weights, the same in every run
+    tokenizer = load_tokenizer(run_args.model)
+    model = load_model(run_args.model, label_names, run_args.peft)
+    seed = run_args.training.seed
+    if context.is_server:
+        train, evaluation = None, data_lib.central_test_set(run_args.data, tokenizer, seed)
+    elif context.data_path is not None:
+        own = data_lib.own_data(context.data_path, run_args.data, tokenizer, label_names, seed)
+        train, evaluation = own.train, own.eval
+    else:
+        client = data_lib.client_data(
+            run_args.data, tokenizer, context.partition_id, context.num_partitions, seed
+        )
+        train, evaluation = client.train, client.eval
+    training = run_args.training
+    args = dataclasses.replace(
+        training,
+        output_dir=scratch_dir(),
+        metric_for_best_model=training.metric_for_best_model or BEST_METRIC,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        processing_class=tokenizer,
+        compute_metrics=make_compute_metrics(len(label_names)),
+    )
+    # A sequence classifier's loss is a per-batch mean that ignores `num_items_in_batch`; left True,
+    # Trainer multiplies it by the number of ranks (2x the loss under 2-rank DDP).
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 class TextClassification(Task):
     name = "text-classification"
-    pipeline_tag = "text-classification"
-    best_metric = "eval_accuracy"
-    greater_is_better = True
-    card_template = "model_card.md"
-    card_metrics = ("accuracy", "f1")
-    reported_metrics = ("eval_loss", "eval_accuracy", "eval_f1", "eval_runtime")
 
     def check_args(self, run_args) -> None:
         for flag in CAUSAL_LM_FLAGS:
@@ -40,72 +86,21 @@ class TextClassification(Task):
                 "whose models are small enough to train in full precision. Drop --load_in_4bit."
             )
 
-    def run_facts(self, run_args) -> RunFacts:
-        return {LABEL_NAMES_KEY: data_lib.load_label_names(run_args.data)}
+    def label_names(self, run_args) -> list[str]:
+        return data_lib.load_label_names(run_args.data)
 
-    def facts_from_message(self, config: dict[str, Any]) -> RunFacts:
-        names = config.get(LABEL_NAMES_KEY)
-        if names is None:
-            raise ValueError(
-                f"The server's message carries no {LABEL_NAMES_KEY!r}: it runs another version of "
-                "hf-flower. Run one version on the server and the clients."
-            )
-        if (
-            not isinstance(names, list)
-            or not 2 <= len(names) <= MAX_LABELS
-            or not all(isinstance(name, str) and name for name in names)
-            or len(set(names)) != len(names)
-        ):
-            raise ValueError(
-                f"The server sent {LABEL_NAMES_KEY!r} = {str(names)[:200]}: expected 2 to {MAX_LABELS} "
-                "distinct, non-empty class names."
-            )
-        return {LABEL_NAMES_KEY: list(names)}
-
-    def check_run(self, run_args, facts: RunFacts) -> None:
-        from ..modeling import check_num_labels, check_trainable
-
-        label_names = facts[LABEL_NAMES_KEY]
+    def check_run(self, run_args, label_names) -> None:
         check_num_labels(run_args.model, label_names)
-        check_trainable(run_args.model, run_args.peft, len(label_names), self.auto_model_class())
+        self.skeleton(run_args, label_names)
 
-    def auto_model_class(self):
+    def skeleton(self, run_args, label_names):
         from transformers import AutoModelForSequenceClassification
 
-        return AutoModelForSequenceClassification
-
-    def load_model(self, run_args, facts: RunFacts, on_client: bool = False):
-        from ..modeling import load_model
-
-        return load_model(run_args.model, facts[LABEL_NAMES_KEY], run_args.peft)
-
-    def client_data(self, run_args, tokenizer, facts, partition_id, num_partitions):
-        seed = run_args.training.seed
-        return data_lib.client_data(run_args.data, tokenizer, partition_id, num_partitions, seed)
-
-    def own_data(self, run_args, tokenizer, facts, path):
-        seed = run_args.training.seed
-        return data_lib.own_data(path, run_args.data, tokenizer, facts[LABEL_NAMES_KEY], seed)
+        return skeleton(run_args.model, run_args.peft, AutoModelForSequenceClassification, label_names)
 
     def partition_sizes(self, run_args) -> list[int]:
         federation = run_args.federation
         return data_lib.partition_sizes(run_args.data, federation.num_clients, run_args.training.seed)
-
-    def central_test_set(self, run_args, tokenizer, facts):
-        return data_lib.central_test_set(run_args.data, tokenizer, run_args.training.seed)
-
-    def data_collator(self, tokenizer):
-        from transformers import DataCollatorWithPadding
-
-        return DataCollatorWithPadding(tokenizer)
-
-    def compute_metrics(self, facts: RunFacts):
-        from .classification_metrics import make_compute_metrics
-
-        return make_compute_metrics(len(facts[LABEL_NAMES_KEY]))
-
-    def card_fields(self, run_args, facts: RunFacts) -> dict[str, Any]:
-        return {"labels": facts[LABEL_NAMES_KEY]}
 
 
 TASK = TextClassification()

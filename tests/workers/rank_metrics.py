@@ -11,9 +11,9 @@ import json
 import sys
 import time
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-from hf_flower.client import client_app
+from hf_flower.client import client_app, session
 from hf_flower.client import ranks as distributed
 from hf_flower.weights import get_weights
 
@@ -41,8 +41,11 @@ def main(run_config_path: str, output_path: str, facts_json: str | None = None) 
         run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
         run_config=run_config,
     )  # fmt: skip
+    # The weights a server would send: the client's own model as its make_trainer builds it.
     start = get_weights(
-        client_app.load_run(client_app._frozen(run_config), client_app.facts_key(facts)).model
+        session.session_for(
+            instruction(ArrayRecord(), MessageType.TRAIN, facts), context
+        ).driver.trainer.model
     )
     results = {}
     for kind in (MessageType.TRAIN, MessageType.EVALUATE):

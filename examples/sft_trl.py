@@ -24,8 +24,10 @@ Settings (`trainer_config`, defaults in `DEFAULTS`):
     train_file, test_file: Local JSON Lines files of `{"messages": [...]}` rows, used instead of
         `dataset` when given (a client can serve its own conversations this way).
     max_length: Tokens per conversation; longer ones are truncated.
-    learning_rate, per_device_train_batch_size, num_train_epochs: as in `SFTConfig`; the epochs
-        are those of the whole federated training, which hf-flower spreads over the rounds.
+    learning_rate, per_device_train_batch_size, per_device_eval_batch_size, num_train_epochs: as
+        in `SFTConfig`; the epochs are those of the whole federated training, which hf-flower
+        spreads over the rounds.
+    lora_dropout: Dropout on the LoRA branch (0 makes a 2-rank client compute what one process does).
     output_dir: Where checkpoints and logs go.
 
 Run it on one machine, in a simulated federation of 2 clients, or as a client of a deployed one:
@@ -57,7 +59,9 @@ DEFAULTS = {
     "max_length": 1024,
     "learning_rate": 2e-4,
     "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
     "num_train_epochs": 1,
+    "lora_dropout": 0.05,
     "output_dir": "outputs/sft_trl",
 }
 
@@ -135,7 +139,7 @@ def make_trainer(context: hf_flower.TrainerContext) -> SFTTrainer:
     # LoRA on every linear layer of the transformer blocks; SFTTrainer wraps the model itself, so
     # the server and every client hold the same PEFT model and exchange only the adapters.
     peft_config = LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM"
+        r=16, lora_alpha=32, lora_dropout=config["lora_dropout"], target_modules="all-linear", task_type="CAUSAL_LM"
     )
     args = SFTConfig(
         output_dir=config["output_dir"],
@@ -143,7 +147,7 @@ def make_trainer(context: hf_flower.TrainerContext) -> SFTTrainer:
         assistant_only_loss=True,
         learning_rate=config["learning_rate"],
         per_device_train_batch_size=config["per_device_train_batch_size"],
-        per_device_eval_batch_size=config["per_device_train_batch_size"],
+        per_device_eval_batch_size=config["per_device_eval_batch_size"],
         num_train_epochs=config["num_train_epochs"],
         # bf16 mixed precision where the GPU supports it (TRL's default assumes it does); float32 elsewhere.
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),

@@ -64,6 +64,8 @@ def factory_ref(factory: TrainerFactory | str) -> str:
             "other processes and import it by name, so define it with `def` at the top level of a "
             "module or script."
         )
+    if module.startswith(SCRIPT_MODULE_PREFIX):  # a script `load_factory` imported by its path
+        return f"{sys.modules[module].__file__}:{name}"
     if module == "__main__":
         script = getattr(sys.modules.get("__main__"), "__file__", None)
         if not script:

@@ -160,9 +160,9 @@ def _setup(federation, args) -> list[tuple[str, str]]:
     ]
 
 
-def card_metrics(central: dict, best_metric: str) -> list[str]:
+def card_metrics(central: dict, best_metric: str, limit: int | None = MAX_CARD_METRICS) -> list[str]:
     """The central metrics a card reports: the best-round metric first, then the others that say how
-    well (no loss, no timings), at most `MAX_CARD_METRICS`."""
+    well (no loss, no timings), at most `limit` (the table's columns; None: all of them)."""
     names = [
         name
         for name, value in central.items()
@@ -172,7 +172,7 @@ def card_metrics(central: dict, best_metric: str) -> list[str]:
         and isinstance(value, (int, float))
     ]
     names.sort(key=lambda name: name != best_metric)
-    return names[:MAX_CARD_METRICS]
+    return names[:limit]
 
 
 def _fmt(value) -> str:
@@ -198,6 +198,7 @@ def render_card(facts: CardFacts, rounds: list[dict]) -> ModelCard:
     """The card of the last round in `rounds` (the records of rounds 0..N, in order)."""
     central = rounds[-1].get("central", {})
     metrics = card_metrics(central, facts.best_metric)
+    every_metric = card_metrics(central, facts.best_metric, limit=None)
     eval_results = [
         EvalResult(
             task_type=facts.pipeline_tag or "other",
@@ -206,7 +207,7 @@ def render_card(facts: CardFacts, rounds: list[dict]) -> ModelCard:
             metric_type=name.removeprefix("eval_"),
             metric_value=central[name],
         )
-        for name in metrics
+        for name in every_metric
     ]
     card_data = ModelCardData(
         base_model=facts.base_model,
@@ -245,6 +246,11 @@ def render_card(facts: CardFacts, rounds: list[dict]) -> ModelCard:
         if isinstance(headline, (int, float))
         else None,
         setup=facts.setup,
+        central=[
+            (name.removeprefix("eval_"), _fmt(central[name]))
+            for name in ["eval_loss", *every_metric]
+            if name in central
+        ],
         columns=columns,
         rows=rows,
         plot_file=checkpoint.PLOT_FILE,

@@ -108,7 +108,7 @@ def state_dict_to_arrays(
     dtype = transfer_dtype(dtype)
     record = ArrayRecord()
     for name, tensor in state_dict.items():
-        record[name] = _tensor_to_array(name, tensor, dtype)
+        record[name] = tensor_to_array(name, tensor, dtype)
     return record
 
 
@@ -117,7 +117,7 @@ def get_weights(model: torch.nn.Module, dtype: str | torch.dtype | None = None) 
     return state_dict_to_arrays(trainable_state_dict(model), dtype)
 
 
-def _tensor_to_array(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> Array:
+def tensor_to_array(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> Array:
     """Serialise one tensor: `.npy` bytes (Flower's format), or raw bytes for bfloat16."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(
@@ -194,9 +194,9 @@ def update_norm(arrays: Mapping[str, Array], start: Mapping[str, torch.Tensor]) 
     read in place from the message bytes; only one tensor's difference exists at a time.
     """
     total = 0.0
-    with _readonly_views():
+    with readonly_views():
         for name, base in start.items():
-            difference = _decode(name, arrays[name]).float() - base.float()
+            difference = decode_view(name, arrays[name]).float() - base.float()
             total += float(torch.linalg.vector_norm(difference)) ** 2
     return math.sqrt(total)
 
@@ -238,9 +238,9 @@ def decode_arrays(arrays: Mapping[str, Array]) -> dict[str, torch.Tensor]:
     For passing a message's weights on unchanged (e.g. to the other ranks of a client); use
     `set_weights` or `arrays_to_state_dict` to load them into a model.
     """
-    with _readonly_views():
+    with readonly_views():
         return {
-            name: _decode(name, array).clone(memory_format=torch.contiguous_format)
+            name: decode_view(name, array).clone(memory_format=torch.contiguous_format)
             for name, array in arrays.items()
         }
 
@@ -264,8 +264,8 @@ def _decode_all(
     """Validate ``arrays`` against ``reference`` and return read-only tensor views of them
     (``dtype`` and ``max_magnitude``: see `validate_arrays`)."""
     _check_keys(arrays, reference)
-    with _readonly_views():
-        decoded = {name: _decode(name, arrays[name]) for name in reference}
+    with readonly_views():
+        decoded = {name: decode_view(name, arrays[name]) for name in reference}
     for name, ref in reference.items():
         received, expected = tuple(decoded[name].shape), tuple(ref.shape)
         if received != expected:
@@ -346,7 +346,7 @@ def _and_more(names: list[str]) -> str:
     return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
-class _readonly_views(warnings.catch_warnings):
+class readonly_views(warnings.catch_warnings):
     """Silence torch's warning about tensors over read-only message bytes: we never write them."""
 
     def __enter__(self):
@@ -354,7 +354,7 @@ class _readonly_views(warnings.catch_warnings):
         warnings.filterwarnings("ignore", message=".*(not writable|non-writable).*", category=UserWarning)
 
 
-def _decode(name: str, array: Array) -> torch.Tensor:
+def decode_view(name: str, array: Array) -> torch.Tensor:
     """Return a zero-copy tensor view of an ``Array``'s bytes (never to be written to).
 
     Reads `.npy` headers with numpy's own reader but never ``np.load``: no copy of the data,

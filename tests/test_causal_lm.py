@@ -16,8 +16,7 @@ from hf_flower import checkpoint
 from hf_flower.client import client_app
 from hf_flower.factory import model_facts
 from hf_flower.launch.plan import RunPlan, run_prepare
-from hf_flower.launch.simulation import prepare_simulation
-from hf_flower.launch.simulation import run_simulation
+from hf_flower.launch.simulation import prepare_simulation, run_simulation
 from hf_flower.weights import get_weights
 
 

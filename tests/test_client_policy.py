@@ -12,8 +12,8 @@ from transformers import HfArgumentParser
 from hf_flower.arguments import parse_args
 from hf_flower.arguments.policy import (
     ALLOWED_MODELS_ENV,
-    SERVER_SETTABLE_TRAINING_FIELDS,
     RUN_CONFIG_TRAINER_ENV,
+    SERVER_SETTABLE_TRAINING_FIELDS,
     TRUST_REMOTE_CODE_ENV,
     ClientPolicy,
     RunRefused,

@@ -244,39 +244,61 @@ def test_two_rank_causal_lm_client_reports_what_one_process_reports(
         assert two["evaluate"][key] == pytest.approx(one["evaluate"][key], rel=1e-5), key
 
 
-def test_server_with_two_rank_and_plain_causal_lm_clients(
-    tmp_path, tiny_chat_model_dir, chat_jsonl, no_leftover_processes
-):
-    """Issue 10's deployment: SFT of a tiny causal LM with one 2-rank `accelerate launch` client and
-    one plain client, each serving a partition of the server's data, for 2 rounds."""
+def test_a_users_script_serves_and_joins_a_deployment_with_two_ranks_and_one(tmp_path, no_leftover_processes):
+    """Issue 21: `hf-flower server --trainer examples/sft_trl.py:make_trainer` and two clients running
+    the script itself, one under `accelerate launch` (2 ranks x batch 4) and one plain (batch 8),
+    both on partition 0: what the two ranks report is what one process reports, within 1e-5 (TRL's
+    SFTTrainer with LoRA; issue 10's deployment of SFT, now on a user's own Trainer)."""
+    from example_assets import sft_trl
     from peft import AutoPeftModelForCausalLM
 
+    # No dropout, and evaluation in batches of 4 on both clients: one process then computes what the
+    # two ranks do (Trainer averages an evaluation's loss over its batches).
+    config = {**sft_trl.build(tmp_path / "assets"), "lora_dropout": 0.0, "per_device_eval_batch_size": 4}
+    script = ROOT / "examples" / "sft_trl.py"
     port = free_port()
-    server = [
-        sys.executable, str(ROOT / "scripts" / "server.py"), *causal_lm_flags(tiny_chat_model_dir, chat_jsonl),
-        "--num_rounds", "2", "--local_epochs", "2", "--per_device_train_batch_size", "4",
-        "--output_dir", str(tmp_path / "run"), "--port", str(port), "--insecure",
+    server_cmd = [
+        sys.executable, "-m", "hf_flower", "server", "--trainer", f"{script}:make_trainer",
+        "--trainer_config", json.dumps(config), "--num_rounds", "1", "--output_dir", str(tmp_path / "run"),
+        "--port", str(port), "--insecure",
     ]  # fmt: skip
+
+    def client(name, batch_size, launcher=(sys.executable,)):
+        command = [
+            *launcher, str(script), "client", "--superlink", f"127.0.0.1:{port}", "--insecure",
+            "--partition_id", "0", "--num_partitions", "2", "--superlink_timeout", "10",
+            "--work_dir", str(tmp_path / name),
+            "--trainer_config", json.dumps({**config, "per_device_train_batch_size": batch_size}),
+        ]  # fmt: skip
+        return ManagedProcess(command, tmp_path / f"{name}.log")
+
     accelerate_launch = (ACCELERATE, "launch", "--config_file", str(MULTI_CPU))
     with (
-        ManagedProcess(server, tmp_path / "server.log") as server,
-        ManagedProcess(
-            client_command(port, 0, tmp_path / "c0", accelerate_launch), tmp_path / "c0.log"
-        ) as c0,
-        ManagedProcess(client_command(port, 1, tmp_path / "c1"), tmp_path / "c1.log") as c1,
+        ManagedProcess(server_cmd, tmp_path / "server.log") as server,
+        client("two-ranks", 4, accelerate_launch) as two_ranks,
+        client("one-process", 8) as one_process,
     ):
         assert wait_for_exit(server, 300) == 0, server.tail(40)
-        for client in (c0, c1):
-            assert wait_for_exit(client, 60) == 0, client.tail(40)
+        for done in (two_ranks, one_process):
+            assert wait_for_exit(done, 60) == 0, done.tail(40)
 
-    output_dir = tmp_path / "run"
-    history = checkpoint.read_history(output_dir)
-    assert history["status"] == "completed" and checkpoint.list_rounds(output_dir) == [0, 1, 2]
-    for record in history["rounds"][1:]:
-        assert record["clients"]["train_succeeded"] == record["clients"]["evaluate_succeeded"] == 2
-        assert sorted(c["num-examples"] for c in record["client_results"]["train"]) == [16, 16]
-        assert {"eval_loss", "eval_perplexity", "eval_exact_match"} <= set(record["evaluate"])
+    history = checkpoint.read_history(tmp_path / "run")
+    assert history["status"] == "completed"
+    replies = history["rounds"][1]["client_results"]
+    for kind, keys in (
+        ("train", ("train_loss", "num-examples")),
+        ("evaluate", ("eval_loss", "num-examples")),
+    ):
+        one, two = replies[kind]
+        for key in keys:
+            assert one[key] == pytest.approx(two[key], rel=1e-5), (kind, key, one, two)
+    assert (
+        replies["train"][0]["train_steps"] == replies["train"][1]["train_steps"] == 8
+    )  # 32 rows, 8 a batch, 2 epochs
     central = [r["central"]["eval_loss"] for r in history["rounds"]]
-    assert central[2] < central[0]  # the federated adapters learnt
-    assert AutoPeftModelForCausalLM.from_pretrained(output_dir / "round-2").peft_config["default"].r == 8
-    shutil.rmtree(output_dir / ".flwr", ignore_errors=True)
+    assert central[1] < central[0]  # the federated adapters learnt
+    assert (
+        AutoPeftModelForCausalLM.from_pretrained(tmp_path / "run" / "round-1").peft_config["default"].r == 16
+    )
+    assert "Client connected" in (tmp_path / "two-ranks.log").read_text()
+    shutil.rmtree(tmp_path / "run" / ".flwr", ignore_errors=True)

@@ -20,9 +20,9 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 import hf_flower
+from hf_flower import commands as cli
 from hf_flower.arguments import parse_args
 from hf_flower.arguments.run_config import to_run_config
-from hf_flower import commands as cli
 from hf_flower.launch.app import COMPONENTS, write_app_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,24 @@ def test_every_import_is_a_declared_dependency():
             if not provided_by & declared:
                 undeclared.setdefault(module, []).append(str(path.relative_to(ROOT)))
     assert not undeclared, f"imported but not in [project].dependencies: {undeclared}"
+
+
+def test_every_import_of_the_examples_is_declared():
+    """The examples need hf-flower and its `examples` extra (`pip install hf-flower[examples]`)."""
+    requirements = (
+        PYPROJECT["project"]["dependencies"] + PYPROJECT["project"]["optional-dependencies"]["examples"]
+    )
+    declared = {canonicalize_name(Requirement(r).name) for r in requirements}
+    distributions = importlib.metadata.packages_distributions()
+    undeclared = {
+        module
+        for path in sorted((ROOT / "examples").glob("*.py"))
+        for module in imported_modules(path)
+        if module not in sys.stdlib_module_names
+        and module != "hf_flower"
+        and not {canonicalize_name(d) for d in distributions.get(module, [])} & declared
+    }
+    assert not undeclared, f"imported by examples/ but not declared: {undeclared}"
 
 
 def test_python_version_of_package_and_ruff_agree():

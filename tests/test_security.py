@@ -30,9 +30,8 @@ from hf_flower.commands import make_certs
 from hf_flower.launch import certs
 from hf_flower.launch.client import ClientOptions, supernode_command
 from hf_flower.launch.plan import run_prepare
-from hf_flower.launch.server import prepare_server
 from hf_flower.launch.processes import ManagedProcess, free_port
-from hf_flower.launch.server import ServerOptions, superlink_command
+from hf_flower.launch.server import ServerOptions, prepare_server, superlink_command
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = (

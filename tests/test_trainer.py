@@ -164,9 +164,9 @@ def test_data_order_differs_between_rounds_and_repeats_across_runs(tmp_path, tin
 def test_optimizer_state_lives_on_the_client_and_never_travels(tmp_path, tiny_model_dir, reviews_csv):
     """Through the ClientApp: the state is in the node's Context, no reply carries it, and AdamW's
     step count goes on from round to round."""
+    from conftest import trainer_for
     from test_client_app import context, instruction
 
-    from conftest import trainer_for
     from hf_flower.client import client_app, session
 
     flags = tiny_run_flags(

@@ -38,6 +38,7 @@ from .parser import (
     HfFlowerParser,
     RunArguments,
     finalize,
+    groups_from_dict,
     load_yaml_config,
     parse_args,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "SECRET_TRAINING_FIELDS",
     "TRANSFER_DTYPE_NAMES",
     "finalize",
+    "groups_from_dict",
     "load_yaml_config",
     "parse_args",
     "parse_json_object",

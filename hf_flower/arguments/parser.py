@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,25 +116,47 @@ def load_yaml_config(path: str | Path, groups) -> dict[str, Any]:
         raise ValueError(f"--config {path} is not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} must hold a mapping of argument names to values.")
-    known = {
+    check_keys(config, groups, str(path))
+    return config
+
+
+def _flag_names(group) -> set[str]:
+    """The fields of a group that are flags (not TrainingArguments' `NOT_TRAINING_FLAGS`)."""
+    training = issubclass(group, TrainingArguments)
+    return {
         f.name
-        for group in groups
         for f in dataclasses.fields(group)
-        if not (issubclass(group, TrainingArguments) and f.name in NOT_TRAINING_FLAGS)
+        if f.init and not (training and f.name in NOT_TRAINING_FLAGS)
     }
+
+
+def check_keys(config: Mapping[str, Any], groups, source: str) -> None:
+    """Refuse keys of `config` (flag names without dashes) that no group knows, and tokens."""
     secret = sorted(set(config) & set(SECRET_TRAINING_FIELDS))
     if secret:
         raise ValueError(
-            f"{path} sets {secret}: tokens never belong in config files. Set HF_TOKEN in the "
+            f"{source} sets {secret}: tokens never belong in config files. Set HF_TOKEN in the "
             "environment or run `hf auth login`."
         )
-    unknown = sorted(set(config) - known)
+    unknown = sorted(set(config) - set().union(*(_flag_names(group) for group in groups)))
     if unknown:
         raise ValueError(
-            f"Unknown keys in {path}: {unknown}. Use the names of the command-line flags "
+            f"Unknown keys in {source}: {unknown}. Use the names of the command-line flags "
             "without the leading dashes (see `--help`)."
         )
-    return config
+
+
+def groups_from_dict(config: Mapping[str, Any], groups, source: str) -> tuple:
+    """Argument groups from flag names and values (the form of a YAML config), each group taking its
+    own keys; a key no group knows is an error naming `source`."""
+    check_keys(config, groups, source)
+    built = []
+    for group in groups:
+        kwargs = {name: value for name, value in config.items() if name in _flag_names(group)}
+        built.append(
+            group(output_dir=None, **kwargs) if issubclass(group, TrainingArguments) else group(**kwargs)
+        )
+    return tuple(built)
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

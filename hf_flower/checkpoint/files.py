@@ -14,12 +14,12 @@ from typing import Any
 from .layout import OutputDirError
 
 
-def _unique_suffix() -> str:
+def unique_suffix() -> str:
     """`<pid>-<random>`: unique per process and call, so concurrent writers never collide."""
     return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _remove(path: Path) -> None:
+def remove_entry(path: Path) -> None:
     """Delete a file, link or folder tree (a link is removed, never what it points to)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
@@ -27,7 +27,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     """Flush every file and folder under `path` to disk before it is renamed into place."""
     for root, _dirs, files in os.walk(path):
         for name in files:
@@ -36,10 +36,10 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(root))
+        fsync_dir(Path(root))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Flush a folder's entries (renames, new files); a no-op where folders cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -78,14 +78,14 @@ def _json_safe(value: Any, where: str) -> Any:
     )
 
 
-def _dumps(value: Any, what: str) -> str:
+def dumps_json(value: Any, what: str) -> str:
     """JSON text of `value`: sorted keys, indent 2, non-finite floats as null."""
     if not isinstance(value, Mapping):
         raise TypeError(f"{what} must be a dict, got {type(value).__name__}")
     return json.dumps(_json_safe(value, what), sort_keys=True, indent=2, allow_nan=False) + "\n"
 
 
-def _load_json_object(path: Path) -> dict:
+def load_json_object(path: Path) -> dict:
     """The JSON object in `path`, or OutputDirError saying the file is damaged."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -98,7 +98,7 @@ def _load_json_object(path: Path) -> dict:
     return data
 
 
-def _get_dotted(data: Any, dotted: str) -> Any:
+def dotted_get(data: Any, dotted: str) -> Any:
     """`data[a][b]` for `dotted` "a.b", or None when any step is missing."""
     for key in dotted.split("."):
         if not isinstance(data, Mapping) or key not in data:

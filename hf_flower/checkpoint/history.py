@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from .files import (
-    _dumps,
-    _fsync_dir,
-    _get_dotted,
-    _load_json_object,
-    _unique_suffix,
+    dotted_get,
+    dumps_json,
+    fsync_dir,
+    load_json_object,
+    unique_suffix,
 )
 from .layout import (
     AGGREGATE_KEYS,
@@ -42,7 +42,7 @@ def read_round_metrics(output_dir: str | os.PathLike, round_num: int) -> dict:
             f"no metrics for round {round_num}: {path} does not exist; "
             f"complete rounds in {output_dir}: {found or 'none'}"
         )
-    return _load_json_object(path)
+    return load_json_object(path)
 
 
 def write_history(output_dir: str | os.PathLike, history: Mapping[str, Any]) -> None:
@@ -62,11 +62,11 @@ def write_history(output_dir: str | os.PathLike, history: Mapping[str, Any]) -> 
     if not isinstance(rounds, (list, tuple)):
         raise ValueError(f"history['rounds'] must be a list of per-round dicts, got {type(rounds).__name__}")
     full = {"error": None, "rounds": [], **history}
-    text = _dumps(full, what="history")
+    text = dumps_json(full, what="history")
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir / f"{TMP_HISTORY_PREFIX}{_unique_suffix()}"
+    tmp = output_dir / f"{TMP_HISTORY_PREFIX}{unique_suffix()}"
     try:
         with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
@@ -76,7 +76,7 @@ def write_history(output_dir: str | os.PathLike, history: Mapping[str, Any]) -> 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
 
 
 def read_history(output_dir: str | os.PathLike) -> dict:
@@ -87,7 +87,7 @@ def read_history(output_dir: str | os.PathLike) -> dict:
             f"no {HISTORY_FILE} in {output_dir}: it is written when a run starts; "
             "check --output_dir points at the folder of a run"
         )
-    return _load_json_object(path)
+    return load_json_object(path)
 
 
 def mark_interrupted(output_dir: str | os.PathLike, reason: str) -> bool:
@@ -116,7 +116,7 @@ def best_round(
     """
     best_num, best_value = None, None
     for position, round_metrics in enumerate(history.get("rounds") or []):
-        value = _get_dotted(round_metrics, metric)
+        value = dotted_get(round_metrics, metric)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
         better = best_value is None or (value > best_value if greater_is_better else value < best_value)

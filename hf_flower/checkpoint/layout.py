@@ -54,8 +54,8 @@ TMP_HISTORY_PREFIX = f".{HISTORY_FILE}{TMP_ROUND_MARKER}"  # `.history.json.tmp-
 WRITE_PROBE_PREFIX = ".hf-flower-write-probe-"
 
 # `round-0`, `round-12`; not `round-01`, so each round number has exactly one folder name.
-_ROUND_RE = re.compile(rf"^{re.escape(ROUND_PREFIX)}(0|[1-9][0-9]*)$")
-_LEFTOVER_ROUND_RE = re.compile(
+ROUND_RE = re.compile(rf"^{re.escape(ROUND_PREFIX)}(0|[1-9][0-9]*)$")
+LEFTOVER_ROUND_RE = re.compile(
     rf"^\.{re.escape(ROUND_PREFIX)}(0|[1-9][0-9]*)"
     rf"({re.escape(TMP_ROUND_MARKER)}|{re.escape(OLD_ROUND_MARKER)}).+$"
 )
@@ -71,7 +71,7 @@ class DamagedRoundError(OutputDirError):
 
 def round_dir(output_dir: str | os.PathLike, round_num: int) -> Path:
     """Path of the folder of round `round_num` (whether or not it exists)."""
-    return Path(output_dir) / f"{ROUND_PREFIX}{_check_round_num(round_num)}"
+    return Path(output_dir) / f"{ROUND_PREFIX}{check_round_num(round_num)}"
 
 
 def is_complete_round(path: str | os.PathLike) -> bool:
@@ -82,7 +82,7 @@ def is_complete_round(path: str | os.PathLike) -> bool:
     temporary and set-aside folders never do.
     """
     path = Path(path)
-    return bool(_ROUND_RE.match(path.name)) and _has_round_files(path) and (path / METRICS_FILE).is_file()
+    return bool(ROUND_RE.match(path.name)) and has_round_files(path) and (path / METRICS_FILE).is_file()
 
 
 def list_rounds(output_dir: str | os.PathLike) -> list[int]:
@@ -91,9 +91,9 @@ def list_rounds(output_dir: str | os.PathLike) -> list[int]:
     if not path.is_dir():
         return []
     return sorted(
-        int(_ROUND_RE.match(entry.name).group(1))
+        int(ROUND_RE.match(entry.name).group(1))
         for entry in path.iterdir()
-        if _ROUND_RE.match(entry.name) and is_complete_round(entry)
+        if ROUND_RE.match(entry.name) and is_complete_round(entry)
     )
 
 
@@ -103,14 +103,14 @@ def latest_round(output_dir: str | os.PathLike) -> int | None:
     return rounds[-1] if rounds else None
 
 
-def _check_round_num(round_num: int) -> int:
+def check_round_num(round_num: int) -> int:
     """`round_num` if it is a non-negative int; a clear ValueError otherwise."""
     if isinstance(round_num, bool) or not isinstance(round_num, int) or round_num < 0:
         raise ValueError(f"round_num must be a non-negative int, got {round_num!r}")
     return round_num
 
 
-def _has_round_files(path: Path) -> bool:
+def has_round_files(path: Path) -> bool:
     """Whether `path` holds a config and weights that `from_pretrained` can load.
 
     A full model (config.json + model.safetensors or its shard index) or a PEFT adapter

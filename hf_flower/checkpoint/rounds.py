@@ -19,24 +19,24 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .files import (
-    _dumps,
-    _fsync_dir,
-    _fsync_tree,
-    _remove,
-    _unique_suffix,
+    dumps_json,
+    fsync_dir,
+    fsync_tree,
+    remove_entry,
+    unique_suffix,
 )
 from .history import aggregate_metrics, read_history, write_history
 from .layout import (
-    _LEFTOVER_ROUND_RE,
-    _ROUND_RE,
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
     CONFIG_FILE,
     HISTORY_FILE,
     HISTORY_STATUSES,
+    LEFTOVER_ROUND_RE,
     METRICS_FILE,
     OLD_ROUND_MARKER,
     ROUND_PREFIX,
+    ROUND_RE,
     SET_ASIDE_PREFIX,
     STRATEGY_STATE_FILE,
     STRATEGY_STATE_METADATA_KEY,
@@ -45,13 +45,13 @@ from .layout import (
     WEIGHTS_FILE,
     WRITE_PROBE_PREFIX,
     OutputDirError,
-    _check_round_num,
-    _has_round_files,
+    check_round_num,
+    has_round_files,
     is_complete_round,
     latest_round,
     round_dir,
 )
-from .verify import _write_checksums
+from .verify import write_checksums
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: bool = False) -> Path:
@@ -85,9 +85,9 @@ def prepare_output_dir(output_dir: str | os.PathLike, overwrite: bool, resume: b
             "pass --overwrite_output_dir to replace them or choose another --output_dir"
         )
     for entry in ours:
-        _remove(entry)
+        remove_entry(entry)
     if ours:
-        _fsync_dir(path)
+        fsync_dir(path)
     return path
 
 
@@ -100,7 +100,7 @@ def make_output_dir(output_dir: str | os.PathLike) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         # Really write: permission bits, read-only mounts and ACLs all show up here, and root
         # ignores the permission bits that `os.access` would look at.
-        probe = path / f"{WRITE_PROBE_PREFIX}{_unique_suffix()}"
+        probe = path / f"{WRITE_PROBE_PREFIX}{unique_suffix()}"
         with open(probe, "x") as f:
             f.write("probe")
         probe.unlink()
@@ -113,7 +113,7 @@ def make_output_dir(output_dir: str | os.PathLike) -> Path:
 
 def metrics_json(metrics: dict, what: str = "metrics") -> str:
     """The text of a round's metrics.json: the aggregates of its record (`aggregate_metrics`)."""
-    return _dumps(aggregate_metrics(metrics), what=what)
+    return dumps_json(aggregate_metrics(metrics), what=what)
 
 
 def save_round(
@@ -136,15 +136,15 @@ def save_round(
     final = round_dir(output_dir, round_num)
     # Serialise first: a metric that is not JSON should fail before an expensive model save (all
     # of `metrics` is checked: the full record goes to history.json).
-    _dumps(metrics, what=f"metrics of round {round_num}")
+    dumps_json(metrics, what=f"metrics of round {round_num}")
     metrics_text = metrics_json(metrics, what=f"metrics of round {round_num}")
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    tmp = output_dir / f".{final.name}{TMP_ROUND_MARKER}{_unique_suffix()}"
+    tmp = output_dir / f".{final.name}{TMP_ROUND_MARKER}{unique_suffix()}"
     tmp.mkdir()
     try:
         write_files(tmp)
-        if not _has_round_files(tmp):
+        if not has_round_files(tmp):
             raise OutputDirError(
                 f"write_files saved {sorted(p.name for p in tmp.iterdir()) or 'nothing'} for round "
                 f"{round_num}, without {CONFIG_FILE} and {WEIGHTS_FILE} (or {ADAPTER_CONFIG_FILE} and "
@@ -152,8 +152,8 @@ def save_round(
                 "the folder it is given, e.g. `lambda d: model.save_pretrained(d)`"
             )
         (tmp / METRICS_FILE).write_text(metrics_text, encoding="utf-8")
-        _write_checksums(tmp)
-        _fsync_tree(tmp)
+        write_checksums(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -163,7 +163,7 @@ def save_round(
     # `prepare_output_dir`, which puts it back.
     aside = None
     if final.exists() or final.is_symlink():
-        aside = output_dir / f".{final.name}{OLD_ROUND_MARKER}{_unique_suffix()}"
+        aside = output_dir / f".{final.name}{OLD_ROUND_MARKER}{unique_suffix()}"
         os.rename(final, aside)
     try:
         os.rename(tmp, final)
@@ -172,9 +172,9 @@ def save_round(
             os.rename(aside, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     if aside is not None:
-        _remove(aside)
+        remove_entry(aside)
     return final
 
 
@@ -190,7 +190,7 @@ def set_aside_rounds_after(output_dir: str | os.PathLike, round_num: int) -> tup
     later = sorted(
         (int(match.group(1)), entry)
         for entry in output_dir.iterdir()
-        if (match := _ROUND_RE.match(entry.name)) and int(match.group(1)) > _check_round_num(round_num)
+        if (match := ROUND_RE.match(entry.name)) and int(match.group(1)) > check_round_num(round_num)
     )
     if not later:
         return [], None
@@ -201,7 +201,7 @@ def set_aside_rounds_after(output_dir: str | os.PathLike, round_num: int) -> tup
     target.mkdir()
     for _, entry in later:
         os.rename(entry, target / entry.name)
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     try:
         history = read_history(output_dir)
     except (FileNotFoundError, OutputDirError):
@@ -221,7 +221,9 @@ def write_strategy_state(folder: str | os.PathLike, tensors: Mapping[str, Any], 
     """
     path = Path(folder) / STRATEGY_STATE_FILE
     arrays = {name: np.ascontiguousarray(value) for name, value in tensors.items()}
-    save_file(arrays, path, metadata={STRATEGY_STATE_METADATA_KEY: _dumps(metadata, what="strategy state")})
+    save_file(
+        arrays, path, metadata={STRATEGY_STATE_METADATA_KEY: dumps_json(metadata, what="strategy state")}
+    )
     return path
 
 
@@ -245,8 +247,8 @@ def _round_of(record: dict) -> float:
 def _own_entries(path: Path) -> list[Path]:
     """Round folders and history.json in `path`: what an earlier run left, in round order."""
     rounds = sorted(
-        (entry for entry in path.iterdir() if _ROUND_RE.match(entry.name)),
-        key=lambda entry: int(_ROUND_RE.match(entry.name).group(1)),
+        (entry for entry in path.iterdir() if ROUND_RE.match(entry.name)),
+        key=lambda entry: int(ROUND_RE.match(entry.name).group(1)),
     )
     history = path / HISTORY_FILE
     return rounds + ([history] if history.exists() or history.is_symlink() else [])
@@ -263,18 +265,18 @@ def _remove_leftovers(path: Path) -> None:
     for entry in sorted(path.iterdir(), key=lambda entry: OLD_ROUND_MARKER not in entry.name):
         if _writer_is_running(entry.name):
             continue
-        match = _LEFTOVER_ROUND_RE.match(entry.name)
+        match = LEFTOVER_ROUND_RE.match(entry.name)
         if match:
             final = path / f"{ROUND_PREFIX}{match.group(1)}"
             set_aside = match.group(2) == OLD_ROUND_MARKER
-            if set_aside and not is_complete_round(final) and _has_round_files(entry):
+            if set_aside and not is_complete_round(final) and has_round_files(entry):
                 if final.exists() or final.is_symlink():
-                    _remove(final)
+                    remove_entry(final)
                 os.rename(entry, final)
             else:
-                _remove(entry)
+                remove_entry(entry)
         elif entry.name.startswith((TMP_HISTORY_PREFIX, WRITE_PROBE_PREFIX)):
-            _remove(entry)
+            remove_entry(entry)
 
 
 def _writer_is_running(name: str) -> bool:

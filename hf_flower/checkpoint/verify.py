@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from .files import _dumps, _load_json_object
+from .files import dumps_json, load_json_object
 from .layout import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -20,7 +20,7 @@ from .layout import (
     METRICS_FILE,
     WEIGHTS_FILE,
     DamagedRoundError,
-    _has_round_files,
+    has_round_files,
 )
 
 
@@ -44,7 +44,7 @@ def verify_round(folder: str | os.PathLike) -> None:
 
 def _verify_files(folder: Path) -> None:
     """`verify_round`'s checks, reading every file."""
-    if not _has_round_files(folder) or not (folder / METRICS_FILE).is_file():
+    if not has_round_files(folder) or not (folder / METRICS_FILE).is_file():
         raise DamagedRoundError(
             f"{folder} is incomplete: it needs {CONFIG_FILE} and {WEIGHTS_FILE} (or {ADAPTER_CONFIG_FILE} "
             f"and {ADAPTER_WEIGHTS_FILE}) and {METRICS_FILE}"
@@ -56,7 +56,7 @@ def _verify_files(folder: Path) -> None:
         for path in sorted(folder.rglob("*.json")):
             _check_json(path)
         return
-    recorded = _load_json_object(checksums).get("files")
+    recorded = load_json_object(checksums).get("files")
     if not isinstance(recorded, dict) or not recorded:
         raise DamagedRoundError(f"{checksums} lists no files; it was edited or damaged")
     for name, expected in sorted(recorded.items()):
@@ -81,14 +81,14 @@ def _files_signature(folder: Path) -> tuple:
     return tuple(sorted((str(path), st.st_size, st.st_mtime_ns) for path, st in stats))
 
 
-def _write_checksums(folder: Path) -> None:
+def write_checksums(folder: Path) -> None:
     """checksums.json: the size and sha256 of every file under `folder` (paths relative to it)."""
     files = {
         path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != CHECKSUMS_FILE
     }
-    (folder / CHECKSUMS_FILE).write_text(_dumps({"files": files}, what="checksums"), encoding="utf-8")
+    (folder / CHECKSUMS_FILE).write_text(dumps_json({"files": files}, what="checksums"), encoding="utf-8")
 
 
 def _sha256(path: Path) -> str:

@@ -8,6 +8,7 @@ single process every function here is a no-op.
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import timedelta
 
@@ -30,8 +31,15 @@ IDLE = "idle"
 
 
 def state() -> PartialState:
-    """Accelerate's process state; it joins the process group `accelerate launch` set up."""
+    """Accelerate's process state; it joins the process group `accelerate launch` set up.
+
+    Without a GPU the ranks train on CPU, and a `TrainingArguments` that the user's `make_trainer`
+    builds later in this process must know it to join the same process group (gloo) rather than
+    train alone on each rank: `ACCELERATE_USE_CPU` tells it, as `accelerate launch --cpu` does.
+    """
     use_cpu = not torch.cuda.is_available()
+    if use_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     return PartialState(cpu=use_cpu, timeout=COLLECTIVE_TIMEOUT)
 
 

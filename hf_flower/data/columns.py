@@ -58,7 +58,7 @@ def is_string_feature(feature) -> bool:
     return isinstance(feature, Value) and feature.dtype in ("string", "large_string")
 
 
-def _is_integer(feature) -> bool:
+def is_integer_feature(feature) -> bool:
     return isinstance(feature, Value) and feature.dtype.startswith(("int", "uint", "bool"))
 
 

@@ -10,7 +10,7 @@ from datasets import ClassLabel, Dataset
 from ..arguments import DataArguments
 from .columns import (
     DataError,
-    _is_integer,
+    is_integer_feature,
     is_string_feature,
     source_name,
 )
@@ -31,7 +31,7 @@ def label_names(dataset: Dataset, label_column: str) -> list[str]:
         values = np.unique(_column_values(dataset, label_column))
         if is_string_feature(feature):
             names = [str(value) for value in values]
-        elif _is_integer(feature):
+        elif is_integer_feature(feature):
             names = [str(int(value)) for value in values]
             if len(names) >= 2 and [int(v) for v in values] != list(range(len(values))):
                 raise DataError(
@@ -60,10 +60,10 @@ def load_label_names(data_args: DataArguments) -> list[str]:
 
 def label_ids(dataset: Dataset, label_column: str, names: list[str]) -> np.ndarray:
     """The label of every row as an id into `names`, checked: the labels of the split become `labels`."""
-    return _encode_labels(_column_values(dataset, label_column), names, label_column)
+    return encode_labels(_column_values(dataset, label_column), names, label_column)
 
 
-def _encode_labels(values, names: list[str], label_column: str) -> np.ndarray:
+def encode_labels(values, names: list[str], label_column: str) -> np.ndarray:
     """Ids of `values` (ids already, or class-name strings) into `names`; unknown labels are an error."""
     values = np.asarray(values)
     if values.dtype.kind in "iub":
@@ -103,13 +103,13 @@ def run_label_ids(dataset: Dataset, data_args: DataArguments, names: list[str]) 
     values = _column_values(dataset, column)
     if isinstance(feature, ClassLabel):
         values = np.asarray(feature.int2str(values.astype(np.int64).tolist()), dtype=object)
-    elif not (is_string_feature(feature) or _is_integer(feature)):
+    elif not (is_string_feature(feature) or is_integer_feature(feature)):
         raise DataError(
             f"Column {column!r} of {source_name(data_args)} holds {feature}, not class labels. "
             "Set --label_column to the column holding the labels."
         )
     if np.asarray(values).dtype.kind in "iub":
-        return _encode_labels(values, names, column)
+        return encode_labels(values, names, column)
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted({str(v) for v in values} - set(index))
     if unknown:

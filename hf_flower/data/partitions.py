@@ -16,7 +16,7 @@ from ..arguments import DataArguments
 from .columns import ColumnCheck, DataError
 from .labels import label_ids, run_label_ids
 from .sources import load_raw_splits
-from .splits import Splits, _holdout_count, prepare_splits
+from .splits import Splits, holdout_count, prepare_splits
 from .tokenization import LABELS_COLUMN, tokenize
 
 
@@ -192,21 +192,21 @@ def _check_partition_size(
 def _min_partition_size(client_eval_size: float) -> int:
     """Fewest examples from which `client_eval_size` leaves at least one eval and one train example."""
     size = 2
-    while _holdout_count(size, client_eval_size, "--client_eval_size") >= size:
+    while holdout_count(size, client_eval_size, "--client_eval_size") >= size:
         size += 1
     return size
 
 
 def client_split_sizes(partition_size: int, client_eval_size: float) -> tuple[int, int]:
     """(train, eval) examples of a client whose partition holds `partition_size`: the counts it reports."""
-    held_out = _holdout_count(partition_size, client_eval_size, "--client_eval_size")
+    held_out = holdout_count(partition_size, client_eval_size, "--client_eval_size")
     return partition_size - held_out, held_out
 
 
 def _client_eval_split(rows: np.ndarray, client_eval_size: float, partition_id: int, seed: int):
     """(eval rows, train rows) of one partition, drawn with a seed of its own."""
     order = np.random.default_rng([seed, partition_id]).permutation(rows)
-    held_out = _holdout_count(len(rows), client_eval_size, "--client_eval_size")
+    held_out = holdout_count(len(rows), client_eval_size, "--client_eval_size")
     return order[:held_out], order[held_out:]
 
 

@@ -45,7 +45,7 @@ def prepare_splits(data_args: DataArguments, seed: int, check: ColumnCheck | Non
     names = label_names(train, data_args.label_column) if labelled else []
     order = np.random.default_rng(seed).permutation(len(train))
     if test is None:
-        held_out = _holdout_count(len(train), data_args.test_size, "--test_size")
+        held_out = holdout_count(len(train), data_args.test_size, "--test_size")
         if held_out >= len(train):
             raise DataError(
                 f"--test_size {data_args.test_size} holds out {held_out} of the {len(train)} examples of "
@@ -62,7 +62,7 @@ def prepare_splits(data_args: DataArguments, seed: int, check: ColumnCheck | Non
     return Splits(pool=pool, test=test, names=names)
 
 
-def _holdout_count(total: int, size: float, flag: str) -> int:
+def holdout_count(total: int, size: float, flag: str) -> int:
     """Rows held out of `total`: a fraction below 1 (rounded up, so at least one row) or a count."""
     if size < 1:
         return max(1, math.ceil(size * total))

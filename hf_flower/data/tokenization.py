@@ -11,7 +11,7 @@ from datasets.fingerprint import Hasher
 
 from ..arguments import DataArguments
 from .columns import DataError
-from .labels import _encode_labels, label_names
+from .labels import encode_labels, label_names
 
 TOKENIZER_COLUMNS = ("input_ids", "attention_mask", "token_type_ids")
 LABELS_COLUMN = "labels"  # the name Trainer and DataCollatorWithPadding expect
@@ -93,7 +93,7 @@ def _tokenize_batch(batch: dict, tokenizer, data_args: DataArguments, names: lis
     pairs = batch[data_args.text_pair_column] if data_args.text_pair_column else None
     encoded = tokenizer(batch[data_args.text_column], pairs, truncation=True, max_length=data_args.max_length)
     out = {key: encoded[key] for key in TOKENIZER_COLUMNS if key in encoded}
-    labels = _encode_labels(batch[data_args.label_column], names, data_args.label_column)
+    labels = encode_labels(batch[data_args.label_column], names, data_args.label_column)
     out[LABELS_COLUMN] = labels.tolist()
     return out
 

@@ -74,9 +74,11 @@ def check_task(
     label_names = task.label_names(run_args)
     task.check_run(run_args, label_names)
     if resume_point is not None:
-        resume.check_resumable(
-            resume_point, task.skeleton(run_args, label_names), run_args.federation.output_dir
-        )
+        output_dir = run_args.federation.output_dir
+        resume.check_resumable(resume_point, task.skeleton(run_args, label_names), output_dir)
+        # Checked against the model: the rounds it trains again move out of the way now, and the
+        # launcher says so on its terminal.
+        resume.set_aside_later_rounds(output_dir, resume_point.round)
     return partition_counts(run_args)
 
 

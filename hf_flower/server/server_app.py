@@ -72,6 +72,7 @@ def main(grid: Grid, context: Context) -> None:
     if federation.resume:
         resume_point = resume.find_resume_point(federation.output_dir, federation.resume_from_round)
         resume.check_resumable(resume_point, model, federation.output_dir)
+        # A built-in task's launcher moved them once checked; a user's model is checked here.
         resume.set_aside_later_rounds(federation.output_dir, resume_point.round)
         initial_arrays = resume.load_round_arrays(resume_point.folder, model)
         state = checkpoint.read_strategy_state(resume_point.folder)

@@ -87,13 +87,29 @@ def hub_dataset_id(dataset: str) -> str | None:
 
 
 def run_arguments(context: TrainerContext) -> RunArguments:
-    """A built-in task's settings, from the run config of `context`. On a client, the run config is
-    the server's, so the client's own policy checks it first (`arguments.policy`)."""
+    """A built-in task's settings. Given to the factory as `context.config` (flag names and values,
+    as in a YAML config: `simulate(make_trainer, trainer_config={...})` from Python), or else from the
+    run config (the command line's). On a client, the run config is the server's, so the client's
+    own policy checks it first (`arguments.policy`)."""
+    from ..arguments import (
+        TASK_GROUPS,
+        FederationArguments,
+        HubArguments,
+        RunArguments,
+        finalize,
+        groups_from_dict,
+    )
     from ..arguments.policy import ClientPolicy
-    from ..arguments.run_config import from_run_config
+    from ..arguments.run_config import from_run_config, group_from_run_config
 
-    policy = ClientPolicy.from_env().check if context.is_client else None
-    return resolve(from_run_config(dict(context.run_config), policy=policy))
+    run_config = dict(context.run_config)
+    if not context.config:
+        policy = ClientPolicy.from_env().check if context.is_client else None
+        return resolve(from_run_config(run_config, policy=policy))
+    model, data, training, peft = groups_from_dict(context.config, TASK_GROUPS, "the task's trainer_config")
+    federation = group_from_run_config(FederationArguments, run_config)
+    hub_args = group_from_run_config(HubArguments, run_config)
+    return resolve(finalize(RunArguments(model, data, federation, training, peft, hub_args)))
 
 
 @functools.cache

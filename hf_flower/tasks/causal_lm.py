@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from transformers import Trainer
+from transformers import Trainer, set_seed
 
 from .. import data as data_lib
 from ..context import TrainerContext
@@ -70,6 +70,7 @@ def make_trainer(context: TrainerContext) -> Trainer:
     quantized with `--load_in_4bit`; the server's stays full precision)."""
     run_args = run_arguments(context)
     tokenizer = load_tokenizer(run_args.model)
+    set_seed(run_args.training.seed)  # the adapters' initial weights, the same in every run
     model = load_causal_lm(run_args.model, run_args.peft, quantize=context.is_client)
     data_args, seed = run_args.data, run_args.training.seed
     if context.is_server:

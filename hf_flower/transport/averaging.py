@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
 # The codec of `weights.py`: each reply is read in place from the message bytes.
-from ..weights import _decode, _readonly_views, state_dict_to_arrays
+from ..weights import decode_view, readonly_views, state_dict_to_arrays
 
 # Strategies whose `aggregate_train` starts from FedAvg's examples-weighted mean of the replies
 # (FedAvgM and FedOpt add their server-side step to it): for them, one reply holding that mean
@@ -44,8 +44,8 @@ class RunningMean:
         self.total_weight = 0.0
 
     def add(self, arrays: Mapping[str, Array], weight: float) -> None:
-        with _readonly_views():
-            views = {name: _decode(name, array) for name, array in arrays.items()}
+        with readonly_views():
+            views = {name: decode_view(name, array) for name, array in arrays.items()}
         # In place and straight from the reply's bytes: no float64 copy of each reply.
         if self._sums is None:
             self._sums = {name: view.double().mul_(weight) for name, view in views.items()}

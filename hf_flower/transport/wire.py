@@ -37,9 +37,9 @@ from ..constants import ARRAYS_KEY, PACKED_ARRAYS_KEY, PACKED_LAYOUT_KEY
 # built from the same encoding as every other weights message.
 from ..weights import (
     WeightsMismatchError,
-    _decode,
-    _readonly_views,
-    _tensor_to_array,
+    decode_view,
+    readonly_views,
+    tensor_to_array,
     transfer_dtype,
 )
 
@@ -115,9 +115,9 @@ def pack_arrays(
     which at most `MAX_CHANGED_ROWS_SHARE` of the rows differ from `base` goes as those rows and
     their indices (`ROWS_ARRAY_NAME`); the layout names the base and each tensor's row count.
     """
-    with _readonly_views():
-        views = {name: _decode(name, array) for name, array in arrays.items()}
-        base_views = {} if base is None else {n: _decode(n, base[n]) for n in views if n in base}
+    with readonly_views():
+        views = {name: decode_view(name, array) for name, array in arrays.items()}
+        base_views = {} if base is None else {n: decode_view(n, base[n]) for n in views if n in base}
     if len({view.dtype for view in views.values()}) != 1 or all(v.dim() == 0 for v in views.values()):
         return None
     layout = {
@@ -126,7 +126,7 @@ def pack_arrays(
         "dims": [int(n) for view in views.values() for n in view.shape],
     }
     parts, rows, rows_sent = [], [], []
-    with _readonly_views():
+    with readonly_views():
         for name, view in views.items():
             changed = _changed_rows(view, base_views.get(name))
             rows_sent.append(-1 if changed is None else len(changed))
@@ -135,10 +135,10 @@ def pack_arrays(
             else:
                 parts.append(view[changed].reshape(-1))
                 rows.append(changed)
-        records = {FLAT_ARRAY_NAME: _tensor_to_array("packed", torch.cat(parts), None)}
+        records = {FLAT_ARRAY_NAME: tensor_to_array("packed", torch.cat(parts), None)}
     if rows:
         layout.update(base=str(base_id), rows=rows_sent)
-        records[ROWS_ARRAY_NAME] = _tensor_to_array("rows", torch.cat(rows), None)
+        records[ROWS_ARRAY_NAME] = tensor_to_array("rows", torch.cat(rows), None)
     return records, layout
 
 
@@ -166,9 +166,9 @@ def unpack_arrays(
     """
     names, shapes = _packed_shapes(layout)
     rows_sent = _rows_sent(layout, shapes)
-    with _readonly_views():
+    with readonly_views():
         indices = _row_indices(packed, rows_sent)  # first: it checks which arrays there are
-        flat = _decode("packed", packed[FLAT_ARRAY_NAME])
+        flat = decode_view("packed", packed[FLAT_ARRAY_NAME])
     if flat.dim() != 1:
         raise WeightsMismatchError(
             f"Received packed weights of shape {tuple(flat.shape)}; expected one flat array."
@@ -181,7 +181,7 @@ def unpack_arrays(
         )
     base = _named_base(layout, bases) if indices is not None else None
     out, offset, row_offset = ArrayRecord(), 0, 0
-    with _readonly_views():
+    with readonly_views():
         for name, shape, count, size in zip(names, shapes, rows_sent, sizes):
             values = flat[offset : offset + size]
             offset += size
@@ -189,7 +189,7 @@ def unpack_arrays(
                 rows = indices[row_offset : row_offset + count]
                 row_offset += count
                 values = _complete_rows(name, shape, values, rows, base)
-            out[name] = _tensor_to_array(name, values.reshape(shape), None)
+            out[name] = tensor_to_array(name, values.reshape(shape), None)
     return out
 
 
@@ -223,7 +223,7 @@ def _row_indices(packed: Mapping[str, Array], rows_sent: list[int]) -> torch.Ten
         )
     if len(expected_names) == 1:
         return None
-    indices = _decode("rows", packed[ROWS_ARRAY_NAME])
+    indices = decode_view("rows", packed[ROWS_ARRAY_NAME])
     if (
         indices.dtype != torch.int64
         or indices.dim() != 1
@@ -253,7 +253,7 @@ def _complete_rows(
     """A tensor of `shape`: `base`'s, with the `rows` sent replaced by `values`."""
     if name not in base:
         raise WeightsMismatchError(f"{name}: sent by rows, but the weights it refers to have no {name!r}.")
-    full = _decode(name, base[name])
+    full = decode_view(name, base[name])
     if tuple(full.shape) != shape or full.dtype != values.dtype:
         raise WeightsMismatchError(
             f"{name}: sent by rows as {values.dtype} {shape}, but the weights they complete hold "
@@ -305,11 +305,11 @@ def cast_arrays(arrays: ArrayRecord, dtype: str | torch.dtype) -> ArrayRecord:
     """
     dtype = transfer_dtype(dtype)
     out = ArrayRecord()
-    with _readonly_views():
+    with readonly_views():
         for name, array in arrays.items():
-            view = _decode(name, array)
+            view = decode_view(name, array)
             out[name] = (
-                _tensor_to_array(name, view, dtype)
+                tensor_to_array(name, view, dtype)
                 if view.dtype.is_floating_point and view.dtype != dtype
                 else array
             )
@@ -324,10 +324,10 @@ def to_float32_arrays(arrays: ArrayRecord) -> ArrayRecord:
     aggregation in float32. Other entries are passed through as the same ``Array`` objects.
     """
     out = ArrayRecord()
-    with _readonly_views():
+    with readonly_views():
         for name, array in arrays.items():
             if array.dtype in ("float16", "bfloat16"):
-                out[name] = _tensor_to_array(name, _decode(name, array).float(), None)
+                out[name] = tensor_to_array(name, decode_view(name, array).float(), None)
             else:
                 out[name] = array
     return out

@@ -92,10 +92,11 @@ def centralized(name: str, flags: list[str]) -> dict:
 
     from hf_flower import data as data_lib
     from hf_flower.arguments import parse_args
-    from hf_flower.tasks.classification_metrics import make_compute_metrics
     from hf_flower.modeling import load_model, load_tokenizer
+    from hf_flower.tasks import resolve
+    from hf_flower.tasks.classification_metrics import make_compute_metrics
 
-    run_args = parse_args(["--config", str(QUICKSTART), *flags])
+    run_args = resolve(parse_args(["--config", str(QUICKSTART), *flags]))
     federation, seed = run_args.federation, run_args.training.seed
     set_seed(seed)
     tokenizer = load_tokenizer(run_args.model)
@@ -110,7 +111,7 @@ def centralized(name: str, flags: list[str]) -> dict:
     args = dataclasses.replace(
         run_args.training,
         output_dir=str(ROOT / "outputs" / "bench-accuracy" / name),
-        num_train_epochs=federation.local_epochs * federation.num_rounds,
+        num_train_epochs=(federation.local_epochs or 1) * federation.num_rounds,
         save_strategy="no",
         eval_strategy="no",
         report_to="none",

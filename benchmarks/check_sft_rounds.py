@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     from hf_flower import checkpoint
+    from hf_flower.arguments.run_config import from_run_config
     from hf_flower.data import prepare_splits
     from hf_flower.modeling import resolve_model_path
-    from hf_flower.arguments.run_config import from_run_config
     from hf_flower.tasks.sft_data import check_sft_columns
 
     history = checkpoint.read_history(args.output_dir)

@@ -50,13 +50,25 @@ QUALITY = {
 
 def run_args_of(*flags: str):
     from hf_flower.arguments import parse_args
+    from hf_flower.tasks import resolve
 
-    return parse_args(["--config", str(CONFIG), *flags])
+    return resolve(parse_args(["--config", str(CONFIG), *flags]))
+
+
+def server_trainer(run_args):
+    """The quickstart's Trainer as its server builds it: the model, tokenizer and test split."""
+    from hf_flower.arguments.run_config import to_run_config
+    from hf_flower.context import TrainerContext
+    from hf_flower.tasks.causal_lm import make_trainer
+
+    context = TrainerContext(
+        role="server", num_rounds=run_args.federation.num_rounds, run_config=to_run_config(run_args)
+    )
+    return make_trainer(context)
 
 
 def message_bytes() -> dict:
     """Bytes per client per round of LoRA (float32, bfloat16) and of the full model in float32."""
-    from hf_flower.tasks import get_task
     from hf_flower.weights import arrays_nbytes, get_weights
 
     sizes = {}
@@ -65,8 +77,7 @@ def message_bytes() -> dict:
         ("lora-fp32", (), "float32"),
         ("lora-bf16", (), "bfloat16"),
     ):
-        run_args = run_args_of(*flags)
-        model = get_task(run_args.model.task).load_model(run_args, {})
+        model = server_trainer(run_args_of(*flags)).model
         sizes[name] = MESSAGES_PER_ROUND * arrays_nbytes(get_weights(model, dtype))
     full = sizes["full-fp32"]
     return {
@@ -115,54 +126,51 @@ def centralized(work_dir: Path) -> dict:
     import dataclasses
 
     import datasets
-    from transformers import Trainer, TrainerCallback, set_seed
+    from transformers import TrainerCallback
 
-    from hf_flower.modeling import load_tokenizer
-    from hf_flower.tasks import get_task
+    from hf_flower.tasks.causal_lm import GeneratingTrainer, client_datasets
 
     run_args = run_args_of()
-    task, federation, seed = get_task(run_args.model.task), run_args.federation, run_args.training.seed
-    set_seed(seed)
-    tokenizer = load_tokenizer(run_args.model)
-    model = task.load_model(run_args, {})
+    federation = run_args.federation
+    server = server_trainer(run_args)  # seeds, loads the model and tokenizer, and the test split
+    tokenizer = server.processing_class
     union = datasets.concatenate_datasets(
         [
-            task.client_data(run_args, tokenizer, {}, i, federation.num_clients).train
+            client_datasets(run_args, tokenizer, i, federation.num_clients)[0]
             for i in range(federation.num_clients)
         ]
     )
-    test_set = task.central_test_set(run_args, tokenizer, {})
     training = dataclasses.replace(
         run_args.training,
         output_dir=str(work_dir / "centralized"),
-        num_train_epochs=federation.local_epochs * federation.num_rounds,
+        num_train_epochs=(federation.local_epochs or 1) * federation.num_rounds,
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
     )
-    evaluator = Trainer(
-        model=model, args=training, data_collator=task.data_collator(tokenizer), processing_class=tokenizer
-    )
     per_epoch = []
-
-    def evaluate(epoch: int) -> None:
-        metrics = task.evaluate(evaluator, test_set, run_args)
-        per_epoch.append({"epoch": epoch, **{v: metrics.get(k) for k, v in QUALITY.items()}})
-        print(f"centralized, epoch {epoch}: {per_epoch[-1]}", flush=True)
 
     class EvaluateEachEpoch(TrainerCallback):
         def on_epoch_end(self, args, state, control, **kwargs):
             evaluate(round(state.epoch))
 
-    evaluate(0)
-    trainer = Trainer(
-        model=model,
+    trainer = GeneratingTrainer(
+        model=server.model,
         args=training,
-        data_collator=task.data_collator(tokenizer),
+        data_collator=server.data_collator,
         processing_class=tokenizer,
         train_dataset=union,
+        eval_dataset=server.eval_dataset,
         callbacks=[EvaluateEachEpoch()],
+        max_new_tokens=run_args.data.eval_max_new_tokens,
     )
+
+    def evaluate(epoch: int) -> None:
+        metrics = trainer.evaluate()
+        per_epoch.append({"epoch": epoch, **{v: metrics.get(k) for k, v in QUALITY.items()}})
+        print(f"centralized, epoch {epoch}: {per_epoch[-1]}", flush=True)
+
+    evaluate(0)
     started = time.monotonic()
     output = trainer.train()
     return {

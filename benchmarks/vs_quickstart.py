@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hf_flower.arguments import OFFLINE_MODEL, parse_args  # noqa: E402
+from hf_flower.arguments.run_config import to_run_config  # noqa: E402
 from hf_flower.launch.flower import (  # noqa: E402
     COMPLETED,
     CONNECTION,
@@ -69,6 +70,7 @@ from hf_flower.launch.flower import (  # noqa: E402
 from hf_flower.launch.plan import RunPlan  # noqa: E402
 from hf_flower.launch.processes import LOOPBACK, ManagedProcess, free_port  # noqa: E402
 from hf_flower.launch.simulation import simulation_config  # noqa: E402
+from hf_flower.tasks import resolve  # noqa: E402
 
 APP_DIR = Path(__file__).resolve().parent / "quickstart_huggingface"
 SYSTEMS = ("loop", "hf-flower", "central")
@@ -166,7 +168,7 @@ def run_loop(run_args, args: argparse.Namespace, work_dir: Path) -> dict:
     ]  # fmt: skip
     submit_cmd = [
         flower_executable("flwr"), "run", str(APP_DIR), CONNECTION,
-        "--federation-config", simulation_config(RunPlan.from_run_args(run_args)), "--run-config", str(run_config), "--stream",
+        "--federation-config", simulation_config(RunPlan.from_run_config(to_run_config(run_args))), "--run-config", str(run_config), "--stream",
     ]  # fmt: skip
     print(f"=== loop: logs in {logs}", flush=True)
     started = time.monotonic()
@@ -500,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     output = Path(args.output)
     systems = previous_systems(output, settings)
-    run_args = parse_args(base_flags(args, work_dir / "central"))
+    run_args = resolve(parse_args(base_flags(args, work_dir / "central")))
     evaluate, test_rows = make_evaluator(run_args)
 
     def record(name: str, run) -> None:

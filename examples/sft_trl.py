@@ -139,7 +139,11 @@ def make_trainer(context: hf_flower.TrainerContext) -> SFTTrainer:
     # LoRA on every linear layer of the transformer blocks; SFTTrainer wraps the model itself, so
     # the server and every client hold the same PEFT model and exchange only the adapters.
     peft_config = LoraConfig(
-        r=16, lora_alpha=32, lora_dropout=config["lora_dropout"], target_modules="all-linear", task_type="CAUSAL_LM"
+        r=16,
+        lora_alpha=32,
+        lora_dropout=config["lora_dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
     args = SFTConfig(
         output_dir=config["output_dir"],

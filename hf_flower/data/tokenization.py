@@ -41,19 +41,31 @@ def tokenize(
         # Looked up at call time so tests can check that a cache hit never tokenises again.
         return _tokenize_batch(batch, tokenizer, data_args, names)
 
-    return tokenize_once(dataset, tokenize_batch, fingerprint)
+    return tokenize_once(dataset, tokenize_batch, fingerprint, tokenizer)
 
 
-def tokenize_once(dataset: Dataset, tokenize_batch, fingerprint: str) -> Dataset:
+def tokenize_once(dataset: Dataset, tokenize_batch, fingerprint: str, tokenizer) -> Dataset:
     """`dataset` mapped by `tokenize_batch` (its columns replaced), cached under `fingerprint`: a
-    later call with the same fingerprint, in any process, reads the cache file instead."""
-    return dataset.map(
-        tokenize_batch,
-        batched=True,
-        remove_columns=dataset.column_names,
-        new_fingerprint=fingerprint,
-        desc="Tokenizing",
-    )
+    later call with the same fingerprint, in any process, reads the cache file instead.
+
+    A fast tokenizer's call sets its truncation and padding to the call's own; `tokenizer`'s are put
+    back afterwards, so what a round saves of it never depends on whether its data came from the
+    cache (all-MiniLM-L6-v2's tokenizer.json pads to 128, and keeps doing so).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    truncation, padding = (backend.truncation, backend.padding) if backend is not None else (None, None)
+    try:
+        return dataset.map(
+            tokenize_batch,
+            batched=True,
+            remove_columns=dataset.column_names,
+            new_fingerprint=fingerprint,
+            desc="Tokenizing",
+        )
+    finally:
+        if backend is not None:
+            backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
+            backend.no_padding() if padding is None else backend.enable_padding(**padding)
 
 
 def tokenized_fingerprint(dataset: Dataset, tokenizer, data_args: DataArguments, names: list[str]) -> str:

@@ -72,25 +72,11 @@ def make_trainer(context: TrainerContext) -> Trainer:
     tokenizer = load_tokenizer(run_args.model)
     set_seed(run_args.training.seed)  # the adapters' initial weights, the same in every run
     model = load_causal_lm(run_args.model, run_args.peft, quantize=context.is_client)
-    data_args, seed = run_args.data, run_args.training.seed
     if context.is_server:
-        splits = data_lib.prepare_splits(data_args, seed, check_sft_columns)
-        tokenized = tokenize_sft(splits.test, tokenizer, data_args)
-        train, evaluation = None, with_generation_inputs(tokenized, splits.test, tokenizer, run_args)
+        train, evaluation = None, central_test_set(run_args, tokenizer)
     else:
-        if context.data_path is not None:
-            rows, eval_rows, train_rows = data_lib.own_rows(
-                context.data_path, data_args, seed, check_sft_columns
-            )
-        else:
-            splits, eval_rows, train_rows = data_lib.client_rows(
-                data_args, context.partition_id, context.num_partitions, seed, check_sft_columns
-            )
-            rows = splits.pool
-        tokenized = tokenize_sft(rows, tokenizer, data_args)
-        train = tokenized.select(train_rows)
-        evaluation = with_generation_inputs(
-            tokenized.select(eval_rows), rows.select(eval_rows), tokenizer, run_args
+        train, evaluation = client_datasets(
+            run_args, tokenizer, context.partition_id, context.num_partitions, context.data_path
         )
     return GeneratingTrainer(
         model=model,
@@ -99,7 +85,33 @@ def make_trainer(context: TrainerContext) -> Trainer:
         eval_dataset=evaluation,
         data_collator=sft_collator(tokenizer),
         processing_class=tokenizer,
-        max_new_tokens=data_args.eval_max_new_tokens,
+        max_new_tokens=run_args.data.eval_max_new_tokens,
+    )
+
+
+def client_datasets(run_args, tokenizer, partition_id=None, num_partitions=None, data_path=None):
+    """A client's tokenised train split and its eval split (with the generation inputs): its own file
+    (`data_path`) less its eval rows, or partition `partition_id` of the run's data set."""
+    data_args, seed = run_args.data, run_args.training.seed
+    if data_path is not None:
+        rows, eval_rows, train_rows = data_lib.own_rows(data_path, data_args, seed, check_sft_columns)
+    else:
+        splits, eval_rows, train_rows = data_lib.client_rows(
+            data_args, partition_id, num_partitions, seed, check_sft_columns
+        )
+        rows = splits.pool
+    tokenized = tokenize_sft(rows, tokenizer, data_args)
+    evaluation = with_generation_inputs(
+        tokenized.select(eval_rows), rows.select(eval_rows), tokenizer, run_args
+    )
+    return tokenized.select(train_rows), evaluation
+
+
+def central_test_set(run_args, tokenizer):
+    """The server's tokenised test split, with the generation inputs."""
+    splits = data_lib.prepare_splits(run_args.data, run_args.training.seed, check_sft_columns)
+    return with_generation_inputs(
+        tokenize_sft(splits.test, tokenizer, run_args.data), splits.test, tokenizer, run_args
     )
 
 

@@ -69,7 +69,7 @@ def tokenize_sft(dataset: Dataset, tokenizer, data_args: DataArguments) -> Datas
         # Looked up at call time so tests can check that a cache hit never tokenises again.
         return _tokenize_rows(batch, tokenizer, data_args, fmt, chat_prompt)
 
-    return tokenize_once(dataset, tokenize_batch, fingerprint)
+    return tokenize_once(dataset, tokenize_batch, fingerprint, tokenizer)
 
 
 def sft_fingerprint(dataset: Dataset, tokenizer, data_args: DataArguments) -> str:

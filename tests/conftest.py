@@ -83,26 +83,31 @@ def reviews_csv(tmp_path_factory):
     return write_reviews_csv(tmp_path_factory.mktemp("data") / "reviews.csv")
 
 
-def make_tiny_bert(num_labels: int = 2, seed: int = 0, vocab_size: int = 50):
-    """A tiny randomly initialised BERT classifier (~20k parameters), in eval mode."""
+def make_tiny_bert(num_labels: int = 2, seed: int = 0, vocab_size: int = 50, **config):
+    """A tiny randomly initialised BERT classifier (~20k parameters), in eval mode; `config` changes
+    its `BertConfig`."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_labels=num_labels,
+        **{
+            "vocab_size": vocab_size,
+            "hidden_size": 16,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "max_position_embeddings": 64,
+            "num_labels": num_labels,
+            **config,
+        }
     )
     torch.manual_seed(seed)
     return BertForSequenceClassification(config).eval()
 
 
-def build_tiny_model(path, num_labels: int = 2, seed: int = 0):
-    """Save a tiny BERT classifier and its word-level tokenizer to `path` (offline, ~20k params)."""
+def build_tiny_model(path, num_labels: int = 2, seed: int = 0, **config):
+    """Save a tiny BERT classifier and its word-level tokenizer to `path` (offline, ~20k params);
+    `config` changes its `BertConfig`."""
     from transformers import BertTokenizerFast
 
     path.mkdir(parents=True, exist_ok=True)
@@ -110,7 +115,7 @@ def build_tiny_model(path, num_labels: int = 2, seed: int = 0):
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tokenizer = BertTokenizerFast(vocab=str(path / "vocab.txt"), do_lower_case=True)
     tokenizer.save_pretrained(path)
-    make_tiny_bert(num_labels, seed, vocab_size=len(vocab)).save_pretrained(path)
+    make_tiny_bert(num_labels, seed, vocab_size=len(vocab), **config).save_pretrained(path)
     return path
 
 
@@ -161,33 +166,38 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_tiny_llama(tokenizer, seed: int = 0):
-    """A tiny randomly initialised Llama (~10k parameters) for `tokenizer`, in eval mode."""
+def build_tiny_llama(tokenizer, seed: int = 0, **config):
+    """A tiny randomly initialised Llama (~10k parameters) for `tokenizer`, in eval mode; `config`
+    changes its `LlamaConfig`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **{
+            "vocab_size": len(tokenizer),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            **config,
+        }
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
 
-def build_tiny_chat_model(path, seed: int = 0):
-    """Save a tiny Llama and its chat tokenizer to `path`: the causal-lm counterpart of `build_tiny_model`."""
+def build_tiny_chat_model(path, seed: int = 0, **config):
+    """Save a tiny Llama and its chat tokenizer to `path`: the causal-lm counterpart of `build_tiny_model`;
+    `config` changes its `LlamaConfig`."""
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(path)
-    model = build_tiny_llama(tokenizer, seed)
+    model = build_tiny_llama(tokenizer, seed, **config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(path)
     return path

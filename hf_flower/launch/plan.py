@@ -88,8 +88,6 @@ def parse_run(
     takes the task's groups too (model, data, adapters, `TrainingArguments`). The output folder is
     made absolute: every process of the run sees the same one.
     """
-    import dataclasses as dc
-
     from ..arguments import (
         ARGUMENT_GROUPS,
         RUN_GROUPS,
@@ -107,10 +105,12 @@ def parse_run(
     parsed = parser.parse_args_and_config(argv)
     groups, extras = parsed[: len(parsed) - len(extra_groups)], parsed[len(parsed) - len(extra_groups) :]
     federation = next(g for g in groups if isinstance(g, FederationArguments))
+    if trainer is not None and federation.trainer:
+        raise ValueError("--trainer: this script's own make_trainer is the run's Trainer factory; drop the flag.")
     changes = {"output_dir": str(Path(federation.output_dir).resolve())}
     if own:
         changes["trainer"] = factory_ref(trainer or federation.trainer)
-    groups = [dc.replace(g, **changes) if g is federation else g for g in groups]
+    groups = [dataclasses.replace(g, **changes) if g is federation else g for g in groups]
     if own:
         return groups_to_run_config(*groups), tuple(extras)
     # ARGUMENT_GROUPS are in `RunArguments`' order.

@@ -16,26 +16,15 @@ def build_fast_learning_bert(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
     conftest's two-layer BERT (initializer_range=0.02) sits on a plateau for its first ~30 steps on
     these reviews; this one learns them within the 8 steps of a test's round.
     """
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    build_tiny_model(path)  # its tokenizer (and a model that the one below replaces)
-    vocab_size = len((path / "vocab.txt").read_text().split())
-    config = BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=16,
+    return build_tiny_model(
+        path,
+        seed=seed,
         num_hidden_layers=1,
         num_attention_heads=1,
-        intermediate_size=32,
-        max_position_embeddings=64,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         initializer_range=0.2,
-        num_labels=2,
     )
-    torch.manual_seed(seed)
-    BertForSequenceClassification(config).save_pretrained(path)
-    return path
 
 
 def write_short_reviews_csv(path: pathlib.Path, num_rows: int, seed: int) -> pathlib.Path:

@@ -14,9 +14,7 @@ import json
 import pathlib
 import random
 
-import torch
-from conftest import REVIEW_WORDS, build_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import REVIEW_WORDS, build_tiny_chat_model
 
 SUBJECTS = ["movie", "film", "plot", "story"]
 QUESTIONS = [
@@ -28,27 +26,7 @@ QUESTIONS = [
 
 def build_tiny_llama(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
     """Save a tiny randomly initialised Llama (~23k parameters) and the chat tokenizer to `path`."""
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    tokenizer.save_pretrained(path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.2,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    return path
+    return build_tiny_chat_model(path, seed, hidden_size=32, intermediate_size=64, initializer_range=0.2)
 
 
 def make_conversation(label: str, rng: random.Random, greet: bool) -> dict:

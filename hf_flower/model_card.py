@@ -86,7 +86,7 @@ class CardFacts:
             labels=_labels(base),
             processor_class=_processor_class(processor),
             best_metric=_metric_name(args.metric_for_best_model or "loss"),
-            setup=_setup(federation, args),
+            setup=_setup(federation, hub, args),
             num_clients=federation.num_clients,
             num_rounds=federation.num_rounds,
             strategy=federation.strategy,
@@ -137,7 +137,7 @@ def _metric_name(name: str) -> str:
     return name if name.startswith("eval_") else f"eval_{name}"
 
 
-def _setup(federation, args) -> list[tuple[str, str]]:
+def _setup(federation, hub, args) -> list[tuple[str, str]]:
     per_round = max(federation.min_train_clients, round(federation.fraction_train * federation.num_clients))
     strategy = federation.strategy
     if federation.strategy_kwargs:
@@ -149,6 +149,7 @@ def _setup(federation, args) -> list[tuple[str, str]]:
         training = ("local epochs per round", f"{epochs:g}")
     return [
         ("strategy", strategy),
+        *([("data set", hub.hub_dataset)] if hub.hub_dataset else []),
         ("clients", str(federation.num_clients)),
         ("clients per round", f"{per_round} (fraction_train={federation.fraction_train})"),
         ("rounds", str(federation.num_rounds)),

@@ -97,8 +97,9 @@ def load_model(
         ) from None
     except (OSError, ValueError) as err:
         raise _wrap_load_error(name, err) from None
+    model.config.name_or_path = name  # the model as the user named it, not a packaged copy's folder
     fresh = adapters.fresh_modules_of(info["missing_keys"])
-    return adapters.prepare_trainable(model, model_args, peft_args or PeftArguments(), fresh)
+    return adapters.prepare_trainable(model, model_args, peft_args or PeftArguments(peft="none"), fresh)
 
 
 def load_causal_lm(
@@ -121,6 +122,7 @@ def load_causal_lm(
         )
     except (OSError, ValueError) as err:
         raise _wrap_load_error(name, err) from None
+    model.config.name_or_path = name  # the model as the user named it, not a packaged copy's folder
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.generation_config.eos_token_id
     if quantization:

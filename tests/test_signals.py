@@ -26,8 +26,9 @@ def test_signal_to_the_simulation_launcher_stops_every_flower_process(
     sessions) during round 1: within 10 s it must stop the SuperLink, the simulation and Ray, keep
     the rounds saved so far, and exit with the signal's code."""
     output_dir = tmp_path / "run"
+    # 200 steps a round (--max_steps is the whole training's): round 1 is still training at the signal.
     flags = tiny_run_flags(
-        output_dir, tiny_model_dir, reviews_csv, "--num_rounds", "20", "--max_steps", "200"
+        output_dir, tiny_model_dir, reviews_csv, "--num_rounds", "20", "--max_steps", "4000"
     )
     command = [sys.executable, str(ROOT / "scripts" / "simulate.py"), *flags]
     with ManagedProcess(command, tmp_path / "simulate.log", cwd=str(tmp_path)) as launcher:

@@ -106,7 +106,9 @@ def parse_run(
     groups, extras = parsed[: len(parsed) - len(extra_groups)], parsed[len(parsed) - len(extra_groups) :]
     federation = next(g for g in groups if isinstance(g, FederationArguments))
     if trainer is not None and federation.trainer:
-        raise ValueError("--trainer: this script's own make_trainer is the run's Trainer factory; drop the flag.")
+        raise ValueError(
+            "--trainer: this script's own make_trainer is the run's Trainer factory; drop the flag."
+        )
     changes = {"output_dir": str(Path(federation.output_dir).resolve())}
     if own:
         changes["trainer"] = factory_ref(trainer or federation.trainer)

@@ -27,6 +27,10 @@ Settings (`context.config`, defaults in `DEFAULTS`):
     max_eval_samples: at most this many examples per evaluation, as generation is slow (None: all).
     learning_rate, num_train_epochs, per_device_train_batch_size: of the whole federated training.
     output_dir: where the Trainer writes.
+
+No sequence-to-sequence model is packaged for use without the Hub: offline, pass a model folder you
+have (`model_name_or_path`) and local `train`/`validation`/`test` JSON Lines (`dataset`), as
+`tests/example_assets/seq2seq.py` does with a tiny T5.
 """
 
 import re

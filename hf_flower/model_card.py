@@ -19,6 +19,8 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from . import checkpoint
+from .constants import LABEL_NAMES_KEY
+from .factory import model_facts
 
 # Package data (pyproject `[tool.setuptools.package-data]`): beside this module in a checkout, an
 # installed wheel and the Flower app folder the launchers write (`launch/app.py`).
@@ -116,8 +118,7 @@ def _base_model(model, adapter: bool) -> str | None:
 
 
 def _labels(model) -> list[str] | None:
-    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
-    labels = [str(id2label[i]) for i in sorted(id2label, key=int)]
+    labels = model_facts(model).get(LABEL_NAMES_KEY)
     return labels if labels and labels != DEFAULT_LABELS else None
 
 

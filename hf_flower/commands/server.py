@@ -11,6 +11,8 @@ With TLS and SuperNode authentication (see `hf-flower make-certs`), for clients 
     hf-flower server --config configs/quickstart.yaml --host 0.0.0.0 --port 9092 \
         --ssl_certfile certs/server.pem --ssl_keyfile certs/server.key --ssl_ca_certfile certs/ca.crt \
         --authorized_keys keys/client-0.pub keys/client-1.pub
+
+Your own Trainer: `--trainer my_script.py:make_trainer` (its clients run `python my_script.py client ...`).
 """
 
 import sys

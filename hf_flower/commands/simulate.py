@@ -13,6 +13,11 @@ With the Hugging Face Hub (the setup of Flower's Hugging Face quickstart):
 
     hf-flower simulate --config configs/imdb_distilbert.yaml
 
+Your own Trainer (`make_trainer(context)` in your script; `python my_script.py simulate ...` is the
+same when the script ends with `hf_flower.main(make_trainer)`):
+
+    hf-flower simulate --trainer my_script.py:make_trainer --trainer_config '{"epochs": 3}' --num_clients 4
+
 `hf-flower simulate --help` lists every flag.
 """
 

@@ -1,6 +1,6 @@
 """A `TrainerCallback` that reports a client's training to the launcher watching the run.
 
-Kept apart from `live_progress` because it imports transformers (and so torch), which the
+Kept apart from `progress/live.py` because it imports transformers (and so torch), which the
 launcher never does.
 """
 

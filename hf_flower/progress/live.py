@@ -3,7 +3,7 @@
 A launcher sets `HF_FLOWER_PROGRESS_DIR` for the Flower processes it starts
 (`launch.flower.flower_env`); without it nothing here writes anything. With it:
 
-- every client's Trainer (`progress_callback.py`) writes `client-<node>-round-<r>.json`: its
+- every client's Trainer (`progress/callback.py`) writes `client-<node>-round-<r>.json`: its
   partition, step, total steps, latest logged loss and whether it is done; at most every
   `min_interval` seconds and at the last step, from the main process of a multi-rank client only.
   Only clients on the launcher's machine (simulation) share the folder.

@@ -229,3 +229,18 @@ def test_a_server_may_not_make_a_client_import_code(run_config, server, tmp_path
     import os
 
     assert "PWNED" not in os.environ
+
+
+def test_a_servers_trainer_config_never_reaches_a_deployed_clients_task(run_config, server):
+    """A built-in task named by the run config reads its settings from the run config, which the
+    client's policy checks, never from the server's `trainer_config` (the operator's own only in a
+    simulation)."""
+    run_config = {
+        **run_config,
+        "federation.trainer": "hf_flower.tasks.text_classification:make_trainer",
+        "federation.trainer-config": '{"model_name_or_path": "evil/model", "trust_remote_code": true}',
+    }
+    node = context(run_config, run_id=5)
+    reply = client_app.train(instruction(get_weights(server.model)), node)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert session.session_for(instruction(get_weights(server.model)), node).context.config == {}

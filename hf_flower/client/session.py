@@ -93,14 +93,17 @@ def factory_for(federation: FederationArguments, run_config: dict) -> tuple[str,
     if _local is not None:
         return _local.ref, _local.factory, _local.config
     ref = federation.trainer or builtin_factory_ref(str(run_config.get("model.task", "")))
-    if not is_builtin_ref(ref) and not ClientPolicy.from_env().run_config_trainer:
+    operators_own = ClientPolicy.from_env().run_config_trainer
+    if not is_builtin_ref(ref) and not operators_own:
         raise RunRefused(
             f"This client refuses the run config: it names the Trainer factory {ref!r}, and a server may "
             "not make a client import code. Start the client with the script that defines it "
             "(`python my_script.py client ...`, `accelerate launch my_script.py client ...`) or "
             "`hf-flower client --trainer path/to/script.py:make_trainer`."
         )
-    return ref, load_factory(ref), federation.trainer_config
+    # `context.config` is never the server's: a built-in task then reads the run config, which the
+    # client's policy checks.
+    return ref, load_factory(ref), federation.trainer_config if operators_own else {}
 
 
 def session_for(message, context: Context) -> Session:

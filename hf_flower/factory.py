@@ -14,6 +14,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -102,15 +103,22 @@ def load_factory(ref: str) -> TrainerFactory:
 
 
 def _import_module(name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name != name and not name.startswith(f"{err.name}."):
-            raise  # the module exists; one of its own imports is missing
-        raise FactoryError(
-            f"Cannot import module {name!r} of the Trainer factory: run from the folder that holds it, "
-            "add that folder to PYTHONPATH, or name the file instead (`path/to/script.py:make_trainer`)."
-        ) from None
+    """Module `name`, found as `python -m` would find it: from the working folder too (a console
+    script such as `hf-flower` does not put it on the path; the launchers pass it to Flower's
+    processes on PYTHONPATH)."""
+    for attempt in range(2):
+        try:
+            return importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name and not name.startswith(f"{err.name}."):
+                raise  # the module exists; one of its own imports is missing
+            if attempt == 0 and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+                continue
+            raise FactoryError(
+                f"Cannot import module {name!r} of the Trainer factory: run from the folder that holds "
+                "it, add that folder to PYTHONPATH, or name the file instead (`path/to/script.py:make_trainer`)."
+            ) from None
 
 
 def _import_script(path: str):

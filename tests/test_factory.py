@@ -51,6 +51,18 @@ def test_a_script_factory_is_imported_by_its_path_without_its_main_block(script,
     check_signature(factory, ref)
 
 
+def test_a_module_factory_is_found_in_the_working_folder(script, monkeypatch):
+    """`hf-flower simulate --trainer my_script:make_trainer` from the script's folder: the console script
+    does not put the working folder on the path, `load_factory` does (as `python -m` would)."""
+    monkeypatch.chdir(script.parent)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(script.parent))])
+    try:
+        factory = load_factory("my_script:make_trainer")
+        assert factory_ref(factory) == "my_script:make_trainer"
+    finally:
+        sys.modules.pop("my_script", None)
+
+
 def test_a_module_factory_keeps_its_module_name():
     from hf_flower.tasks import text_classification
 

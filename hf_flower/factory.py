@@ -200,8 +200,13 @@ def model_facts(model) -> dict[str, Any]:
     facts: dict[str, Any] = {MODEL_CLASS_KEY: type(model).__name__}
     id2label = getattr(getattr(model, "config", None), "id2label", None)
     if id2label:
-        facts[LABEL_NAMES_KEY] = [str(id2label[i]) for i in sorted(id2label, key=int)]
+        facts[LABEL_NAMES_KEY] = label_names_of(id2label)
     return facts
+
+
+def label_names_of(id2label: Mapping) -> list[str]:
+    """A config's `id2label` as class names in id order (its keys are ints, or strings in a config.json)."""
+    return [str(id2label[i]) for i in sorted(id2label, key=int)]
 
 
 def server_model(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -52,6 +52,14 @@ class HubError(RuntimeError):
     """Pushing to the Hub cannot work as configured; the message says what to change."""
 
 
+def hub_id(name: str | None) -> str | None:
+    """`name` when it can only be a Hub id (`name` or `owner/name`, no local path), else None: a
+    model card's metadata links Hub ids only."""
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return None
+    return name
+
+
 def round_branch(round_num: int) -> str:
     """The Hub branch of round `round_num`: `round-N`, the name of its local folder."""
     return checkpoint.round_dir("", round_num).name

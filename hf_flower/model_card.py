@@ -21,6 +21,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from . import checkpoint
 from .constants import LABEL_NAMES_KEY
 from .factory import model_facts
+from .hub import hub_id
 
 # Package data (pyproject `[tool.setuptools.package-data]`): beside this module in a checkout, an
 # installed wheel and the Flower app folder the launchers write (`launch/app.py`).
@@ -111,10 +112,7 @@ def _kind_of(class_name: str) -> tuple[str | None, str, str | None]:
 def _base_model(model, adapter: bool) -> str | None:
     """The model fine-tuned, as a Hub id where it has one (the Hub links only ids)."""
     name = model.peft_config["default"].base_model_name_or_path if adapter else None
-    name = name or getattr(getattr(model, "config", None), "_name_or_path", None)
-    if not name or os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        return None
-    return name
+    return hub_id(name or getattr(getattr(model, "config", None), "_name_or_path", None))
 
 
 def _labels(model) -> list[str] | None:
@@ -146,8 +144,7 @@ def _setup(federation, hub, args) -> list[tuple[str, str]]:
     if args.max_steps > 0:
         training = ("max_steps (whole training)", str(args.max_steps))
     else:
-        epochs = federation.local_epochs or args.num_train_epochs / federation.num_rounds
-        training = ("local epochs per round", f"{epochs:g}")
+        training = ("local epochs per round", f"{federation.epochs_per_round(args.num_train_epochs):g}")
     return [
         ("strategy", strategy),
         *([("data set", hub.hub_dataset)] if hub.hub_dataset else []),

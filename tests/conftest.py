@@ -271,7 +271,7 @@ def trainer_for(run_config: dict, role: str = "server", **context):
     from hf_flower.arguments.run_config import group_from_run_config
     from hf_flower.context import TrainerContext
     from hf_flower.factory import build_trainer, load_factory
-    from hf_flower.server.preflight import trainer_ref
+    from hf_flower.tasks import trainer_ref
 
     federation = group_from_run_config(FederationArguments, run_config)
     ref = trainer_ref(federation, run_config)

@@ -22,6 +22,7 @@ from .federation import (
     TRANSFER_DTYPE_NAMES,
     FederationArguments,
     parse_json_object,
+    parse_trainer_config,
 )
 from .hub import (
     HUB_STRATEGIES,
@@ -71,5 +72,6 @@ __all__ = [
     "load_yaml_config",
     "parse_args",
     "parse_json_object",
+    "parse_trainer_config",
     "split_names",
 ]

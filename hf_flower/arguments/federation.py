@@ -166,9 +166,7 @@ class FederationArguments:
         self.strategy_kwargs = parse_json_object(
             self.strategy_kwargs, "strategy_kwargs", '{"proximal_mu": 0.1}'
         )
-        self.trainer_config = parse_json_object(
-            self.trainer_config, "trainer_config", '{"model_name_or_path": "..."}'
-        )
+        self.trainer_config = parse_trainer_config(self.trainer_config)
         if not self.output_dir:
             raise ValueError("output_dir must name a folder, got an empty string.")
         for name in ("num_rounds", "num_clients"):
@@ -208,6 +206,11 @@ class FederationArguments:
                 "pass only one."
             )
 
+    def epochs_per_round(self, num_train_epochs: float) -> float:
+        """The epochs of one round when `TrainingArguments.num_train_epochs` are the whole training's:
+        `--local_epochs`, or that share of them."""
+        return self.local_epochs or num_train_epochs / self.num_rounds
+
 
 def parse_json_object(value: dict | str | None, flag: str, example: str) -> dict:
     """`--<flag>` as a dict: a mapping (from YAML or Python) or a JSON object (from the command line
@@ -225,3 +228,8 @@ def parse_json_object(value: dict | str | None, flag: str, example: str) -> dict
             f"not a {type(value).__name__}: {json.dumps(value, default=str)[:100]}"
         )
     return dict(value)
+
+
+def parse_trainer_config(value: dict | str | None) -> dict:
+    """`--trainer_config` (the settings of a Trainer factory, `context.config`) as a dict."""
+    return parse_json_object(value, "trainer_config", '{"model_name_or_path": "..."}')

@@ -57,15 +57,14 @@ class HfFlowerParser(HfArgumentParser):
     """
 
     def __init__(self, extra_groups: tuple = (), groups: tuple = ARGUMENT_GROUPS):
-        self._group_fields: dict[type, list[str]] = {}
+        self._group_fields: dict[type, set[str]] = {}
         super().__init__(tuple(groups) + tuple(extra_groups))
 
     def _add_dataclass_arguments(self, dtype) -> None:
         """Add a group's flags, leaving out TrainingArguments' `NOT_TRAINING_FLAGS`."""
-        skip = set(NOT_TRAINING_FLAGS) if issubclass(dtype, TrainingArguments) else set()
-        names = [f.name for f in dataclasses.fields(dtype) if f.init and f.name not in skip]
+        names = _flag_names(dtype)
         self._group_fields[dtype] = names
-        if not skip:
+        if not issubclass(dtype, TrainingArguments):
             return super()._add_dataclass_arguments(dtype)
         hints = typing.get_type_hints(dtype)
         for f in dataclasses.fields(dtype):
@@ -96,11 +95,7 @@ class HfFlowerParser(HfArgumentParser):
         # Each group gets the flags it added (HfArgumentParser would also hand TrainingArguments
         # the flags of `HubArguments` and `FederationArguments` that share their names).
         return tuple(
-            dtype(**{name: getattr(namespace, name) for name in self._group_fields[dtype]})
-            if not issubclass(dtype, TrainingArguments)
-            else dtype(
-                output_dir=None, **{name: getattr(namespace, name) for name in self._group_fields[dtype]}
-            )
+            build_group(dtype, {name: getattr(namespace, name) for name in self._group_fields[dtype]})
             for dtype in self.dataclass_types
         )
 
@@ -150,13 +145,18 @@ def groups_from_dict(config: Mapping[str, Any], groups, source: str) -> tuple:
     """Argument groups from flag names and values (the form of a YAML config), each group taking its
     own keys; a key no group knows is an error naming `source`."""
     check_keys(config, groups, source)
-    built = []
-    for group in groups:
-        kwargs = {name: value for name, value in config.items() if name in _flag_names(group)}
-        built.append(
-            group(output_dir=None, **kwargs) if issubclass(group, TrainingArguments) else group(**kwargs)
-        )
-    return tuple(built)
+    return tuple(
+        build_group(group, {name: value for name, value in config.items() if name in _flag_names(group)})
+        for group in groups
+    )
+
+
+def build_group(group, values: Mapping[str, Any]):
+    """An argument group from its flags' values; a `TrainingArguments` without `output_dir` (not a
+    flag: the server saves the rounds in `FederationArguments.output_dir`)."""
+    if issubclass(group, TrainingArguments):
+        return group(output_dir=None, **values)
+    return group(**values)
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:

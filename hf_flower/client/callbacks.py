@@ -29,6 +29,8 @@ from flwr.app import ArrayRecord, RecordDict
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback, get_scheduler
 
+from .ranks import collective_device
+
 OPTIMIZER_STATE_KEY = "optimizer-state"
 
 
@@ -178,8 +180,7 @@ class TaskDeadline(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         expired = torch.tensor([float(time.time() > self.deadline)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_backend() == "nccl":
-                expired = expired.cuda()
+            expired = expired.to(collective_device())
             torch.distributed.all_reduce(expired, op=torch.distributed.ReduceOp.MAX)
         if expired.item() > 0:
             self.expired = control.should_training_stop = True

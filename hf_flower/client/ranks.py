@@ -51,18 +51,20 @@ def is_main_process() -> bool:
     return state().is_main_process
 
 
-def _device() -> torch.device:
-    # NCCL broadcasts need CUDA tensors; gloo works on the CPU.
+def collective_device() -> torch.device:
+    """Where a tensor in a collective must be: NCCL needs CUDA tensors; gloo works on the CPU."""
     return state().device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _broadcast_bytes(payload: bytes | None) -> bytes:
-    length = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long, device=_device())
+    length = torch.tensor(
+        [len(payload) if payload is not None else 0], dtype=torch.long, device=collective_device()
+    )
     dist.broadcast(length, src=0)
     buffer = (
-        torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(_device())
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(collective_device())
         if payload is not None
-        else torch.empty(int(length.item()), dtype=torch.uint8, device=_device())
+        else torch.empty(int(length.item()), dtype=torch.uint8, device=collective_device())
     )
     dist.broadcast(buffer, src=0)
     return bytes(buffer.cpu().numpy())
@@ -88,7 +90,7 @@ def send_job(message: Message, context: Context) -> None:
     }
     _broadcast_bytes(json.dumps(header).encode())
     for tensor in weights.values():
-        dist.broadcast(tensor.contiguous().to(_device()), src=0)
+        dist.broadcast(tensor.contiguous().to(collective_device()), src=0)
 
 
 def send_idle() -> None:
@@ -123,7 +125,7 @@ def receive_job() -> tuple[Message, Context] | None:
         return None
     weights = {}
     for key, dtype, shape in header["weights"]:
-        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=_device())
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=collective_device())
         dist.broadcast(tensor, src=0)
         weights[key] = tensor.cpu()
     content = RecordDict(
@@ -136,7 +138,7 @@ def receive_job() -> tuple[Message, Context] | None:
         dst_node_id=header["node_id"],
         reply_to_message_id="",
         group_id=header["group_id"],
-        created_at=header["created_at"],  # rank 0's deadline (`trainer.TaskDeadline`)
+        created_at=header["created_at"],  # rank 0's deadline (`callbacks.TaskDeadline`)
         ttl=header["ttl"],
         message_type=header["kind"],
     )

@@ -60,8 +60,7 @@ def round_share(max_steps: int, num_train_epochs: float, federation: FederationA
     """
     if max_steps > 0:
         return {"max_steps": math.ceil(max_steps / federation.num_rounds)}
-    epochs = federation.local_epochs or num_train_epochs / federation.num_rounds
-    return {"max_steps": -1, "num_train_epochs": epochs}
+    return {"max_steps": -1, "num_train_epochs": federation.epochs_per_round(num_train_epochs)}
 
 
 class RoundDriver:

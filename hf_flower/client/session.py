@@ -39,7 +39,7 @@ from ..constants import (
 )
 from ..context import CLIENT, TrainerContext
 from ..factory import TrainerFactory, build_trainer, check_same_model, load_factory, server_model
-from ..tasks import builtin_factory_ref, is_builtin_ref
+from ..tasks import is_builtin_ref, trainer_ref
 from .round_driver import RoundDriver
 
 
@@ -63,10 +63,10 @@ def use_factory(ref: str, factory: TrainerFactory, config: dict[str, Any] | None
 
 @dataclasses.dataclass
 class Session:
-    """What a client process holds for one run and its data: the Trainer, in its round driver."""
+    """What a client process holds for one run and its data: the Trainer, in its round driver, and
+    the context it was built with."""
 
     key: str
-    ref: str
     driver: RoundDriver
     context: TrainerContext
 
@@ -92,7 +92,7 @@ def factory_for(federation: FederationArguments, run_config: dict) -> tuple[str,
     """(reference, factory, its config) this process trains the run with (see the module docstring)."""
     if _local is not None:
         return _local.ref, _local.factory, _local.config
-    ref = federation.trainer or builtin_factory_ref(str(run_config.get("model.task", "")))
+    ref = trainer_ref(federation, run_config)
     operators_own = ClientPolicy.from_env().run_config_trainer
     if not is_builtin_ref(ref) and not operators_own:
         raise RunRefused(
@@ -136,5 +136,5 @@ def session_for(message, context: Context) -> Session:
     )
     trainer = build_trainer(factory, trainer_context, ref)
     check_same_model(trainer.model, server, ref)
-    _session = Session(key, ref, RoundDriver(trainer, federation), trainer_context)
+    _session = Session(key, RoundDriver(trainer, federation), trainer_context)
     return _session

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Mapping
 
 from ..constants import VERSION
 
@@ -34,28 +35,43 @@ PROG = "hf-flower"
 DESCRIPTION = "Federated fine-tuning of Hugging Face models with Flower and transformers.Trainer."
 
 
-def usage() -> str:
-    width = max(len(name) for name in COMMANDS)
-    lines = [f"usage: {PROG} COMMAND [ARGS...]", "", DESCRIPTION, "", "commands:"]
-    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
-    lines += ["", f"`{PROG} COMMAND --help` lists the flags of a command; `{PROG} --version` the version."]
+def usage(prog: str, summaries: Mapping[str, str], kind: str, description: str = "", more: str = "") -> str:
+    """The help of a program whose first argument is one of `summaries` (a `kind`: command, subcommand)."""
+    width = max(map(len, summaries))
+    lines = [f"usage: {prog} {kind.upper()} [ARGS...]", ""]
+    lines += [description, ""] if description else []
+    lines += [f"{kind}s:", *(f"  {name:<{width}}  {summary}" for name, summary in summaries.items())]
+    lines += ["", f"`{prog} {kind.upper()} --help` lists the flags of a {kind}{more}."]
     return "\n".join(lines)
+
+
+def pick(
+    argv: list[str], prog: str, summaries: Mapping[str, str], kind: str, **usage_text
+) -> tuple[str, list[str]] | int:
+    """(name, its arguments) of the `kind` that `argv` starts with; an exit code instead when `argv`
+    asks for help (printed) or names none of `summaries` (said on stderr)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(prog, summaries, kind, **usage_text), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in summaries:
+        print(f"{prog}: unknown {kind} {argv[0]!r}; choose one of {list(summaries)}.", file=sys.stderr)
+        return 2
+    return argv[0], argv[1:]
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run `hf-flower COMMAND ARGS...`; return the command's exit code."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage(), file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    if argv[0] in ("-V", "--version"):
+    if argv and argv[0] in ("-V", "--version"):
         print(f"{PROG} {VERSION}")
         return 0
-    name, args = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"{PROG}: unknown command {name!r}; choose one of {list(COMMANDS)}.", file=sys.stderr)
-        return 2
+    summaries = {name: summary for name, (_, summary) in COMMANDS.items()}
+    more = f"; `{PROG} --version` the version"
+    picked = pick(argv, PROG, summaries, "command", description=DESCRIPTION, more=more)
+    if isinstance(picked, int):
+        return picked
+    name, args = picked
     if from_command_line:
         # argparse names the program after sys.argv[0]: usage and errors then say `hf-flower push`.
         sys.argv[0] = f"{PROG} {name}"

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from ..arguments import parse_json_object
+from ..arguments import parse_trainer_config
 from ..arguments.policy import ClientPolicy
 from ..factory import factory_ref
 from ..launch.client import ClientOptions, run_client
@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None, factory=None) -> int:
         options = ClientOptions(
             trainer=factory_ref(factory or args.trainer) if (factory or args.trainer) else None,
             factory=factory,
-            trainer_config=parse_json_object(
-                args.trainer_config, "trainer_config", '{"model_name_or_path": "..."}'
-            ),
+            trainer_config=parse_trainer_config(args.trainer_config),
             superlink=args.superlink,
             node_config=args.node_config(),
             work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="hf-flower-client-")),

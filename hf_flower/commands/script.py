@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import pick
+
 SUBCOMMANDS = {
     "train": "Train on this machine alone: the script as it was before federating it.",
     "simulate": "Federate it on this machine (Flower's simulation engine).",
@@ -47,24 +49,13 @@ class TrainArguments:
     )
 
 
-def usage(prog: str) -> str:
-    width = max(map(len, SUBCOMMANDS))
-    lines = [f"usage: {prog} SUBCOMMAND [ARGS...]", "", "subcommands:"]
-    lines += [f"  {name:<{width}}  {summary}" for name, summary in SUBCOMMANDS.items()]
-    lines += ["", f"`{prog} SUBCOMMAND --help` lists the flags of a subcommand."]
-    return "\n".join(lines)
-
-
 def run(make_trainer, argv: list[str]) -> int:
     """Run `argv` (a subcommand and its flags) for `make_trainer`; the exit code."""
     prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "my_script.py"
-    if not argv or argv[0] in ("-h", "--help"):
-        print(usage(prog), file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
-    name, args = argv[0], argv[1:]
-    if name not in SUBCOMMANDS:
-        print(f"{prog}: unknown subcommand {name!r}; choose one of {list(SUBCOMMANDS)}.", file=sys.stderr)
-        return 2
+    picked = pick(argv, prog, SUBCOMMANDS, "subcommand")
+    if isinstance(picked, int):
+        return picked
+    name, args = picked
     from ..factory import FactoryError, factory_ref
 
     try:
@@ -95,12 +86,12 @@ def train(make_trainer, argv: list[str]) -> int:
     `output_dir`, as a single-machine script does (also under `accelerate launch`)."""
     from transformers import HfArgumentParser
 
-    from ..arguments import parse_json_object
+    from ..arguments import parse_trainer_config
     from ..context import LOCAL, TrainerContext
     from ..factory import build_trainer
 
     (args,) = HfArgumentParser(TrainArguments).parse_args_into_dataclasses(argv)
-    config = parse_json_object(args.trainer_config, "trainer_config", '{"model_name_or_path": "..."}')
+    config = parse_trainer_config(args.trainer_config)
     trainer = build_trainer(make_trainer, TrainerContext(role=LOCAL, config=config))
     trainer.train()
     if trainer.eval_dataset is not None:

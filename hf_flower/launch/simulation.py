@@ -121,10 +121,11 @@ def simulate(
     fields = {
         group: {f.name for f in dataclasses.fields(group)} for group in (FederationArguments, HubArguments)
     }
-    unknown = sorted(set(settings) - set().union(*fields.values()) - {"trainer"})
-    if unknown or "trainer" in settings:
-        known = sorted(set().union(*fields.values()) - {"trainer", "trainer_config", "output_dir"})
-        raise TypeError(f"simulate() got unknown settings {unknown or ['trainer']}; it takes {known}.")
+    # `trainer`, `trainer_config` and `output_dir` are simulate()'s own parameters.
+    known = set().union(*fields.values()) - {"trainer", "trainer_config", "output_dir"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TypeError(f"simulate() got unknown settings {unknown}; it takes {sorted(known)}.")
     federation = FederationArguments(
         trainer=factory_ref(make_trainer),
         trainer_config=dict(trainer_config or {}),

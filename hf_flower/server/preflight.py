@@ -20,7 +20,7 @@ from ..arguments.policy import unsettable_training_fields
 from ..arguments.run_config import from_run_config, group_from_run_config, training_overrides
 from ..factory import check_signature, load_factory
 from ..modeling import load_model_config
-from ..tasks import builtin_factory_ref, get_task, resolve
+from ..tasks import get_task, resolve, trainer_ref
 from . import resume
 from .strategies import build_strategy, strategy_class
 
@@ -54,11 +54,6 @@ def check_client_policy(run_args: RunArguments) -> None:
             "Clients do not follow these training settings from a server: " + "; ".join(refusals) + ". "
             "Remove them from the config or command line."
         )
-
-
-def trainer_ref(federation: FederationArguments, run_config: Mapping[str, Any]) -> str:
-    """The run's Trainer factory: `--trainer`, or the built-in task of `--task`."""
-    return federation.trainer or builtin_factory_ref(str(run_config.get("model.task", "")))
 
 
 def check_task(

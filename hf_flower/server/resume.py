@@ -134,7 +134,7 @@ def check_resumable(point: ResumePoint, model, output_dir: str | os.PathLike) ->
     `OutputDirError` naming the difference and the fix; the weights themselves are checked when they
     load (`load_round_arrays`)."""
     from ..adapters import is_adapter_model
-    from ..factory import model_facts
+    from ..factory import label_names_of, model_facts
 
     adapter_round = (point.folder / checkpoint.ADAPTER_CONFIG_FILE).is_file()
     if adapter_round != is_adapter_model(model):
@@ -158,7 +158,7 @@ def check_resumable(point: ResumePoint, model, output_dir: str | os.PathLike) ->
     facts = model_facts(model)
     saved_facts = _history_model(output_dir)
     if not adapter_round and saved.get("id2label"):
-        saved_facts[LABEL_NAMES_KEY] = [saved["id2label"][i] for i in sorted(saved["id2label"], key=int)]
+        saved_facts[LABEL_NAMES_KEY] = label_names_of(saved["id2label"])
     for key, what in ((MODEL_CLASS_KEY, "model class"), (LABEL_NAMES_KEY, "labels")):
         if key in saved_facts and key in facts and saved_facts[key] != facts[key]:
             differs.append(f"{what}: saved {saved_facts[key]!r}, this run {facts[key]!r}")

@@ -24,10 +24,11 @@ from ..arguments.run_config import group_from_run_config
 from ..checkpoint import lock as run_lock
 from ..context import SERVER, TrainerContext
 from ..factory import build_trainer, load_factory, model_facts
+from ..tasks import trainer_ref
 from ..transport.averaging import averages_replies
 from ..weights import get_weights, trainable_state_dict
 from . import resume
-from .preflight import check_run, trainer_ref
+from .preflight import check_run
 from .replies import RoundRules
 from .round_grid import TrackingGrid
 from .rounds import RoundCheckpointer

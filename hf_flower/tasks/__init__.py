@@ -15,10 +15,11 @@ from __future__ import annotations
 import functools
 import importlib
 import tempfile
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..arguments import RunArguments
+    from ..arguments import FederationArguments, RunArguments
     from ..context import TrainerContext
 
 # --task name -> module of this package that defines `make_trainer` and `TASK`.
@@ -43,6 +44,11 @@ def check_task_name(name: str) -> str:
 def builtin_factory_ref(task: str) -> str:
     """The factory reference of built-in task `task`, e.g. `hf_flower.tasks.causal_lm:make_trainer`."""
     return f"{__name__}.{TASK_MODULES[check_task_name(task)]}:{FACTORY_NAME}"
+
+
+def trainer_ref(federation: FederationArguments, run_config: Mapping[str, Any]) -> str:
+    """The run's Trainer factory: `--trainer`, or the built-in task of `--task` (`model.task`)."""
+    return federation.trainer or builtin_factory_ref(str(run_config.get("model.task", "")))
 
 
 def is_builtin_ref(ref: str) -> bool:
@@ -70,20 +76,12 @@ def resolve(run_args: RunArguments) -> RunArguments:
 def hub_dataset_id(dataset: str) -> str | None:
     """The Hub id a model card names for `--dataset`: the offline reviews are IMDB's train split;
     local files and folders have none."""
-    import os
-
     from ..arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET
+    from ..hub import hub_id
 
     if dataset in (OFFLINE_DATASET, OFFLINE_CHAT_DATASET):
         return OFFLINE_DATASET_HUB_ID
-    if (
-        not dataset
-        or os.path.exists(dataset)
-        or dataset.startswith((".", "/", "~"))
-        or dataset.count("/") > 1
-    ):
-        return None
-    return dataset
+    return hub_id(dataset)
 
 
 def run_arguments(context: TrainerContext) -> RunArguments:

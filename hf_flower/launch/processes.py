@@ -79,6 +79,20 @@ def port_is_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def _session_members(session: int) -> list[psutil.Process]:
+    """Every live (not zombie) process whose session id is `session`, wherever its parent went."""
+    members = []
+    for pid in psutil.pids():
+        try:
+            if pid != os.getpid() and os.getsid(pid) == session:
+                proc = psutil.Process(pid)
+                if proc.status() != psutil.STATUS_ZOMBIE:  # already dead, its parent reaps it
+                    members.append(proc)
+        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            continue
+    return members
+
+
 class ManagedProcess:
     """A `subprocess.Popen` in a new session whose whole process tree is stopped on exit.
 
@@ -133,14 +147,21 @@ class ManagedProcess:
             return ""
 
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
-        """SIGTERM the process tree, wait up to `grace` seconds, then SIGKILL what is left."""
+        """SIGTERM the process tree, wait up to `grace` seconds, then SIGKILL what is left.
+
+        The tree is the child's descendants plus every process in its session: a process whose
+        parent died is re-parented out of the tree but stays in the session (Ray's raylet may
+        start its agents while it is being stopped, and they then wait a minute for a dead GCS).
+        """
         if self.process is None:
             return
+        session = self.process.pid  # start_new_session: the child leads its own session
         try:
             tree = [psutil.Process(self.process.pid)]
             tree += tree[0].children(recursive=True)
         except psutil.NoSuchProcess:
             tree = []
+        tree += [proc for proc in _session_members(session) if proc not in tree]
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -158,6 +179,14 @@ class ManagedProcess:
             except psutil.NoSuchProcess:
                 pass
         psutil.wait_procs(alive, timeout=5)
+        # Started during the grace by a process that was being stopped: killed at once.
+        late = _session_members(session)
+        for proc in late:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(late, timeout=5)
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -7,6 +7,12 @@ network) and after the fact (`scripts/push.py`). What is pushed carries aggregat
 (`round_operations`): which node or partition sent what, and why a client failed, stay in the
 local history.json.
 
+A push uploads exactly the checked files of a round: those its checksums.json lists, each found
+as it was saved (`checkpoint.checked_files`), never a link and never a file the list does not
+name, so nothing placed in a round folder after it was saved (a link to a token, a stray file)
+leaves this machine. Repositories are created private unless `--hub_private false` asks for a
+public one; an existing repository keeps its visibility.
+
 The token is never an argument, in a config or in a log: huggingface_hub finds it in `HF_TOKEN`
 or the login saved by `hf auth login`. `check_push_access` runs before round 1 and refuses a
 missing or rejected token, a read-only token, and a repo in a namespace the token cannot write
@@ -128,13 +134,11 @@ def _unreachable(api: HfApi, err: Exception) -> HubError:
 
 
 def round_operations(folder: str | os.PathLike) -> list[CommitOperationAdd]:
-    """The files of a round folder as uploads: all but `IGNORE_PATTERNS`, with metrics.json reduced
-    to its aggregates (`checkpoint.aggregate_metrics`): a round saved by an earlier version keeps
-    per-client details in its metrics.json, and those never leave this machine."""
-    folder = Path(folder)
-    files = {
-        path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*")) if path.is_file()
-    }
+    """The checked files of a round folder as uploads (`checkpoint.checked_files`: listed in its
+    checksums.json and verified; a link or a damaged file raises `DamagedRoundError`), but
+    `IGNORE_PATTERNS`, with metrics.json reduced to its aggregates (`checkpoint.aggregate_metrics`):
+    per-client details never leave this machine."""
+    files = checkpoint.checked_files(folder)
     operations = []
     for name in filter_repo_objects(files, ignore_patterns=IGNORE_PATTERNS):
         content: Path | bytes = files[name]
@@ -191,6 +195,7 @@ class RoundPusher:
         branch = round_branch(round_num)
         started = time.monotonic()
         try:
+            round_operations(folder)  # a link or a damaged file fails the push before the Hub is asked
             self._retry(
                 f"branch {branch}", lambda: self.api.create_branch(self.repo_id, branch=branch, exist_ok=True)
             )

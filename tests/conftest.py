@@ -23,6 +23,10 @@ os.environ.update(
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_USAGE_STATS_ENABLED": "0",
+        # ClientApps called in-process, and worker scripts tests start, run as the operator's own
+        # (as in a simulation: local paths allowed, failures in full). A deployed client's policy
+        # is tested where it is set: `hf-flower client` sets its own, tests/test_client_policy.py.
+        "HF_FLOWER_OPERATORS_RUN": "1",
     }
 )
 os.environ.pop("HF_TOKEN", None)

@@ -1,6 +1,7 @@
 """Checked checkpoints: every round records its files' checksums, and a damaged round is named
 before anything loads it; rounds a resumed run trains again are moved aside, never deleted."""
 
+import hashlib
 import json
 import logging
 import re
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from hf_flower import checkpoint
+from hf_flower import checkpoint, hub
 from hf_flower.checkpoint import DamagedRoundError, OutputDirError
 from hf_flower.server import resume
 
@@ -137,3 +138,86 @@ def test_later_rounds_are_moved_aside_and_said_so(tmp_path, caplog):
     caplog.clear()
     resume.set_aside_later_rounds(tmp_path, 1)  # nothing left to move: nothing said
     assert caplog.text == "" and len(list(tmp_path.glob(f"{checkpoint.SET_ASIDE_PREFIX}*"))) == 1
+
+
+def rewrite_checksums(folder, change):
+    """checksums.json edited by hand: `change(files)` edits its `{name: {size, sha256}}`."""
+    path = folder / checkpoint.CHECKSUMS_FILE
+    data = json.loads(path.read_text())
+    change(data["files"])
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "name", ["/etc/hostname", "../secret.txt", "sub/../../secret.txt", "./config.json", ""]
+)
+def test_checksums_names_outside_the_round_are_refused(tmp_path, name):
+    folder = checkpoint.save_round(tmp_path / "run", 1, write_full_round, {"round": 1})
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    entry = {"size": secret.stat().st_size, "sha256": hashlib.sha256(b"secret").hexdigest()}
+    rewrite_checksums(folder, lambda files: files.update({name: entry}))
+    with pytest.raises(
+        DamagedRoundError, match=re.escape(f"lists {name!r}, which is not a file inside {folder}")
+    ):
+        checkpoint.verify_round(folder)
+    with pytest.raises(DamagedRoundError):
+        hub.round_operations(folder)
+
+
+def test_a_round_with_a_link_is_refused_and_never_pushed(tmp_path):
+    folder = checkpoint.save_round(tmp_path / "run", 1, write_full_round, {"round": 1})
+    checkpoint.verify_round(folder)  # verified once: a link planted later is still seen
+    secret = tmp_path / "token"
+    secret.write_text("hf_secret")
+    for link in (folder / "special_tokens_map.json", folder / "merged"):
+        link.symlink_to(secret if link.suffix else tmp_path)
+        with pytest.raises(DamagedRoundError, match=re.escape(f"{link} is a link (to ")):
+            checkpoint.verify_round(folder)
+        with pytest.raises(DamagedRoundError, match=re.escape(f"{link} is a link")):
+            hub.round_operations(folder)
+        link.unlink()
+    # Listed in checksums.json too (a link swapped in for a saved file): refused, not followed.
+    weights = folder / checkpoint.WEIGHTS_FILE
+    real = tmp_path / "weights"
+    weights.rename(real)
+    weights.symlink_to(real)
+    with pytest.raises(DamagedRoundError, match=re.escape(f"{weights} is a link")):
+        checkpoint.checked_files(folder)
+    # The round folder itself a link to a folder elsewhere.
+    weights.unlink()
+    real.rename(weights)
+    linked = tmp_path / "run" / "round-2"
+    linked.symlink_to(folder)
+    with pytest.raises(DamagedRoundError, match=re.escape(f"{linked} is a link")):
+        checkpoint.verify_round(linked)
+
+
+def test_saving_a_round_refuses_a_link(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("hf_secret")
+
+    def write_with_link(folder):
+        write_full_round(folder)
+        (folder / "tokenizer.json").symlink_to(secret)
+
+    with pytest.raises(OutputDirError, match=r"tokenizer\.json is a link .*holds plain files only"):
+        checkpoint.save_round(tmp_path / "run", 1, write_with_link, {"round": 1})
+    assert checkpoint.list_rounds(tmp_path / "run") == [] and list((tmp_path / "run").iterdir()) == []
+
+
+def test_the_push_takes_exactly_the_checked_files(tmp_path):
+    folder = checkpoint.save_round(
+        tmp_path / "run", 1, write_full_round, {"round": 1, "train": {"loss": 1.0}}
+    )
+    (folder / "notes.txt").write_text("not listed in checksums.json")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "extra.json").write_text("{}")
+    pushed = {op.path_in_repo for op in hub.round_operations(folder)}
+    # checksums.json and the strategy state stay local; files it does not list never leave.
+    assert pushed == {checkpoint.CONFIG_FILE, checkpoint.WEIGHTS_FILE, checkpoint.METRICS_FILE}
+    assert set(checkpoint.checked_files(folder)) == pushed | {checkpoint.STRATEGY_STATE_FILE}
+    # A round saved before checksums existed has no checked files.
+    (folder / checkpoint.CHECKSUMS_FILE).unlink()
+    with pytest.raises(DamagedRoundError, match=f"has no {checkpoint.CHECKSUMS_FILE}"):
+        hub.round_operations(folder)

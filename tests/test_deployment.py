@@ -148,10 +148,13 @@ def test_own_data_clients_two_rank_and_plain_survive_a_killed_client(
 
     def client(name, launcher=(sys.executable,)):
         # Heartbeats every 10 s: the SuperLink declares a killed node dead after ~20 s, not ~60.
+        # The run's model is a folder on this machine: a client loads it only when allowed.
         command = [
             *client_command(port, own[name[:2]], tmp_path / name, launcher),
             "--heartbeat_interval",
             "10",
+            "--allowed_models",
+            str(tiny_model_dir),
         ]
         # Its training steps go to progress files (`live_progress`), which say when it trains.
         env = {**os.environ, PROGRESS_DIR_ENV: str(tmp_path / f"{name}-progress")}

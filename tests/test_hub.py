@@ -174,7 +174,7 @@ def test_every_round_loads_back_by_revision(pushed_run, fake_hub, tmp_path):
     )
     loaded = subprocess.run(
         [sys.executable, "-c", check, str(output_dir)],
-        env=hub_env(fake_hub, token=None),
+        env=hub_env(fake_hub),  # the repo is private: its owner's token reads it
         capture_output=True,
         text=True,
         timeout=300,
@@ -251,30 +251,54 @@ def test_pushed_metrics_hold_aggregates_only(pushed_run, fake_hub):
     assert {c["partition-id"] for c in history["rounds"][1]["client_results"]["train"]} == {0, 1}
 
 
-def test_push_script_pushes_a_finished_run(pushed_run, fake_hub, tmp_path):
+def test_new_repos_are_private_unless_asked(pushed_run, fake_hub):
+    from hf_flower.arguments import HubArguments
+    from hf_flower.commands import push
+
+    assert fake_hub.repos[REPO_ID].private  # the live push of the fixture's run created it
+    assert HubArguments().hub_private is True
+    argv = ["out", "--hub_model_id", REPO_ID]
+    assert push.make_parser().parse_args(argv).hub_private is True
+    assert push.make_parser().parse_args([*argv, "--hub_private", "false"]).hub_private is False
+
+
+def test_push_script_pushes_exactly_the_checked_files(pushed_run, fake_hub, tmp_path):
     output_dir = pushed_run.output_dir
-    # Round 1 as an earlier version saved it: each client's results in metrics.json, no checksums.
-    earlier = tmp_path / "run"
+    copy = tmp_path / "run"
     for name in ("round-1", "round-2"):
-        shutil.copytree(output_dir / name, earlier / name)
-    (earlier / "round-1" / checkpoint.CHECKSUMS_FILE).unlink()
-    record = checkpoint.read_history(output_dir)["rounds"][1]
-    (earlier / "round-1" / checkpoint.METRICS_FILE).write_text(json.dumps(record))
-    result = run_script(
-        "push.py",
-        [str(earlier), "--hub_model_id", "alice-lab/later", "--rounds", "1", "2"],
-        hub_env(fake_hub),
-    )
+        shutil.copytree(output_dir / name, copy / name)
+    # A secret elsewhere on the machine, a link to it planted in round 1, a stray file in round 2.
+    secret = tmp_path / "token"
+    secret.write_text("hf_secret_of_the_operator")
+    link = copy / "round-1" / "tokenizer_extra.json"
+    link.symlink_to(secret)
+    (copy / "round-2" / "notes.txt").write_text("not for the Hub")
+    argv = [str(copy), "--hub_model_id", "alice-lab/later", "--rounds", "1", "2"]
+
+    refused = run_script("push.py", argv, hub_env(fake_hub))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"{link} is a link (to {secret})" in refused.stderr
+    assert "alice-lab/later" not in fake_hub.repos  # refused before the Hub was asked for anything
+
+    link.unlink()
+    result = run_script("push.py", argv, hub_env(fake_hub))
     assert result.returncode == 0, result.stderr[-3000:]
     repo = fake_hub.repos["alice-lab/later"]
-    assert "round-0" not in repo.branches
-    for name, folder in (("round-1", "round-1"), ("round-2", "round-2"), ("main", "round-2")):
-        assert repo.files(name)["model.safetensors"].sha256 == sha256(
-            output_dir / folder / "model.safetensors"
-        )
-    pushed = assert_aggregates_only(repo.files("round-1")[checkpoint.METRICS_FILE].data)
-    assert pushed["train"] == record["train"]
-    assert "client_results" in (earlier / "round-1" / checkpoint.METRICS_FILE).read_text()  # untouched
+    assert repo.private and "round-0" not in repo.branches
+    for revision, folder in (("round-1", "round-1"), ("round-2", "round-2"), ("main", "round-2")):
+        listed = json.loads((copy / folder / checkpoint.CHECKSUMS_FILE).read_text())["files"]
+        pushed = repo.files(revision)
+        # Exactly the checked files, less the strategy state (kept for --resume).
+        assert set(pushed) - {".gitattributes"} == set(listed) - {checkpoint.STRATEGY_STATE_FILE}
+        assert pushed["model.safetensors"].sha256 == sha256(output_dir / folder / "model.safetensors")
+        assert_aggregates_only(pushed[checkpoint.METRICS_FILE].data)
+    uploaded = [f.data for files in repo.commits.values() for f in files.values()]
+    assert not any(b"hf_secret_of_the_operator" in data or b"not for the Hub" in data for data in uploaded)
+
+    # A round saved before checksums existed has no checked files: refused, naming it.
+    (copy / "round-1" / checkpoint.CHECKSUMS_FILE).unlink()
+    old = run_script("push.py", [*argv[:-1]], hub_env(fake_hub))
+    assert old.returncode == 2 and f"{copy / 'round-1'} has no {checkpoint.CHECKSUMS_FILE}" in old.stderr
 
 
 def test_push_script_refuses_a_round_without_weights(pushed_run, tmp_path, capsys):
@@ -354,8 +378,11 @@ def test_bad_repo_ids_and_tokens_are_refused_with_the_fix(fake_hub):
         assert not token or token not in answer  # the token is never echoed
 
 
-def test_a_repo_of_someone_else_is_refused_by_the_hub_too(fake_hub, tiny_model_dir):
+def test_a_repo_of_someone_else_is_refused_by_the_hub_too(fake_hub, tiny_model_dir, tmp_path):
     """Past our own owner check (e.g. a stale org membership), the Hub's 403 fails the push, unretried."""
+    folder = checkpoint.save_round(
+        tmp_path, 1, lambda d: shutil.copytree(tiny_model_dir, d, dirs_exist_ok=True), {"round": 1}
+    )
     code = textwrap.dedent(
         """
         import sys
@@ -370,7 +397,7 @@ def test_a_repo_of_someone_else_is_refused_by_the_hub_too(fake_hub, tiny_model_d
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, str(tiny_model_dir)],
+        [sys.executable, "-c", code, str(folder)],
         env=hub_env(fake_hub),
         capture_output=True,
         text=True,

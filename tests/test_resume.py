@@ -17,6 +17,7 @@ from resume_checks import assert_resumed_like, interrupted_after
 from safetensors.numpy import save_file
 
 from hf_flower import checkpoint
+from hf_flower.arguments import FederationArguments
 from hf_flower.checkpoint import OutputDirError
 from hf_flower.commands import simulate
 from hf_flower.launch.flower import LOGS_DIRNAME
@@ -140,3 +141,81 @@ def test_resume_needs_the_same_strategy(tmp_path):
     assert restored.v_t["w"].dtype == np.float64
     with pytest.raises(StrategyError, match="trained with strategy FedAdam, this run uses FedAvg"):
         set_strategy_state(FedAvg(), *checkpoint.read_strategy_state(tmp_path))
+
+
+SHAPES = {"classifier.weight": (2, 4), "classifier.bias": (2,)}
+DP_FIXED = {"noise_multiplier": 0.1, "clipping_norm": 5.0, "num_sampled_clients": 2}
+
+
+def saved_state(folder, strategy_name: str, strategy_kwargs: dict, **state) -> FederationArguments:
+    """A round folder's strategy state of `strategy_name` with `state` set on the strategy; the
+    run's `FederationArguments`."""
+    from hf_flower.server.strategies import build_strategy, get_strategy_state
+
+    federation = FederationArguments(strategy=strategy_name, strategy_kwargs=strategy_kwargs)
+    strategy = build_strategy(federation)
+    for name, value in state.items():
+        setattr(strategy, name, value)
+    checkpoint.write_strategy_state(folder, *get_strategy_state(strategy))
+    return federation
+
+
+def moments(fill: float = 0.5, **changed) -> dict:
+    return {name: changed.get(name, np.full(shape, fill, dtype=np.float32)) for name, shape in SHAPES.items()}
+
+
+def test_restored_moments_must_fit_the_model(tmp_path):
+    from hf_flower.server.resume import checked_strategy_state
+
+    federation = saved_state(tmp_path, "FedAdam", {}, m_t=moments(), v_t=moments())
+    tensors, _ = checked_strategy_state(tmp_path, federation, SHAPES)
+    assert sorted(tensors) == sorted(f"{m}/{n}" for m in ("m_t", "v_t") for n in SHAPES)
+    bad = {
+        "another model's names": (
+            dict(m_t={"encoder.w": np.zeros(3)}),
+            "m_t names ['encoder.w'], not the model's",
+        ),
+        "another shape": (
+            dict(v_t=moments(**{"classifier.bias": np.ones(3)})),
+            "has shape (3,), the model's weight (2,)",
+        ),
+        "not finite": (dict(m_t=moments(**{"classifier.bias": np.array([1.0, np.nan])})), "not finite"),
+        "negative second moment": (dict(v_t=moments(-1.0)), "holds negative values"),
+    }
+    for case, (state, message) in bad.items():
+        federation = saved_state(tmp_path, "FedAdam", {}, **state)
+        with pytest.raises(OutputDirError, match=r"--resume: .*strategy_state\.safetensors: ") as err:
+            checked_strategy_state(tmp_path, federation, SHAPES)
+        assert message in str(err.value), case
+    # FedAvgM's momentum: one array per weight, in the weights' order.
+    federation = saved_state(tmp_path, "FedAvgM", {}, momentum_vector=[np.zeros((2, 4)), np.zeros(2)])
+    assert checked_strategy_state(tmp_path, federation, SHAPES) is not None
+    federation = saved_state(tmp_path, "FedAvgM", {}, momentum_vector=[np.zeros(2), np.zeros((2, 4))])
+    with pytest.raises(OutputDirError, match=r"momentum_vector of classifier\.weight has shape \(2,\)"):
+        checked_strategy_state(tmp_path, federation, SHAPES)
+
+
+def test_an_edited_clipping_norm_is_refused(tmp_path):
+    from hf_flower.server.resume import checked_strategy_state
+
+    name = "DifferentialPrivacyServerSideFixedClipping"
+    federation = saved_state(tmp_path, name, DP_FIXED)
+    assert checked_strategy_state(tmp_path, federation, SHAPES) is not None  # as saved: restored
+    # The state says 50 where the run says 5: clients' updates would be clipped 10x looser.
+    saved_state(tmp_path, name, DP_FIXED, clipping_norm=50.0)
+    with pytest.raises(
+        OutputDirError,
+        match=r"clipping_norm is 50\.0, and this run's --strategy_kwargs set clipping_norm 5\.0",
+    ):
+        checked_strategy_state(tmp_path, federation, SHAPES)
+    # An adaptive clipping norm moves every round: any finite positive value is the run's own.
+    adaptive = {"noise_multiplier": 0.1, "num_sampled_clients": 2}
+    federation = saved_state(
+        tmp_path, "DifferentialPrivacyServerSideAdaptiveClipping", adaptive, clipping_norm=3.7
+    )
+    assert checked_strategy_state(tmp_path, federation, SHAPES)[1]["state"]["clipping_norm"]["value"] == 3.7
+    saved_state(tmp_path, "DifferentialPrivacyServerSideAdaptiveClipping", adaptive, clipping_norm=-1.0)
+    with pytest.raises(
+        OutputDirError, match=r"clipping_norm is -1\.0; a clipping norm is a finite number > 0"
+    ):
+        checked_strategy_state(tmp_path, federation, SHAPES)

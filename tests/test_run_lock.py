@@ -81,6 +81,53 @@ def test_the_lock_covers_the_processes_that_run_under_its_holder(tmp_path):
         assert child.returncode == 0 and child.stdout.strip() == "covered", child.stderr[-2000:]
 
 
+CLAIM = (
+    "import sys, time\n"
+    "from hf_flower.checkpoint import OutputDirError\n"
+    "from hf_flower.checkpoint import lock as run_lock\n"
+    "try:\n"
+    "    run_lock.hold_for_process(sys.argv[1])\n"
+    "except OutputDirError as err:\n"
+    "    print('refused:', err, flush=True)\n"
+    "    sys.exit(3)\n"
+    "print('claimed', flush=True)\n"
+    "time.sleep(600 if sys.argv[2:] == ['hold'] else 0)\n"
+)
+
+
+def claim(output_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A ServerApp's `hold_for_process` in a child of this process (the launcher)."""
+    return subprocess.run(
+        [sys.executable, "-c", CLAIM, str(output_dir)], capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_only_the_serverapp_that_claims_the_lease_writes_under_the_launcher(tmp_path):
+    """Every ServerApp of the launcher's SuperLink descends from the launcher; only the first that
+    presents its lease writes in its folder (a second `flwr run` to that SuperLink is refused)."""
+    with RunLock(tmp_path):
+        first = subprocess.Popen(
+            [sys.executable, "-c", CLAIM, str(tmp_path), "hold"], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert first.stdout.readline().strip() == "claimed"
+            second = claim(tmp_path)
+            assert second.returncode == 3, second.stdout + second.stderr
+            assert f"whose ServerApp (pid {first.pid}) has claimed it already" in second.stdout
+        finally:
+            first.kill()
+            first.wait()
+            first.stdout.close()
+        # The lease is claimed once: also after its ServerApp ended.
+        after = claim(tmp_path)
+        assert after.returncode == 3 and f"ServerApp (pid {first.pid}) has claimed it" in after.stdout
+        # A process under the launcher without its lease is any other run.
+        env = {k: v for k, v in os.environ.items() if k != run_lock.LEASE_ENV}
+        other = claim(tmp_path, env)
+        assert other.returncode == 3 and f"in use by another hf-flower run: pid {os.getpid()}" in other.stdout
+    assert run_lock.LEASE_ENV not in os.environ  # the lease left with the lock
+
+
 def test_leftovers_of_dead_runs_are_cleaned_those_of_live_ones_never(tmp_path):
     output_dir = tmp_path / "run"
     with other_run(tmp_path / "elsewhere") as live:

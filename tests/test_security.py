@@ -31,7 +31,7 @@ from hf_flower.launch import certs
 from hf_flower.launch.client import ClientOptions, supernode_command
 from hf_flower.launch.plan import run_prepare
 from hf_flower.launch.processes import ManagedProcess, free_port
-from hf_flower.launch.server import ServerOptions, prepare_server, superlink_command
+from hf_flower.launch.server import ServerOptions, exposure_warnings, prepare_server, superlink_command
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = (
@@ -145,6 +145,8 @@ def deployment(tmp_path_factory, tiny_model_dir, reviews_csv) -> Deployment:
     )
     d.seconds["certs"] = time.monotonic() - started
     before = our_processes(d.port, tmp)
+    # The run's model and data set are paths on this machine: clients read them only when allowed.
+    allowed = ["--allowed_models", str(tiny_model_dir), "--allowed_data", str(reviews_csv)]
     clients = {
         # name: (partition, TLS, private key)
         "client-0": (0, True, d.keys[0][0]),
@@ -158,7 +160,7 @@ def deployment(tmp_path_factory, tiny_model_dir, reviews_csv) -> Deployment:
         wait_for_file(server, d.output_dir / checkpoint.HISTORY_FILE, timeout=120)
         d.seconds["server ready"] = time.monotonic() - started
         procs = {
-            name: ManagedProcess(client_command(d, name, *spec), tmp / f"{name}.log").__enter__()
+            name: ManagedProcess(client_command(d, name, *spec) + allowed, tmp / f"{name}.log").__enter__()
             for name, spec in clients.items()
         }
         try:
@@ -274,11 +276,95 @@ def test_server_tls_files_turn_tls_on(tmp_path):
     for path in files.values():
         path.write_text("")
     tls = dict(ssl_certfile=str(files["server.pem"]), ssl_keyfile=str(files["server.key"]))
-    options = ServerOptions(host="0.0.0.0", ssl_ca_certfile=str(files["ca.crt"]), **tls)
+    options = ServerOptions(
+        host="0.0.0.0", ssl_ca_certfile=str(files["ca.crt"]), expose_control_api=True, **tls
+    )
     command = superlink_command(options, 9092)
     assert "--insecure" not in command and command[command.index("--ssl-certfile") + 1] == tls["ssl_certfile"]
     with pytest.raises(ValueError, match="--insecure turns TLS off"):
         ServerOptions(insecure=True, ssl_ca_certfile=str(files["ca.crt"]), **tls)
+
+
+def tls_files(tmp_path) -> dict[str, str]:
+    """Empty stand-ins for the three TLS files (their content is read only by the SuperLink)."""
+    files = {"ssl_certfile": "server.pem", "ssl_keyfile": "server.key", "ssl_ca_certfile": "ca.crt"}
+    for name in files.values():
+        (tmp_path / name).write_text("")
+    return {option: str(tmp_path / name) for option, name in files.items()}
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "server.example.org"])
+def test_a_superlink_other_machines_reach_needs_expose_control_api(tmp_path, host):
+    tls = tls_files(tmp_path)
+    refusal = rf"--host {re.escape(host)} would let other machines reach the SuperLink's Control API"
+    with pytest.raises(ValueError, match=refusal) as err:
+        ServerOptions(host=host, **tls)
+    assert (
+        "anyone who reaches its port could submit a run whose ServerApp executes code on this machine"
+        in str(err.value)
+    )
+    with pytest.raises(ValueError, match=refusal):
+        ServerOptions(host=host, insecure=True)
+    # Said on purpose, it starts, and says what stays open every time.
+    exposed = ServerOptions(host=host, expose_control_api=True, **tls)
+    (control,) = exposure_warnings(exposed)[:1]
+    assert "Control API authenticates no one (--expose_control_api)" in control
+    # Loopback needs no flag, nor does a SuperLink started elsewhere (`--superlink`).
+    for options in (
+        ServerOptions(host="127.0.0.1", **tls),
+        ServerOptions(host="127.0.0.2", insecure=True),
+        ServerOptions(host="localhost", **tls),
+        ServerOptions(host=host, superlink="10.0.0.5:9092", **tls),
+    ):
+        assert exposure_warnings(options) == []
+
+
+def test_what_a_public_superlink_leaves_open_is_said(tmp_path):
+    tls = tls_files(tmp_path)
+    key = tmp_path / "client-0.pub"
+    key.write_text("")
+    public = dict(host="0.0.0.0", expose_control_api=True)
+    # TLS without --authorized_keys: any TLS peer joins as a client.
+    warnings = exposure_warnings(ServerOptions(**public, **tls))
+    assert (
+        len(warnings) == 2
+        and "without --authorized_keys: any SuperNode that reaches the port joins" in warnings[1]
+    )
+    assert len(exposure_warnings(ServerOptions(**public, authorized_keys=[str(key)], **tls))) == 1
+    plaintext = exposure_warnings(ServerOptions(**public, insecure=True))
+    assert [w.split(":")[1].strip() for w in plaintext] == [
+        "the SuperLink listens on 0.0.0.0 and its Control API authenticates no one (--expose_control_api)",
+        "the SuperLink listens on 0.0.0.0 without TLS (--insecure)",
+        "the SuperLink listens on 0.0.0.0 without --authorized_keys",
+    ]
+    # Flower authenticates SuperNodes over TLS only: said before it would exit on it.
+    with pytest.raises(ValueError, match="--authorized_keys needs TLS"):
+        ServerOptions(insecure=True, authorized_keys=[str(key)])
+
+
+@pytest.mark.slow
+def test_hf_flower_server_refuses_a_public_host_before_starting_anything(tmp_path, no_leftover_processes):
+    output_dir = tmp_path / "run"
+    argv = [
+        "server",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(free_port()),
+        "--insecure",
+        "--output_dir",
+        str(output_dir),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_flower", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(
+        "error: --host 0.0.0.0 would let other machines reach the SuperLink's Control API"
+    )
+    assert "pass --expose_control_api" in result.stderr
+    assert not output_dir.exists()  # refused before the output folder (or any Flower process) was touched
+    assert "SuperLink at" not in result.stdout
 
 
 def test_a_client_uses_tls_with_the_system_roots_unless_told_otherwise(tmp_path):

@@ -1,13 +1,16 @@
 """`TrackingGrid` with long-lived clients: weights a node already holds travel by id only."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from hf_flower.constants import (
     ARRAYS_KEY,
+    ARRAYS_NOT_HELD_CODE,
     CLIENT_KEY,
     CONFIG_KEY,
     NUM_EXAMPLES_KEY,
@@ -330,3 +333,25 @@ def test_a_node_without_the_base_of_the_rows_gets_the_weights_in_full():
     assert len(replies) == 2 and grid.rounds[1].failures == []
     assert grid.rounds[1].bytes_sent - 2 * nbytes(previous) > packed_nbytes(aggregate)  # node 2 in full
     assert_same_arrays(nodes[2].received[-1], aggregate)
+
+
+def test_a_node_that_always_answers_not_held_gets_one_full_resend_then_fails():
+    """Issue 22, point 9: such a node got the full weights every 0.2 s until the round's deadline.
+    Now it gets them in full once; the same answer to weights sent in full is its failure."""
+    reference, initial = weights(0)
+
+    class NeverHolds(FakeNode):
+        def answer(self, message):
+            self.packed.append(PACKED_ARRAYS_KEY in message.content.array_records)
+            return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason="weights not held"), reply_to=message)
+
+    nodes = {1: FakeNode(), 2: NeverHolds()}
+    fake = FakeGrid(nodes)
+    grid = TrackingGrid(fake, RoundRules(ExpectedReply(reference), min_train_clients=1))
+    start = time.monotonic()
+    replies = send(grid, MessageType.TRAIN, initial, 1)
+
+    assert time.monotonic() - start < 2
+    assert len(replies) == 1 and len(nodes[2].packed) == 2
+    (failure,) = grid.rounds[1].failures
+    assert failure == "round 1 train: node 2: weights not held"

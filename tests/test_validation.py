@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian
 
 from hf_flower.arguments import FederationArguments
@@ -24,9 +24,11 @@ from hf_flower.constants import (
     CLIENT_KEY,
     METRICS_KEY,
     NUM_EXAMPLES_KEY,
+    PACKED_ARRAYS_KEY,
     PACKED_LAYOUT_KEY,
     PARTITION_ID_KEY,
 )
+from hf_flower.progress.lines import printable
 from hf_flower.server.replies import RoundRules
 from hf_flower.server.round_grid import ClientsMissingError, TrackingGrid
 from hf_flower.server.strategies import nodes_waited_for
@@ -35,6 +37,7 @@ from hf_flower.server.validation import (
     ExampleCap,
     ExpectedReply,
     InvalidReplyError,
+    UpdateClip,
     validate_reply,
 )
 from hf_flower.transport import wire
@@ -283,6 +286,7 @@ MALFORMED = {
     "num-examples 2.5": (TRAIN, set_metric(NUM_EXAMPLES_KEY, 2.5)),
     "train_loss as a list": (TRAIN, set_metric("train_loss", [0.1, 0.2])),
     "train_loss negative": (TRAIN, set_metric("train_loss", -1.0)),
+    "train_runtime 1.7e308": (TRAIN, set_metric("train_runtime", 1.7e308)),
     "5,000 extra metrics (train)": (TRAIN, many_metrics),
     "without train_steps": (TRAIN, drop_metric("train_steps")),
     "packed, malformed ndims": (TRAIN, packed_layout(ndims=[-1, 4])),
@@ -307,6 +311,7 @@ MALFORMED = {
     "evaluate without num-examples": (EVALUATE, drop_metric(NUM_EXAMPLES_KEY)),
     "evaluate num-examples -10": (EVALUATE, set_metric(NUM_EXAMPLES_KEY, -10)),
     "evaluate accuracy 1e9": (EVALUATE, set_metric("eval_accuracy", 1e9)),
+    "evaluate eval_loss 1e308": (EVALUATE, set_metric("eval_loss", 1e308)),
     "evaluate 5,000 extra metrics": (EVALUATE, many_metrics),
     "evaluate 300 eval_ metrics": (EVALUATE, many_eval_metrics),
     "evaluate a metric name no Trainer makes": (EVALUATE, set_metric("eval_\x1b[2Jloss", 0.1)),
@@ -343,7 +348,9 @@ def test_failures_name_the_reason():
         ("float64 weights", "received torch.float64 values, expected torch.float32"),
         ("weights 3e38", f"beyond the {MAX_WEIGHT_MAGNITUDE:g} accepted"),
         ("update beyond --max_update_norm", "above --max_update_norm 5"),
-        ("packed, negative dims summing right", "inconsistent layout"),
+        ("packed, negative dims summing right", "declared shapes differ from the model's"),
+        ("train_runtime 1.7e308", "beyond the 1e+30 accepted"),
+        ("evaluate eval_loss 1e308", "beyond the 1e+30 accepted"),
         ("packed by rows of weights never sent", "which this receiver does not hold"),
         ("without partition-id", "'partition-id' is None"),
         ("5,000 extra metrics (train)", "... (5000 in all)"),
@@ -360,9 +367,11 @@ def test_a_1e12_example_claim_weighs_at_most_the_cap_under_fedavg():
     honest = honest_clients()
     bad = Client(node=4, step=5.0, train_examples=10**12, eval_examples=6, accuracy=0.5)
     bad.train_examples = 1e12  # sent as a float, as the issue's client did
-    grid, aggregate, _ = run_round(make_strategy("FedAvg"), [*honest, bad], NO_NORM_BOUND)
+    # The cap the server builds (`ExampleCap.for_run` with the run's partitions); these clients
+    # report other counts than their partitions' (their own data): twice the lower median (20).
+    grid, aggregate, _ = run_round(make_strategy("FedAvg"), [*honest, bad], NO_NORM_BOUND, CAP)
 
-    cap = 30  # the largest partition's train split: the round's lower median (20) fits it
+    cap = 40
     weights = [c.train_examples for c in honest] + [cap]
     expected = expected_aggregate("FedAvg", [*honest, bad], weights)
     assert_aggregate(aggregate, expected)
@@ -376,46 +385,168 @@ def test_a_1e12_example_claim_weighs_at_most_the_cap_under_fedavg():
         assert np.all(moved > 0.5 * share * np.abs(attacker_weights[name] - value))  # capped, not dropped
     assert grid.rounds[1].failures == []
     (note,) = grid.rounds[1].notes
-    assert note.startswith("round 1 train: node 4 (partition 3): num-examples 1000000000000 capped to 30")
+    assert note.startswith("round 1 train: node 4 (partition 3): num-examples 1000000000000 capped to 40")
 
 
-def test_fedmedian_ignores_a_1e12_example_claim():
+def send_round(
+    clients: list[Client], cap: ExampleCap, averaging: bool, expected: ExpectedReply = NO_NORM_BOUND
+):
+    """One FedAvg training exchange over `TrackingGrid`: the grid and FedAvg's aggregate."""
+    grid = TrackingGrid(
+        ClientGrid(clients), RoundRules(expected, len(clients), cap, average_on_arrival=averaging)
+    )
+    strategy = FedAvg(min_available_nodes=len(clients))
+    messages = strategy.configure_train(1, get_weights(MODEL), ConfigRecord(), grid)
+    arrays, _ = strategy.aggregate_train(1, grid.send_and_receive(messages, timeout=10))
+    return grid, arrays
+
+
+@pytest.mark.parametrize("averaging", [True, False])
+def test_an_own_data_client_cannot_claim_the_servers_largest_partition(averaging):
+    """Issue 22, point 3: 25,000 rows over 2 partitions on the server, but both clients serve their
+    own data (`--data_path`). The attacker names partition 1 and its exact train size, 10,000,
+    beside an honest client's 200 rows: it weighs twice the honest client (2/3), not 98%."""
+    cap = ExampleCap.for_run(0, [(10_000, 2_500), (10_000, 2_500)])
+    honest = Client(node=1, step=0.1, train_examples=200, eval_examples=50, accuracy=0.8)
+    bad = Client(node=2, step=5.0, train_examples=10_000, eval_examples=50, accuracy=0.5)
+    grid, aggregate = send_round([honest, bad], cap, averaging)
+
+    assert_aggregate(aggregate, expected_aggregate("FedAvg", [honest, bad], [200, 400]))
+    (note,) = grid.rounds[1].notes
+    assert "num-examples 10000 capped to 400" in note
+
+
+@pytest.mark.parametrize("averaging", [True, False])
+def test_honest_heterogeneous_partitions_keep_exact_fedavg(averaging):
+    """Clients reporting exactly their partitions' sizes (172 and 900 of a label-skewed split) keep
+    them, whatever their ratio; a third naming partition 2 with a count of its own is capped at
+    twice the typical count and below its partition's size."""
+    cap = ExampleCap.for_run(0, [(172, 20), (900, 100), (500, 60)])
+    clients = [
+        Client(node=1, step=0.1, train_examples=172, eval_examples=20, accuracy=0.8),
+        Client(node=2, step=-0.2, train_examples=900, eval_examples=100, accuracy=0.7),
+    ]
+    grid, aggregate = send_round(clients, cap, averaging)
+    assert_aggregate(aggregate, expected_aggregate("FedAvg", clients))
+    assert grid.rounds[1].notes == []
+
+    bad = Client(node=3, step=5.0, train_examples=10**9, eval_examples=60, accuracy=0.5)
+    grid, aggregate = send_round([*clients, bad], cap, averaging)
+    assert_aggregate(aggregate, expected_aggregate("FedAvg", [*clients, bad], [172, 900, 500]))
+
+
+def test_a_1e12_evaluation_claim_weighs_at_most_the_cap_in_fedavgs_metrics():
+    """FedAvg weighs federated evaluation metrics by `num-examples` too: a client claiming 1e12
+    evaluation examples with accuracy 0 cannot make the round's accuracy 0 (the cap the server
+    builds: the typical eval count, 6, is not a partition's, so twice it)."""
     honest = honest_clients()
-    bad = Client(node=4, step=50.0, train_examples=10**12, eval_examples=6, accuracy=0.5)
-    grid, aggregate, _ = run_round(make_strategy("FedMedian"), [*honest, bad], NO_NORM_BOUND)
-    assert grid.rounds[1].failures == []
-    sent = {name: value.numpy() for name, value in REFERENCE.items()}
-    for name, value in sent.items():
-        steps = [c.step for c in honest]
-        assert np.all(aggregate[name].numpy() >= value + min(steps) - 1e-6)
-        assert np.all(aggregate[name].numpy() <= value + max(steps) + 1e-6)
+    bad = Client(node=4, step=0.05, train_examples=20, eval_examples=10**12, accuracy=0.0)
+    grid, _, result = run_round(make_strategy("FedAvg"), [*honest, bad], NO_NORM_BOUND, CAP)
+
+    examples = [c.eval_examples for c in honest] + [12]
+    accuracies = [c.accuracy for c in honest] + [0.0]
+    accuracy = sum(a * n for a, n in zip(accuracies, examples)) / sum(examples)
+    assert result.evaluate_metrics_clientapp[1]["eval_accuracy"] == pytest.approx(accuracy)
+    assert any("num-examples 1000000000000 capped to 12" in note for note in grid.rounds[1].notes)
 
 
 def test_averaging_on_arrival_and_the_strategy_weigh_the_same_capped_counts():
     """Own-data clients (nothing known of partitions): the cap is twice the round's lower median."""
     honest = honest_clients()
     bad = Client(node=4, step=5.0, train_examples=1000, eval_examples=6, accuracy=0.5)
-    aggregates = {}
-    for averaging in (True, False):
-        grid = TrackingGrid(
-            ClientGrid([*honest, bad]), RoundRules(NO_NORM_BOUND, 3, average_on_arrival=averaging)
-        )
-        messages = FedAvg(min_available_nodes=4).configure_train(1, get_weights(MODEL), ConfigRecord(), grid)
-        arrays, _ = FedAvg().aggregate_train(1, grid.send_and_receive(messages, timeout=10))
-        aggregates[averaging] = arrays
+    aggregates = {
+        averaging: send_round([*honest, bad], ExampleCap(), averaging)[1] for averaging in (True, False)
+    }
     weights = [10, 20, 30, 2 * 20]
     for arrays in aggregates.values():
         assert_aggregate(arrays, expected_aggregate("FedAvg", [*honest, bad], weights))
 
 
 def test_example_cap_rules():
-    assert ExampleCap(fixed=50).limit(TRAIN, [10, 10**9]) == 50
+    assert ExampleCap(fixed=50).limits(TRAIN, [(0, 10), (1, 10**9)]) == [50, 50]
     partitions = ExampleCap.for_run(0, [(90, 10), (45, 5)])
-    assert (partitions.floor(TRAIN), partitions.floor(EVALUATE)) == (90, 10)
-    assert partitions.limit(TRAIN, [40, 90, 10**12]) == 90  # typical clients fit the partitions
-    assert partitions.limit(TRAIN, [400, 500, 600, 10**12]) == 1000  # own data: twice the lower median
-    assert ExampleCap().floor(TRAIN) is None
-    assert ExampleCap().limit(EVALUATE, [10**12, 3]) == 6  # two clients: the honest one's count
+    # The typical reply reports its partition exactly: exact ones keep theirs, others are capped
+    # at twice the typical count and at their partition's size.
+    assert partitions.limits(TRAIN, [(0, 90), (1, 45), (1, 10**12)]) == [90, 45, 45]
+    assert partitions.limits(EVALUATE, [(0, 10), (1, 5), (0, 11)]) == [10, 5, 10]
+    # Own data (the typical reply is not a partition's): twice the lower median, for everyone,
+    # even a claim of a partition's exact size.
+    assert partitions.limits(TRAIN, [(0, 400), (1, 500), (0, 90), (1, 10**12)]) == [800] * 4
+    assert partitions.limits(TRAIN, [(0, 200), (1, 45)]) == [90, 45]
+    assert partitions.limits(TRAIN, [(0, 45), (1, 45)]) == [
+        90,
+        90,
+    ]  # equal counts: the inexact one is typical
+    assert ExampleCap().limits(EVALUATE, [(0, 10**12), (1, 3)]) == [6, 6]  # two clients: the honest one
+
+
+def test_replies_are_folded_on_arrival_only_when_no_end_of_the_round_would_change_them():
+    """`never_capped` / `never_clipped` against every way the round can still end: for random
+    arrival orders, a reply judged unchangeable is never capped or clipped once all are in."""
+    rng = np.random.default_rng(0)
+    cap = ExampleCap.for_run(0, [(50, 5), (80, 8), (20, 2)])
+    clip = UpdateClip(3.0)
+    for _ in range(300):
+        n = int(rng.integers(1, 8))
+        claims = [
+            (int(rng.integers(0, 4)), int(rng.choice([20, 50, 80, int(rng.integers(1, 200))])))
+            for _ in range(n)
+        ]
+        norms = [float(rng.choice([1.0, rng.uniform(0.1, 10.0)])) for _ in range(n)]
+        for arrived in range(1, n + 1):
+            counts = [c for _, c in claims[:arrived]]
+            for i in range(arrived):
+                limits = cap.limits(TRAIN, claims)
+                if cap.never_capped(TRAIN, claims[i], counts, n - arrived):
+                    assert claims[i][1] <= limits[i]
+                if clip.never_clipped(norms[i], norms[:arrived], n - arrived):
+                    assert norms[i] <= clip.limit(norms)
+
+
+# --- the default update bound (--update_clip_factor) ------------------------------------------------
+
+
+@pytest.mark.parametrize("averaging", [True, False])
+def test_the_default_bound_keeps_a_x1000_update_within_range(averaging):
+    """Issue 22, point 4: FedAvg over 3 replies, one of them its update x 1000. With the run's
+    default bound (`ExpectedReply.for_run` of default `FederationArguments`), the attacker's update
+    is clipped to 3x the round's median update norm and the aggregate stays among the honest
+    weights' range; without it (`--update_clip_factor 0`), it leaves it by orders of magnitude."""
+    sent = {name: value.numpy() for name, value in REFERENCE.items()}
+    honest = [
+        Client(node=1, step=0.1, train_examples=10, eval_examples=5, accuracy=0.6),
+        Client(node=2, step=-0.2, train_examples=10, eval_examples=5, accuracy=0.6),
+    ]
+    bad = Client(node=3, step=0.1 * 1000, train_examples=10, eval_examples=5, accuracy=0.6)
+    default = ExpectedReply.for_run(FederationArguments(), REFERENCE)
+    assert default.update_clip_factor == 3.0 and default.max_update_norm == 0.0
+
+    grid, aggregate = send_round([*honest, bad], ExampleCap(), averaging, default)
+    # Norms are |step| * sqrt(15): the lower median is 0.2's, so the attacker moves by 0.6.
+    assert_aggregate(aggregate, {name: value + (0.1 - 0.2 + 0.6) / 3 for name, value in sent.items()})
+    for name, value in sent.items():
+        assert np.all(np.abs(aggregate[name].numpy() - value) <= 0.6)
+    assert grid.rounds[1].failures == []
+    (note,) = grid.rounds[1].notes
+    assert note.startswith("round 1 train: node 3 (partition 2): update norm 387.3 clipped to 2.324")
+    norms = sorted(c["update_norm"] for c in grid.rounds[1].clients[TRAIN])
+    assert norms == pytest.approx([0.1 * 15**0.5, 0.2 * 15**0.5, 100 * 15**0.5], rel=1e-5)
+
+    off = dataclasses.replace(default, update_clip_factor=0.0)
+    grid, aggregate = send_round([*honest, bad], ExampleCap(), averaging, off)
+    for name, value in sent.items():
+        assert np.all(np.abs(aggregate[name].numpy() - value) > 30)
+    assert grid.rounds[1].notes == []
+
+
+def test_update_clip_rules():
+    assert UpdateClip(0.0).limit([1.0, 2.0]) is None
+    assert UpdateClip(3.0).limit([5.0, 1.0, 1000.0]) == 15.0
+    assert UpdateClip(3.0).limit([1000.0, 1.0]) == 3.0  # two clients: the smaller one
+    for value in (-1.0, 0.5, math.inf, math.nan):
+        with pytest.raises(ValueError, match="update_clip_factor must be 0"):
+            FederationArguments(update_clip_factor=value)
+    assert FederationArguments(update_clip_factor=0).update_clip_factor == 0
 
 
 # --- validate_reply on its own -------------------------------------------------------------------
@@ -592,3 +723,80 @@ def test_the_fast_and_the_plain_flower_path_aggregate_the_same(strategy_name, ca
     assert plain_round.failures[0].split(":")[-1] == fast_round.failures[0].split(":")[-1]
     assert plain_round.succeeded == fast_round.succeeded
     assert dict(plain_eval) == pytest.approx(dict(fast_eval))
+
+
+# --- packed layouts, error reasons ----------------------------------------------------------------
+
+
+def test_a_packed_layout_of_200000_names_is_refused_before_anything_is_built():
+    """Issue 22, point 5: a reply of under 1 MB declaring 200,000 one-value tensors. Unpacked first,
+    it built 200,000 Flower Arrays (17.9 s of server CPU) before its names met the model's."""
+    content = honest_train_content()
+    wire.pack(content)
+    names = [f"layer.{i}" for i in range(200_000)]
+    content[PACKED_LAYOUT_KEY] = ConfigRecord(
+        {"names": names, "ndims": [1] * len(names), "dims": [1] * len(names)}
+    )
+    content[PACKED_ARRAYS_KEY] = ArrayRecord(
+        {wire.FLAT_ARRAY_NAME: Array(np.zeros(len(names), dtype=np.float32))}
+    )
+
+    start = time.process_time()
+    with pytest.raises(InvalidReplyError, match="declaring 200000 tensors; the model has 2"):
+        validate_reply(TRAIN, content, EXPECTED)
+    assert time.process_time() - start < 0.5
+
+
+@pytest.mark.parametrize(
+    "layout, error",
+    [
+        ({"names": ["bias", "other"]}, "names the model lacks"),
+        ({"dims": [4, 3, 3]}, "declared shapes differ"),
+        ({"ndims": [1, 1]}, "declared shapes differ"),
+    ],
+)
+def test_a_packed_layout_must_be_the_models(layout, error):
+    content = honest_train_content()
+    wire.pack(content)
+    content[PACKED_LAYOUT_KEY] = ConfigRecord({**content[PACKED_LAYOUT_KEY], **layout})
+    with pytest.raises(InvalidReplyError, match=error):
+        validate_reply(TRAIN, content, EXPECTED)
+
+
+def test_packed_weights_in_another_dtype_or_size_are_refused_unread():
+    content = honest_train_content()
+    wire.pack(content)
+    content[PACKED_ARRAYS_KEY] = ArrayRecord({wire.FLAT_ARRAY_NAME: Array(np.zeros(15, dtype=np.float16))})
+    with pytest.raises(InvalidReplyError, match="in float16, expected float32"):
+        validate_reply(TRAIN, content, EXPECTED)
+    content[PACKED_ARRAYS_KEY] = ArrayRecord({wire.FLAT_ARRAY_NAME: Array(np.zeros(10**6, dtype=np.float32))})
+    with pytest.raises(InvalidReplyError, match="larger than the model's 15 values"):
+        validate_reply(TRAIN, content, EXPECTED)
+
+
+def test_a_clients_error_reason_is_stored_and_shown_bounded_and_printable():
+    """Issue 22, point 9: an error reply's reason of 10 MB with terminal escape codes."""
+    reason = "\x1b[2J\x1b]0;owned\x07boom\r\n\x1b[31m" + "x" * 10**7
+
+    class Failing(Client):
+        def answer(self, message):
+            return Message(Error(code=1, reason=reason), reply_to=message)
+
+    failing = Failing(node=4, step=0.0, train_examples=1, eval_examples=1, accuracy=0.0)
+    grid, _, _ = run_round(make_strategy("FedAvg"), [*honest_clients(), failing])
+    train, evaluate = grid.rounds[1].failures
+    assert train.startswith("round 1 train: node 4: boom xxx") and evaluate.startswith("round 1 evaluate")
+    for failure in (train, evaluate):
+        assert failure.endswith("...") and len(failure) < 600
+        assert "\x1b" not in failure and "\r" not in failure and "owned" not in failure
+    assert printable("a\x1b[1mb\x9b2Jc\u202ed\x00e\ttab") == "abc d e tab"
+
+
+def test_metrics_up_to_1e308_cannot_make_weighted_means_inf():
+    """Issue 22, point 9: an evaluation loss of 1.7e308 (finite) times 6 examples overflowed the
+    round's weighted mean; such a reply is refused and the mean stays the honest clients'."""
+    honest = honest_clients()
+    bad = attacker(set_metric("eval_loss", 1.7e308), EVALUATE)
+    grid, _, result = run_round(make_strategy("FedAvg"), [*honest, bad])
+    assert "beyond the 1e+30 accepted" in grid.rounds[1].failures[0]
+    assert result.evaluate_metrics_clientapp[1]["eval_loss"] == pytest.approx(0.4)

@@ -44,7 +44,12 @@ class FederationArguments:
             logged. 0 (default): automatic, from the run's partitions or the round's replies
             (`hf_flower.validation.ExampleCap`).
         max_update_norm: Reject a training reply whose update (its weights less those it was sent)
-            has an L2 norm above this, as that client's failure. 0 (default): no bound.
+            has an L2 norm above this, as that client's failure. 0 (default): no fixed bound.
+        update_clip_factor: Clip (scale down, not refuse) every training update whose L2 norm is
+            above this many times the round's median update norm, so that one client cannot move
+            the aggregate further than a few honest clients do (norm clipping, Sun et al. 2019,
+            "Can You Really Backdoor Federated Learning?"). Logged and noted in the round's record.
+            3 (default; `benchmarks/update_bound.py`); 0: off. Applies with `max_update_norm` too.
         overwrite_output_dir: Replace the rounds already in `output_dir`.
         resume: Continue the run in `output_dir` from its latest complete round (weights, round
             number, strategy state and history) up to `num_rounds`. The round is checked against
@@ -112,7 +117,13 @@ class FederationArguments:
         default=0, metadata={"help": "Cap on a client's reported num-examples (0: automatic)."}
     )
     max_update_norm: float = field(
-        default=0.0, metadata={"help": "Reject training updates with a larger L2 norm (0: no bound)."}
+        default=0.0, metadata={"help": "Reject training updates with a larger L2 norm (0: no fixed bound)."}
+    )
+    update_clip_factor: float = field(
+        default=3.0,
+        metadata={
+            "help": "Clip training updates to this many times the round's median update norm (0: off)."
+        },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace rounds already saved."})
     resume: bool = field(
@@ -195,6 +206,14 @@ class FederationArguments:
         if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):
             raise ValueError(
                 f"max_update_norm must be 0 (no bound) or a positive, finite norm, got {self.max_update_norm}."
+            )
+        if not (
+            math.isfinite(self.update_clip_factor)
+            and (self.update_clip_factor == 0 or self.update_clip_factor >= 1)
+        ):
+            raise ValueError(
+                f"update_clip_factor must be 0 (off) or a finite factor of at least 1 (the round's median "
+                f"update itself), got {self.update_clip_factor}."
             )
         if self.resume_from_round is not None:
             if self.resume_from_round < 0:

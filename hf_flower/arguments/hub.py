@@ -34,7 +34,8 @@ class HubArguments:
             to the latest round.
         hub_model_id: `OWNER/NAME` of the model repo (created when missing). A bare `NAME` goes
             under the token's user.
-        hub_private: Create the repo private (an existing repo keeps its visibility).
+        hub_private: Create the repo private (the default; `--hub_private false` creates it public).
+            An existing repo keeps its visibility.
         hub_strategy: `every_round` (push each round as it is saved) or `end` (push the last
             round once training ends).
         hub_allow_push_failure: Exit 0 even when an upload failed after its retries (the
@@ -49,7 +50,10 @@ class HubArguments:
     hub_model_id: str | None = field(
         default=None, metadata={"help": "OWNER/NAME of the Hub model repo (created when missing)."}
     )
-    hub_private: bool = field(default=False, metadata={"help": "Create the Hub repo private."})
+    hub_private: bool = field(
+        default=True,
+        metadata={"help": "Create the Hub repo private (default); `false` creates it public."},
+    )
     hub_strategy: str = field(
         default="every_round",
         metadata={"help": "When rounds are pushed.", "choices": HUB_STRATEGIES},

@@ -2,42 +2,72 @@
 
 A client executes whatever run the SuperLink hands it, and whoever reaches the SuperLink's port can
 submit a run. So the run config is untrusted input on the client, checked when it is read (before
-any model, data or `TrainingArguments` is built from it):
+any model, data or `TrainingArguments` is built from it). What a run may make a client touch is an
+allowlist of the client's operator, closed by default for what is the client's own:
 
 - a run config that names a Trainer factory (`federation.trainer`) is refused unless the client's
   operator is the run's operator (a simulation): a server never makes a client import code. A client
   runs its own factory (`hf_flower.main(make_trainer)`, `hf-flower client --trainer`) or a built-in task;
 - `model.trust-remote-code` is refused unless the client's own operator allowed remote code
   (`hf-flower client --trust_remote_code`);
-- with `--allowed_models`, any other model (or revision, or tokenizer) is refused;
+- models and tokenizers: any Hub id by default, never a local path (a folder on the client's
+  machine) unless `--allowed_models` lists it; with `--allowed_models`, only what it lists. A
+  revision under `refs/pr/` (a pull request, which anyone can open on the Hub) only where an entry
+  pins it;
+- the data set a partition-mode client reads (`data.dataset`): any Hub data set and the packaged
+  offline ones by default, never a local file or folder unless `--allowed_data` lists it (or a
+  folder above it); with `--allowed_data`, only what it lists. A client with its own `--data_path`
+  never reads the run's data set;
+- the columns: a client that pins its columns (`--text_column`, `--label_column`, ...) reads those
+  and no others. Its pins replace the run config's names for the same settings (the run's names
+  describe the server's data set, a client's own file has its own), and a run whose task reads a
+  column setting the client did not pin is refused;
+- Hub downloads a run causes send no token (`HF_HUB_DISABLE_IMPLICIT_TOKEN`, `hub_downloads`): the
+  client's own token reaches only repositories its operator meant, unless `--use_hub_token`;
 - `TrainingArguments` fields are an allowlist (`SERVER_SETTABLE_TRAINING_FIELDS`): what to compute
   and how fast (learning rate, schedule, batch sizes, steps, precision, seeds, logging, ...).
   Hub and secret fields, paths the client would read or write, checkpoints to resume from and the
   client's own process setup (DeepSpeed, FSDP, DDP backend, data loader workers beyond its cores)
-  are refused, each with the reason.
+  are refused, each with the reason. `report_to` is the server's own tracking (the ServerApp reads
+  the same key): a built-in task on a client always runs with `report_to="none"`, so no run logs to
+  the client's W&B or MLflow accounts or writes `./wandb` or `./mlruns` on its machine.
 
-The policy reaches the ClientApp through the environment of the client's process
-(`HF_FLOWER_TRUST_REMOTE_CODE`, `HF_FLOWER_ALLOWED_MODELS`): the long-lived client sets them from
-its flags, the simulation launcher from the operator's own run config (there the operator is the
-client), and a plain `flower-supernode` passes its environment to the `flwr-clientapp` it starts.
-A refusal is a `RunRefused` error; the ClientApp sends it to the server as this client's failure.
+The policy reaches the ClientApp through the environment of the client's process (`to_env`,
+`HF_FLOWER_*`): the long-lived client sets it from its flags, the simulation launcher from the
+operator's own run config (there the operator is every client, and everything is allowed), and a
+plain `flower-supernode` passes its environment to the `flwr-clientapp` it starts.
+A refusal is a `RunRefused` error; the ClientApp reports it to the server as this client's failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from . import ModelArguments
+    from . import DataArguments, ModelArguments, RunArguments
+
+logger = logging.getLogger(__name__)
 
 TRUST_REMOTE_CODE_ENV = "HF_FLOWER_TRUST_REMOTE_CODE"
 ALLOWED_MODELS_ENV = "HF_FLOWER_ALLOWED_MODELS"
-RUN_CONFIG_TRAINER_ENV = "HF_FLOWER_RUN_CONFIG_TRAINER"
+ALLOWED_DATA_ENV = "HF_FLOWER_ALLOWED_DATA"
+COLUMNS_ENV = "HF_FLOWER_COLUMNS"
+USE_HUB_TOKEN_ENV = "HF_FLOWER_USE_HUB_TOKEN"
+OPERATORS_RUN_ENV = "HF_FLOWER_OPERATORS_RUN"
+# The data settings that name a column of the data, which a client may pin to its own.
+COLUMN_FIELDS = (
+    "text_column", "text_pair_column", "label_column", "prompt_column", "completion_column", "messages_column",
+)  # fmt: skip
+# Hub revisions anyone can create: pull requests (`refs/pr/1`).
+PULL_REQUEST_PREFIX = "refs/pr/"
 
 # TrainingArguments a server may set on a client: what to compute and how fast. The fields the
 # client replaces with its own values (`client.round_driver.RoundDriver`: output_dir, save and eval
@@ -107,54 +137,79 @@ class ClientPolicy:
 
     Args:
         trust_remote_code: Let a run load models whose repository ships its own Python code.
-        allowed_models: Model ids or folders this client may load, each optionally pinned to a
-            revision (`id@revision`); empty: any model.
-        run_config_trainer: Import the Trainer factory the run config names (a simulation, whose
-            run config is its operator's own).
+        allowed_models: Model ids or local folders this client may load, each optionally pinned to
+            a revision (`id@revision`); empty: any Hub model, no local folder.
+        allowed_data: Data sets (Hub ids, local files or folders; a folder admits what is under
+            it) a partition-mode client may read; empty: any Hub or packaged data set, no local path.
+        columns: This client's own column names, `(setting, column)` pairs (`("label_column",
+            "sentiment")`): it reads these columns and no others, whatever the run config names.
+        use_hub_token: Send this machine's Hugging Face token with the Hub downloads a run causes.
+        operators_run: The run config is this client's operator's own (a simulation): everything
+            is allowed, the Trainer factory it names included, and failures are reported in full.
     """
 
     trust_remote_code: bool = False
     allowed_models: tuple[str, ...] = ()
-    run_config_trainer: bool = False
+    allowed_data: tuple[str, ...] = ()
+    columns: tuple[tuple[str, str], ...] = ()
+    use_hub_token: bool = False
+    operators_run: bool = False
 
     @classmethod
-    def from_flags(cls, trust_remote_code: bool, allowed_models: str | None) -> ClientPolicy:
-        """The policy of `--trust_remote_code` and `--allowed_models id[@revision],...`."""
-        if allowed_models is None:
-            return cls(trust_remote_code)
-        entries = tuple(part.strip() for part in allowed_models.split(","))
-        if not all(entries):
-            raise ValueError(
-                f"--allowed_models {allowed_models!r} has an empty entry; give model ids or folders "
-                "separated by commas, e.g. `org/model,org/other@v1.0`."
-            )
-        for entry in entries:
-            if not all(_pinned(entry)) and "@" in entry:
-                raise ValueError(f"--allowed_models entry {entry!r} must be `id` or `id@revision`.")
-        return cls(trust_remote_code, entries)
+    def from_flags(
+        cls,
+        trust_remote_code: bool = False,
+        allowed_models: str | None = None,
+        allowed_data: str | None = None,
+        columns: Mapping[str, str | None] | None = None,
+        use_hub_token: bool = False,
+    ) -> ClientPolicy:
+        """The policy of `hf-flower client`'s flags: `--trust_remote_code`, `--allowed_models
+        id[@revision],...`, `--allowed_data name,...`, the pinned columns (`--text_column`, ...) and
+        `--use_hub_token`."""
+        pinned = {name: column for name, column in (columns or {}).items() if column is not None}
+        unknown = sorted(set(pinned) - set(COLUMN_FIELDS))
+        if unknown:
+            raise ValueError(f"Unknown column settings {unknown}; a client pins {list(COLUMN_FIELDS)}.")
+        for name, column in pinned.items():
+            if not column.strip():
+                raise ValueError(f"--{name} is empty: give the name of a column of this client's data.")
+        return cls(
+            trust_remote_code=trust_remote_code,
+            allowed_models=_entries(allowed_models, "--allowed_models", pins_revisions=True),
+            allowed_data=_entries(allowed_data, "--allowed_data", pins_revisions=False),
+            columns=tuple((name, pinned[name]) for name in COLUMN_FIELDS if name in pinned),
+            use_hub_token=use_hub_token,
+        )
 
     @classmethod
     def of_operator(cls, run_config: Mapping[str, Any]) -> ClientPolicy:
         """In simulation the operator is every client: remote code exactly when its own run allows
-        it, and the Trainer factory its run config names."""
-        return cls(
-            trust_remote_code=run_config.get("model.trust-remote-code") is True, run_config_trainer=True
-        )
+        it, and everything else its run config names."""
+        return cls(trust_remote_code=run_config.get("model.trust-remote-code") is True, operators_run=True)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientPolicy:
-        """The policy this process was started with (`to_env`); nothing allowed when unset."""
+        """The policy this process was started with (`to_env`); the defaults when unset."""
         environ = os.environ if environ is None else environ
-        allowed = environ.get(ALLOWED_MODELS_ENV, "")
-        policy = cls.from_flags(environ.get(TRUST_REMOTE_CODE_ENV, "") == "1", allowed or None)
-        return dataclasses.replace(policy, run_config_trainer=environ.get(RUN_CONFIG_TRAINER_ENV, "") == "1")
+        policy = cls.from_flags(
+            environ.get(TRUST_REMOTE_CODE_ENV, "") == "1",
+            environ.get(ALLOWED_MODELS_ENV) or None,
+            environ.get(ALLOWED_DATA_ENV) or None,
+            json.loads(environ.get(COLUMNS_ENV) or "{}"),
+            environ.get(USE_HUB_TOKEN_ENV, "") == "1",
+        )
+        return dataclasses.replace(policy, operators_run=environ.get(OPERATORS_RUN_ENV, "") == "1")
 
     def to_env(self) -> dict[str, str]:
         """The environment that carries this policy to the ClientApp of this process and its children."""
         return {
             TRUST_REMOTE_CODE_ENV: "1" if self.trust_remote_code else "0",
             ALLOWED_MODELS_ENV: ",".join(self.allowed_models),
-            RUN_CONFIG_TRAINER_ENV: "1" if self.run_config_trainer else "0",
+            ALLOWED_DATA_ENV: ",".join(self.allowed_data),
+            COLUMNS_ENV: json.dumps(dict(self.columns)),
+            USE_HUB_TOKEN_ENV: "1" if self.use_hub_token else "0",
+            OPERATORS_RUN_ENV: "1" if self.operators_run else "0",
         }
 
     def check(self, model_args: ModelArguments, training_kwargs: Mapping[str, Any]) -> None:
@@ -167,6 +222,66 @@ class ClientPolicy:
         if refusals:
             raise RunRefused("This client refuses the run config: " + "; ".join(refusals) + ".")
 
+    def restrict(
+        self,
+        run_args: RunArguments,
+        columns_read: Callable[[DataArguments], Mapping[str, str]],
+        reads_dataset: bool,
+    ) -> RunArguments:
+        """`run_args` (a built-in task's, from the run config) as this client runs them: its pinned
+        columns in place of the run's, and `report_to="none"`. Raises `RunRefused` when the run
+        would read a column the client did not pin (`columns_read(data_args)`: the task's column
+        settings, by name), or, `reads_dataset` (a partition-mode client), a local data set its
+        operator did not allow."""
+        if self.operators_run:
+            return run_args
+        refusals = []
+        if reads_dataset and not self.allows_data(run_args.data.dataset):
+            refusals.append(
+                f"data set {run_args.data.dataset!r} "
+                + (
+                    f"is not in this client's --allowed_data {list(self.allowed_data)}"
+                    if self.allowed_data
+                    else "is a path on this machine; this client reads local data sets only when its "
+                    "operator lists them in --allowed_data"
+                )
+            )
+        if self.columns:
+            run_args.data = dataclasses.replace(run_args.data, **dict(self.columns))
+            unpinned = [name for name in columns_read(run_args.data) if name not in dict(self.columns)]
+            if unpinned:
+                refusals.append(
+                    f"the run reads {', '.join(f'--{name}' for name in unpinned)}, which this client does not "
+                    f"pin; it reads only its pinned columns ({', '.join(f'--{n} {c}' for n, c in self.columns)})"
+                )
+        if refusals:
+            raise RunRefused("This client refuses the run config: " + "; ".join(refusals) + ".")
+        if run_args.training.report_to:
+            logger.info(
+                "The run's report_to %s is the server's tracking; this client reports to none.",
+                run_args.training.report_to,
+            )
+            run_args.training.report_to = []
+        return run_args
+
+    @contextlib.contextmanager
+    def hub_downloads(self) -> Iterator[None]:
+        """Within: Hub requests send no token unless a call passes one explicitly, unless the
+        operator allowed it (`--use_hub_token`, a simulation). The client's token then never reaches
+        a repository only the run config named. huggingface_hub reads `HF_HUB_DISABLE_IMPLICIT_TOKEN`
+        once, at import, and its constant on every request (`utils/_headers.get_token_to_send`)."""
+        if self.use_hub_token or self.operators_run:
+            yield
+            return
+        import huggingface_hub.constants
+
+        previous = huggingface_hub.constants.HF_HUB_DISABLE_IMPLICIT_TOKEN
+        huggingface_hub.constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
+        try:
+            yield
+        finally:
+            huggingface_hub.constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = previous
+
     def _model_refusals(self, model_args: ModelArguments) -> list[str]:
         refusals = []
         if model_args.trust_remote_code and not self.trust_remote_code:
@@ -174,25 +289,76 @@ class ClientPolicy:
                 "model.trust-remote-code=true would run Python code from the model's repository on this "
                 "machine; this client allows it only when started with --trust_remote_code"
             )
-        if self.allowed_models:
-            names = [model_args.model_name_or_path]
-            if model_args.tokenizer_name_or_path not in (None, model_args.model_name_or_path):
-                names.append(model_args.tokenizer_name_or_path)
-            for name in names:
-                if not self.allows(name, model_args.revision):
-                    refusals.append(
-                        f"model {name!r} (revision {model_args.revision!r}) is not in this client's "
-                        f"--allowed_models {list(self.allowed_models)}"
-                    )
+        if self.operators_run:
+            return refusals
+        names = [model_args.model_name_or_path]
+        if model_args.tokenizer_name_or_path not in (None, model_args.model_name_or_path):
+            names.append(model_args.tokenizer_name_or_path)
+        revision = model_args.revision
+        for name in names:
+            if self.allows(name, revision):
+                continue
+            if self.allowed_models:
+                refusals.append(
+                    f"model {name!r} (revision {revision!r}) is not in this client's "
+                    f"--allowed_models {list(self.allowed_models)}"
+                )
+            elif is_local_path(name):
+                refusals.append(
+                    f"model {name!r} is a path on this machine; this client loads local models only when "
+                    "its operator lists them in --allowed_models"
+                )
+            else:
+                refusals.append(
+                    f"model {name!r} at revision {revision!r} is a Hub pull request, which anyone can open; "
+                    f"this client loads it only when an --allowed_models entry pins it ({name}@{revision})"
+                )
         return refusals
 
     def allows(self, name: str, revision: str) -> bool:
-        """Whether `--allowed_models` admits model (or tokenizer) `name` at `revision`."""
+        """Whether this client loads model (or tokenizer) `name` at `revision`: an `--allowed_models`
+        entry admits it, or without the flag, it is a Hub id. A pull request's revision only where an
+        entry pins it."""
+        pull_request = revision.startswith(PULL_REQUEST_PREFIX)
+        if not self.allowed_models:
+            return not is_local_path(name) and not pull_request
         for entry in self.allowed_models:
             model, pinned = _pinned(entry)
-            if _same_model(model, name) and pinned in ("", revision):
+            if _same_source(model, name) and (pinned == revision or (not pinned and not pull_request)):
                 return True
         return False
+
+    def allows_data(self, name: str) -> bool:
+        """Whether a partition-mode client reads data set `name`: an `--allowed_data` entry admits
+        it, or without the flag, it is not a local path (a Hub or packaged data set)."""
+        if not self.allowed_data:
+            return not is_local_path(name)
+        return any(_same_source(entry, name) for entry in self.allowed_data)
+
+
+def is_local_path(name: str) -> bool:
+    """Whether `name` means a file or folder on this machine, not a Hub id: it exists here, or can
+    only be a path (`hub.hub_id`)."""
+    from ..hub import hub_id
+
+    return "\\" in name or hub_id(name) is None
+
+
+def _entries(value: str | None, flag: str, pins_revisions: bool) -> tuple[str, ...]:
+    """The comma-separated entries of an allowlist flag, checked."""
+    if value is None:
+        return ()
+    entries = tuple(part.strip() for part in value.split(","))
+    if not all(entries):
+        raise ValueError(
+            f"{flag} {value!r} has an empty entry; give names or paths separated by commas, e.g. "
+            + ("`org/model,org/other@v1.0`." if pins_revisions else "`org/data,/data/reviews.csv`.")
+        )
+    if pins_revisions:
+        for entry in entries:
+            if not all(_pinned(entry)) and "@" in entry:
+                raise ValueError(f"{flag} entry {entry!r} must be `id` or `id@revision`.")
+    return entries
 
 
 def _pinned(entry: str) -> tuple[str, str]:
@@ -201,12 +367,15 @@ def _pinned(entry: str) -> tuple[str, str]:
     return (model, revision) if model else (entry, "")
 
 
-def _same_model(allowed: str, name: str) -> bool:
-    """The same Hub id, or two spellings of one local folder."""
-    if allowed == name:
+def _same_source(allowed: str, name: str) -> bool:
+    """The same Hub id, or a local path that is the allowed one or under it (links resolved, so a
+    link under an allowed folder to a file outside it is not under it)."""
+    if allowed == name and not is_local_path(name):
         return True
-    allowed_path, path = Path(allowed).expanduser(), Path(name).expanduser()
-    return allowed_path.exists() and path.exists() and allowed_path.resolve() == path.resolve()
+    if not (is_local_path(allowed) and is_local_path(name)):
+        return False
+    allowed_path, path = Path(allowed).expanduser().resolve(), Path(name).expanduser().resolve()
+    return allowed_path.exists() and (path == allowed_path or allowed_path in path.parents)
 
 
 def unsettable_training_fields(names) -> list[str]:

@@ -73,7 +73,7 @@ from .rounds import (
     set_aside_rounds_after,
     write_strategy_state,
 )
-from .verify import verify_round
+from .verify import checked_files, verify_round
 
 __all__ = [
     "ADAPTER_CONFIG_FILE",
@@ -101,6 +101,7 @@ __all__ = [
     "WRITE_PROBE_PREFIX",
     "aggregate_metrics",
     "best_round",
+    "checked_files",
     "is_complete_round",
     "latest_round",
     "list_rounds",

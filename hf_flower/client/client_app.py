@@ -3,15 +3,17 @@
 Every message goes the same way: the process's Trainer for the run and this node's data
 (`session.session_for`: built once by the run's `make_trainer`, checked against the server's model),
 then the round driver (`round_driver.RoundDriver`) with the message's weights, and a reply with
-the new weights and the metrics, or with the error, naming this client's stage and round.
+the new weights and the metrics. Whatever fails, in a handler or a mod, and any message but train
+and evaluate, gets an error reply that names the kind of failure and a reference to this client's
+log, never the error itself (`failures`): errors can carry the client's data.
 """
 
 from __future__ import annotations
 
-import traceback
+import functools
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 
@@ -24,9 +26,9 @@ from ..constants import (
     SERVER_ROUND_KEY,
 )
 from ..progress.callback import training_progress
-from ..transport.flwr_compat import ErrorCode
 from ..weights import get_weights
 from .callbacks import OptimizerStateStore
+from .failures import UnsupportedMessageError, failure_reply
 from .session import Session, session_for
 
 # Client-side halves of Flower's differential-privacy wrappers, by strategy name (any case, as
@@ -37,6 +39,25 @@ CLIENT_SIDE_DP_MODS = {
 }
 STRATEGY_RUN_CONFIG_KEY = "federation.strategy"
 PROXIMAL_MU_KEY = "proximal-mu"  # what Flower's FedProx sends with each training message
+
+
+def failures_as_replies(msg: Message, context: Context, call_next) -> Message:
+    """Any failure of the mods and handlers inside, as this client's error reply (`failures`)."""
+    try:
+        return call_next(msg, context)
+    except Exception as err:  # noqa: BLE001 - every failure goes back to the server, by category
+        return failure_reply(msg, context, err)
+
+
+def replies_to_failures(handler):
+    """`handler` with its failures as this client's error reply (`failures`), also where it runs
+    without this ClientApp's mods (a ClientApp of its own that registers `train`)."""
+
+    @functools.wraps(handler)
+    def handle(msg: Message, context: Context) -> Message:
+        return failures_as_replies(msg, context, handler)
+
+    return handle
 
 
 def differential_privacy_mod(msg: Message, context: Context, call_next) -> Message:
@@ -51,7 +72,8 @@ def differential_privacy_mod(msg: Message, context: Context, call_next) -> Messa
     return mod(msg, context, call_next)
 
 
-app = ClientApp(mods=[differential_privacy_mod])
+# `failures_as_replies` first: it wraps the others.
+app = ClientApp(mods=[failures_as_replies, differential_privacy_mod])
 
 # Optimizer state of each node, per rank, for multi-rank clients: `Context.state` reaches rank 0
 # only, and every rank must continue from the same moments.
@@ -85,44 +107,35 @@ def _reply(msg: Message, context: Context, arrays: ArrayRecord | None, metrics: 
     return Message(content=content, reply_to=msg)
 
 
-def _error_reply(msg: Message, context: Context, stage: str, err: Exception) -> Message:
-    """Report a failure to the server with the client's partition, the round and the cause."""
-    server_round = msg.content[CONFIG_KEY].get(SERVER_ROUND_KEY, "?") if msg.has_content() else "?"
-    partition = context.node_config.get(PARTITION_ID_KEY, "?")
-    reason = (
-        f"client partition {partition} failed during {stage} of round {server_round}: "
-        f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
-    )
-    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
-
-
 @app.train()
+@replies_to_failures
 def train(msg: Message, context: Context) -> Message:
     """Load the global weights, train locally, reply with the new weights and train metrics."""
-    try:
-        session = session_for(msg, context)
-        config = msg.content[CONFIG_KEY]
-        server_round = int(config[SERVER_ROUND_KEY])
-        progress = training_progress(context, server_round)
-        metrics = session.driver.train(
-            received_weights(msg),
-            server_round,
-            proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
-            deadline=msg.metadata.created_at + msg.metadata.ttl,
-            optimizer_store=optimizer_store(session, context),
-            callbacks=(progress,) if progress is not None else (),
-        )
-        arrays = get_weights(session.driver.trainer.model, session.driver.federation.transfer_dtype)
-        return _reply(msg, context, arrays, metrics)
-    except Exception as err:  # noqa: BLE001 - every failure goes back to the server, named
-        return _error_reply(msg, context, "training", err)
+    session = session_for(msg, context)
+    config = msg.content[CONFIG_KEY]
+    server_round = int(config[SERVER_ROUND_KEY])
+    progress = training_progress(context, server_round)
+    metrics = session.driver.train(
+        received_weights(msg),
+        server_round,
+        proximal_mu=float(config.get(PROXIMAL_MU_KEY, 0.0)),
+        deadline=msg.metadata.created_at + msg.metadata.ttl,
+        optimizer_store=optimizer_store(session, context),
+        callbacks=(progress,) if progress is not None else (),
+    )
+    arrays = get_weights(session.driver.trainer.model, session.driver.federation.transfer_dtype)
+    return _reply(msg, context, arrays, metrics)
 
 
 @app.evaluate()
+@replies_to_failures
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global weights on this client's held-out split."""
-    try:
-        session = session_for(msg, context)
-        return _reply(msg, context, None, session.driver.evaluate(received_weights(msg)))
-    except Exception as err:  # noqa: BLE001
-        return _error_reply(msg, context, "evaluation", err)
+    session = session_for(msg, context)
+    return _reply(msg, context, None, session.driver.evaluate(received_weights(msg)))
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Query messages get an error reply: this client reports nothing outside train and evaluate."""
+    raise UnsupportedMessageError(f"this client answers no {msg.metadata.message_type!r} messages")

@@ -6,7 +6,8 @@ The factory comes from, in this order:
    `hf-flower client --trainer script.py:make_trainer` (`use_factory`), with the client's own
    `--trainer_config`. Whatever the server's run config names, this client runs its own code;
 2. a built-in task (`--task`) the run config names: hf-flower's own code, whose settings the
-   client's policy checks (`arguments.policy`);
+   client's policy checks (`arguments.policy`), and whose Hub downloads send no token unless the
+   client's operator allowed it (`ClientPolicy.hub_downloads`);
 3. the factory the run config names, only where the client's policy lets a run config name one
    (a simulation: its operator is every client's operator).
 
@@ -19,6 +20,7 @@ refused with the difference, before it trains.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -93,7 +95,7 @@ def factory_for(federation: FederationArguments, run_config: dict) -> tuple[str,
     if _local is not None:
         return _local.ref, _local.factory, _local.config
     ref = trainer_ref(federation, run_config)
-    operators_own = ClientPolicy.from_env().run_config_trainer
+    operators_own = ClientPolicy.from_env().operators_run
     if not is_builtin_ref(ref) and not operators_own:
         raise RunRefused(
             f"This client refuses the run config: it names the Trainer factory {ref!r}, and a server may "
@@ -134,7 +136,11 @@ def session_for(message, context: Context) -> Session:
         label_names=server.get(LABEL_NAMES_KEY),
         run_config=run_config,
     )
-    trainer = build_trainer(factory, trainer_context, ref)
+    # A factory the run config chose downloads what the run config names: without this client's
+    # Hub token, unless its operator allowed it. The client's own factory is its operator's code.
+    downloads = ClientPolicy.from_env().hub_downloads() if _local is None else contextlib.nullcontext()
+    with downloads:
+        trainer = build_trainer(factory, trainer_context, ref)
     check_same_model(trainer.model, server, ref)
     _session = Session(key, RoundDriver(trainer, federation), trainer_context)
     return _session

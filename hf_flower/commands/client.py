@@ -27,9 +27,23 @@ With your own Trainer (a script whose `make_trainer(context)` builds it; `python
     hf-flower client --superlink server.example.org:9092 --trainer my_script.py:make_trainer \
         --trainer_config '{"model_name_or_path": "..."}' --data_path my_reviews.csv
 
+With its own file, whose columns have their own names (it reads these and no others, whatever the
+server's run config names):
+
+    hf-flower client --superlink server.example.org:9092 --data_path my_reviews.csv \
+        --text_column review --label_column sentiment
+
+Trying things out with a model and a data set that sit on this machine (local paths are refused
+unless listed):
+
+    hf-flower client --superlink 127.0.0.1:9092 --insecure --partition_id 0 --num_partitions 2 \
+        --allowed_models ./my-model --allowed_data ./reviews.csv
+
 The run config the server sends is checked before it is used (`hf_flower/arguments/policy.py`):
 a client runs its own Trainer factory or a built-in task, never one a server names; remote model
-code only with --trust_remote_code; Hub, file and process settings never.
+code only with --trust_remote_code; local models and data sets only when listed; no Hub token
+unless --use_hub_token; Hub, file, tracking and process settings never. A failure is reported to
+the server as its kind and a reference into the client's `--work_dir`/failures.log, never its text.
 """
 
 import sys
@@ -40,7 +54,7 @@ from pathlib import Path
 from transformers import HfArgumentParser
 
 from ..arguments import parse_trainer_config
-from ..arguments.policy import ClientPolicy
+from ..arguments.policy import COLUMN_FIELDS, ClientPolicy
 from ..factory import factory_ref
 from ..launch.client import ClientOptions, run_client
 from ..transport.supernode import DEFAULT_PULL_INTERVAL
@@ -60,7 +74,17 @@ class ClientArguments:
         insecure: Connect without TLS, on purpose (plaintext), e.g. to `hf-flower server --insecure`.
         trust_remote_code: Let the server's run load models that ship their own Python code.
         allowed_models: The only models (Hub ids or folders, `id@revision` to pin a revision) this
-            client loads, comma-separated; any other is refused. Default: any model.
+            client loads, comma-separated; any other is refused. Default: any Hub model, no local
+            folder (a run config naming one is refused).
+        allowed_data: The only data sets (Hub ids, local files or folders; a folder admits what is
+            under it) a partition-mode client reads, comma-separated. Default: any Hub or packaged
+            data set, no local path. A `--data_path` client never reads the run's data set.
+        use_hub_token: Send this machine's Hugging Face token with the Hub downloads a run causes
+            (private or gated models the server names). Default: no token.
+        text_column / text_pair_column / label_column / prompt_column / completion_column /
+            messages_column: This client's own columns: it reads these and no others, whatever the
+            run config names (the run's names describe the server's data set). A run that reads a
+            setting the client did not pin is refused.
         auth_private_key: Private key of this SuperNode (its `.pub` beside it), when the server
             enforces SuperNode authentication.
         superlink_timeout: Seconds to keep trying when the SuperLink cannot be reached, then exit.
@@ -87,7 +111,31 @@ class ClientArguments:
         default=False, metadata={"help": "Allow runs whose model ships its own Python code."}
     )
     allowed_models: str | None = field(
-        default=None, metadata={"help": "Only models this client loads: `id[@revision],...` (default: any)."}
+        default=None,
+        metadata={"help": "Only models this client loads: `id[@revision],...` (default: any Hub model)."},
+    )
+    allowed_data: str | None = field(
+        default=None,
+        metadata={
+            "help": "Only data sets a partition-mode client reads: `name,...` (default: no local path)."
+        },
+    )
+    use_hub_token: bool = field(
+        default=False, metadata={"help": "Send this machine's Hub token with the downloads a run causes."}
+    )
+    text_column: str | None = field(default=None, metadata={"help": "This client's text column (pinned)."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "This client's second text column (pinned)."}
+    )
+    label_column: str | None = field(default=None, metadata={"help": "This client's label column (pinned)."})
+    prompt_column: str | None = field(
+        default=None, metadata={"help": "This client's prompt column (pinned)."}
+    )
+    completion_column: str | None = field(
+        default=None, metadata={"help": "This client's completion column (pinned)."}
+    )
+    messages_column: str | None = field(
+        default=None, metadata={"help": "This client's chat messages column (pinned)."}
     )
     auth_private_key: str | None = field(default=None, metadata={"help": "SuperNode private key."})
     superlink_timeout: float = field(
@@ -106,6 +154,16 @@ class ClientArguments:
     trainer_config: str | None = field(
         default=None, metadata={"help": "Settings of the Trainer factory (context.config), a JSON object."}
     )
+
+    def policy(self) -> ClientPolicy:
+        """What this client lets a run do (`arguments.policy`)."""
+        return ClientPolicy.from_flags(
+            self.trust_remote_code,
+            self.allowed_models,
+            self.allowed_data,
+            {name: getattr(self, name) for name in COLUMN_FIELDS},
+            self.use_hub_token,
+        )
 
     def node_config(self) -> dict:
         if self.pull_interval <= 0:
@@ -141,7 +199,7 @@ def main(argv: list[str] | None = None, factory=None) -> int:
             work_dir=Path(args.work_dir or tempfile.mkdtemp(prefix="hf-flower-client-")),
             root_certificates=args.root_certificates,
             insecure=args.insecure,
-            policy=ClientPolicy.from_flags(args.trust_remote_code, args.allowed_models),
+            policy=args.policy(),
             auth_private_key=args.auth_private_key,
             superlink_timeout=args.superlink_timeout,
             pull_interval=args.pull_interval,

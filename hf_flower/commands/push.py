@@ -7,13 +7,17 @@ Round N goes to branch `round-N` and `main` is moved to the last round pushed, s
     hf-flower push outputs/quickstart --hub_model_id alice/minilm-imdb-federated --rounds 2 3
 
 The token comes from HF_TOKEN or `hf auth login`, never from a flag. The round folders are
-checked (complete, and each file as saved: its checksums) before anything is uploaded; nothing
-local is changed. Each round's metrics.json goes up with aggregate metrics only.
+checked (complete, and each file as saved: its checksums) before anything is uploaded, and only
+the files a round's checksums.json lists go up: a round holding a link is refused, a file the
+list does not name stays here. Nothing local is changed. Each round's metrics.json goes up with
+aggregate metrics only. A new repo is private unless `--hub_private false`.
 """
 
 import argparse
 import sys
 from pathlib import Path
+
+from transformers.hf_argparser import string_to_bool
 
 from .. import checkpoint, hub
 
@@ -27,7 +31,15 @@ def make_parser() -> argparse.ArgumentParser:
         "--hub_model_id", required=True, help="OWNER/NAME of the model repo (created if missing)."
     )
     parser.add_argument("--rounds", type=int, nargs="+", help="Rounds to push (default: every round).")
-    parser.add_argument("--hub_private", action="store_true", help="Create the repo private.")
+    parser.add_argument(
+        "--hub_private",
+        type=string_to_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="Create the repo private (default); `--hub_private false` creates it public. An existing "
+        "repo keeps its visibility.",
+    )
     return parser
 
 
@@ -54,7 +66,7 @@ def rounds_to_push(output_dir: Path, rounds: list[int] | None) -> list[int]:
                 f"sharded index) and {checkpoint.METRICS_FILE}, and holds {files}. Leave it out with --rounds."
             )
         try:
-            checkpoint.verify_round(folder)
+            checkpoint.checked_files(folder)
         except checkpoint.DamagedRoundError as err:
             raise ValueError(f"{err}; leave round {round_num} out with --rounds.") from None
     return wanted

@@ -10,7 +10,11 @@ With TLS and SuperNode authentication (see `hf-flower make-certs`), for clients 
 
     hf-flower server --config configs/quickstart.yaml --host 0.0.0.0 --port 9092 \
         --ssl_certfile certs/server.pem --ssl_keyfile certs/server.key --ssl_ca_certfile certs/ca.crt \
-        --authorized_keys keys/client-0.pub keys/client-1.pub
+        --authorized_keys keys/client-0.pub keys/client-1.pub --expose_control_api
+
+A non-loopback `--host` is refused without `--expose_control_api`: the SuperLink's port also serves
+Flower's Control API, which authenticates no one in open-source Flower, so anyone who reaches the
+port can submit a run that executes on this machine. Admit only the clients' addresses to it.
 
 Your own Trainer: `--trainer my_script.py:make_trainer` (its clients run `python my_script.py client ...`).
 """

@@ -20,11 +20,14 @@ from pathlib import Path
 from flwr.app import Context, Message
 
 from ..arguments.policy import ClientPolicy
-from ..client import client_app, ranks, session
+from ..client import client_app, failures, ranks, session
 from ..factory import load_factory
 from ..transport import client_loop, supernode
 from .flower import flower_env
 from .processes import LOOPBACK, ManagedProcess, Stopped, free_port, port_is_open, stop_signals_raise
+
+# In the client's --work_dir: every failure it reported to the server, in full, by reference.
+FAILURES_LOG = "failures.log"
 
 
 @dataclass
@@ -154,6 +157,9 @@ def run_client(options: ClientOptions) -> int:
     runtime_address = f"{LOOPBACK}:{runtime_port}"
     env = flower_env(options.work_dir / ".flwr")
     log_path = options.work_dir / "supernode.log"
+    # What failed here, in full, under the reference the server gets (`client/failures.py`).
+    options.work_dir.mkdir(parents=True, exist_ok=True)
+    failures.log_to(options.work_dir / FAILURES_LOG)
     try:
         with (
             stop_signals_raise(),
@@ -162,11 +168,16 @@ def run_client(options: ClientOptions) -> int:
             ) as supernode,
         ):
             supernode.wait_for_port(runtime_port)
-            print(f"Client connected to {options.superlink} (SuperNode log: {log_path})", flush=True)
+            print(
+                f"Client connected to {options.superlink} (SuperNode log: {log_path}; failures: "
+                f"{options.work_dir / FAILURES_LOG})",
+                flush=True,
+            )
             watch = SuperLinkWatch(options.superlink, options.superlink_timeout)
             client_loop.serve_tasks(
                 runtime_address,
                 run_everywhere,
+                failures.failure_reply,
                 keep_going=lambda: supernode.running() and watch.alive(),
                 poll_interval=options.poll_interval,
                 poll_retry_seconds=options.poll_retry_seconds,

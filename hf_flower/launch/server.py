@@ -3,10 +3,18 @@
 Starts `flower-superlink` (or uses one already running at `--superlink`), registers the public
 keys of authorised SuperNodes, submits our ServerApp with the run config, prints each round as it
 is saved, and stops what it started when the run ends or on Ctrl-C.
+
+Who can reach the SuperLink's port is decided here, before anything starts. Flower 1.42 serves its
+Fleet API (SuperNodes), Control API (`flwr run`, `flwr ls`, `flwr stop`) and ServerAppIo API on
+that one port, and its open-source distribution authenticates no caller of the Control API
+(account login is Flower Enterprise only; `--control-api-address` no longer moves the Control API
+off the port). A submitted run's ServerApp executes on this machine and drives every client, so a
+SuperLink on a non-loopback `--host` is refused unless `--expose_control_api` says that is meant.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -44,7 +52,13 @@ class ServerOptions:
         insecure: Run without TLS, on purpose: anyone on the network can read the weights and
             talk to the port. Without TLS files the server refuses to start unless this is set.
         authorized_keys: Public keys (`ssh-keygen -t ecdsa -b 384`) of the SuperNodes allowed to
-            join; giving any turns SuperNode authentication on.
+            join; giving any turns SuperNode authentication on. Without them, any SuperNode that
+            reaches the port joins as a client (TLS authenticates the server, not the clients).
+        expose_control_api: Start the SuperLink on a non-loopback `--host` although Flower's
+            Control API on its port authenticates no one: whoever reaches the port can submit a run
+            whose ServerApp executes code on this machine and drives every connected client.
+            Refused without it; with it, admit only the clients' addresses to the port (firewall,
+            security group, VPN).
     """
 
     host: str = LOOPBACK
@@ -55,6 +69,13 @@ class ServerOptions:
     ssl_ca_certfile: str | None = None
     insecure: bool = field(default=False, metadata={"help": "Run without TLS, on purpose (plaintext)."})
     authorized_keys: list[str] = field(default_factory=list)
+    expose_control_api: bool = field(
+        default=False,
+        metadata={
+            "help": "Start the SuperLink on a non-loopback --host although anyone who reaches its port "
+            "can submit a run that executes on this machine (Flower's Control API authenticates no one)."
+        },
+    )
 
     def __post_init__(self):
         tls = [self.ssl_certfile, self.ssl_keyfile, self.ssl_ca_certfile]
@@ -69,6 +90,20 @@ class ServerOptions:
                 "the weights. Give --ssl_certfile, --ssl_keyfile and --ssl_ca_certfile (`hf-flower "
                 "make-certs` writes them), or pass --insecure to run unencrypted on purpose."
             )
+        if self.authorized_keys and not all(tls):
+            raise ValueError(
+                "--authorized_keys needs TLS (Flower authenticates SuperNodes only over TLS): give "
+                "--ssl_certfile, --ssl_keyfile and --ssl_ca_certfile instead of --insecure."
+            )
+        if self.starts_superlink and not self.loopback_only and not self.expose_control_api:
+            raise ValueError(
+                f"--host {self.host} would let other machines reach the SuperLink's Control API, which "
+                "authenticates no one in open-source Flower: anyone who reaches its port could submit a "
+                "run whose ServerApp executes code on this machine and drives every client (TLS and "
+                "--authorized_keys do not stop this). Admit only your clients' addresses to the port "
+                "(firewall, security group or VPN) and pass --expose_control_api, or keep --host "
+                "127.0.0.1 and bring the clients in over a tunnel."
+            )
         for path in [p for p in tls if p] + list(self.authorized_keys):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path} does not exist.")
@@ -78,9 +113,44 @@ class ServerOptions:
         return self.ssl_certfile is not None
 
     @property
+    def starts_superlink(self) -> bool:
+        """Whether this launcher starts the SuperLink (not with `--superlink`: one runs already)."""
+        return self.superlink is None
+
+    @property
     def loopback_only(self) -> bool:
         """Whether only this machine can reach the SuperLink's port."""
-        return self.host in LOOPBACK_HOSTS
+        if self.host in LOOPBACK_HOSTS:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name other than localhost: assume other machines resolve it too
+            return False
+
+
+def exposure_warnings(options: ServerOptions) -> list[str]:
+    """What a SuperLink that other machines reach leaves open, one warning each (none on loopback)."""
+    if not options.starts_superlink or options.loopback_only:
+        return []
+    where = f"the SuperLink listens on {options.host}"
+    warnings = [
+        f"warning: {where} and its Control API authenticates no one (--expose_control_api): anyone "
+        "who reaches the port can submit a run whose ServerApp executes code on this machine and "
+        "drives every connected client. Admit only your clients' addresses to the port."
+    ]
+    if options.insecure:
+        warnings.append(
+            f"warning: {where} without TLS (--insecure): weights and run configs cross the network in "
+            "plaintext. Use it only on a network you control."
+        )
+    if not options.authorized_keys:
+        warnings.append(
+            f"warning: {where} without --authorized_keys: any SuperNode that reaches the port joins as "
+            "a client, receives the weights every round and sends updates (TLS authenticates the "
+            "server, not the clients). Register your clients' public keys with --authorized_keys "
+            "(`hf-flower make-certs --supernode-keys N` writes key pairs)."
+        )
+    return warnings
 
 
 def prepare_server(argv: list[str] | None, claim: Claim, trainer: str | None = None) -> RunPlan:
@@ -128,12 +198,8 @@ def run_server(plan: RunPlan, app_dir: Path | None = None) -> int:
     every round completed. `app_dir`: the Flower app to submit; by default one written from the
     imported package."""
     options: ServerOptions = plan.options
-    if options.insecure and not options.loopback_only:
-        print(
-            f"warning: the SuperLink listens on {options.host} without TLS (--insecure): weights and "
-            "run configs cross the network in plaintext. Use it only on a network you control.",
-            file=sys.stderr,
-        )
+    for warning in exposure_warnings(options):
+        print(warning, file=sys.stderr)
     output_dir = Path(plan.output_dir)
     flwr_home = output_dir / FLWR_HOME_DIRNAME
     env = flower_env(flwr_home, output_dir / LOGS_DIRNAME / PROGRESS_DIRNAME)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 MEGABYTE = 1e6
+# The longest text of a client's (an error reply's reason) that a run logs, shows or stores.
+MAX_REASON_CHARS = 500
 
 
 def _metric(value) -> str:
@@ -60,3 +64,21 @@ def format_summary(history: dict, output_dir: str) -> str:
                 f"hub: pushing rounds {sorted(int(k) for k in pushed['failed'])} FAILED (kept locally)"
             )
     return "\n".join(lines)
+
+
+def printable(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """A client's words (an error reply's reason), safe to log, show on a terminal and store: terminal
+    escape sequences and other control characters removed (newlines become spaces), at most `limit`
+    characters. A client chooses its reason; unbounded, 100 MB of it went into history.json, and its
+    escape codes drove the server's terminal."""
+    text = _ESCAPE_SEQUENCE.sub("", str(text)[: 4 * limit])
+    text = _CONTROL.sub(" ", text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ANSI escape sequences (CSI, OSC, and two-character ones), then any C0/C1 control character, DEL,
+# or Unicode bidirectional override (which reorders what a terminal shows).
+_ESCAPE_SEQUENCE = re.compile(
+    r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-_])|\x9b[0-?]*[ -/]*[@-~]"
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]+")

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..constants import CLIENT_KEY, PARTITION_ID_KEY
+from .lines import printable
 
 PROGRESS_DIR_ENV = "HF_FLOWER_PROGRESS_DIR"
 CLIENT_FILE = "client-{node}-round-{round}.json"
@@ -265,8 +266,9 @@ def _partition(value) -> int | None:
 
 
 def _first_line(text) -> str:
-    lines = str(text).strip().splitlines()
-    return lines[0][:MAX_REASON_CHARS] if lines else ""
+    """The first line of a reason, printable (a client chooses its error reply's reason)."""
+    lines = str(text)[: 4 * MAX_REASON_CHARS].strip().splitlines()
+    return printable(lines[0], MAX_REASON_CHARS) if lines else ""
 
 
 def _failure_of(node: int, failures: list[str]) -> str:

@@ -1,16 +1,27 @@
 """One exchange's replies, from arrival to what the strategy gets: receive -> validate -> cap ->
-average -> record.
+clip -> average -> record.
 
 `RoundReplies` is built for one `send_and_receive` of the round grid and sees each reply once, in
 order:
 
 1. `receive(reply)`, as it arrives: its bytes counted, the reply validated (`validation.validate_reply`;
-   a reply that fails is that client's failure, named, and nothing else reads it), training weights
-   upcast to float32 for the strategy or folded into a running mean (`transport.averaging`);
-2. `finish(sent, replies)`, once the exchange is over: failures and silent nodes named, example
-   counts capped (`validation.ExampleCap`), metrics kept to the names every reply reports, the round
-   recorded (`RoundStats`), too few trainers refused (`RoundFailedError`), and, when replies were
-   averaged on arrival, the one reply holding the mean handed to the strategy.
+   a reply that fails is that client's failure, named, and nothing else reads it), its update's norm
+   measured, training weights upcast to float32 for the strategy or folded into a running mean
+   (`transport.averaging`);
+2. `finish(sent, replies)`, once the exchange is over: failures and silent nodes named (a client's
+   own words only through `progress.lines.printable`), example counts capped (`validation.ExampleCap`),
+   updates clipped (`validation.UpdateClip`), metrics kept to the names every reply reports, the
+   round recorded (`RoundStats`), too few trainers refused (`RoundFailedError`), and, when replies
+   were averaged on arrival, the one reply holding the mean handed to the strategy.
+
+Caps and clipping depend on the whole round (its median count and median update norm), while
+averaging on arrival folds a reply in and drops its weights. The two meet through bounds that only
+rise: a reply is folded at once when no way the round can still end would cap its count or clip its
+update (`ExampleCap.never_capped`, `UpdateClip.never_clipped`, from the least the round's medians
+can become); the others wait for the round and are folded capped and clipped. The result is exactly
+that of capping and clipping every reply once the round is in. What waits: every reply until about
+half of the round's have arrived (before, any of the rest may set the medians), then only replies
+above the bounds so far, so a round holds at most about half its replies' weights at once, not all.
 """
 
 from __future__ import annotations
@@ -22,13 +33,14 @@ from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDic
 from flwr.common.logger import log
 
 from ..constants import ARRAYS_KEY, CLIENT_KEY, METRICS_KEY, NUM_EXAMPLES_KEY, PARTITION_ID_KEY
+from ..progress.lines import printable
 from ..progress.live import ReplyBoard
-from ..transport.averaging import RunningMean
+from ..transport.averaging import RunningMean, scaled_update
 from ..transport.exchange import Exchange
 from ..transport.flwr_compat import aggregate_metricrecords
 from ..transport.wire import to_float32_arrays
-from ..weights import arrays_nbytes, arrays_to_state_dict
-from .validation import ExampleCap, ExpectedReply, validate_reply
+from ..weights import arrays_nbytes, arrays_to_state_dict, update_norm
+from .validation import ExampleCap, ExpectedReply, UpdateClip, validate_reply
 
 
 class RoundFailedError(RuntimeError):
@@ -38,7 +50,7 @@ class RoundFailedError(RuntimeError):
 @dataclasses.dataclass
 class RoundStats:
     """What the grid saw of one round: who was asked, who answered, what failed, bytes moved, and
-    `notes` on replies used with a change (a capped example count)."""
+    `notes` on replies used with a change (a capped example count, a clipped update)."""
 
     sampled: dict[str, int] = dataclasses.field(default_factory=dict)
     succeeded: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -80,8 +92,9 @@ class RoundReplies:
         self.exchange = exchange
         self.board = board
         self.training = self.kind == MessageType.TRAIN
-        # What a training reply's update is measured from (`--max_update_norm`), and what its rows
-        # sent alone complete (`wire.pack_arrays`): the weights as sent, by id.
+        # What a training reply's update is measured from (`--max_update_norm`,
+        # `--update_clip_factor`), and what its rows sent alone complete (`wire.pack_arrays`): the
+        # weights as sent, by id.
         self.sent_weights = self._sent_weights(messages)
         self.sent_arrays = {
             m.content[ARRAYS_KEY].object_id: m.content[ARRAYS_KEY]
@@ -89,41 +102,72 @@ class RoundReplies:
             if self.training and ARRAYS_KEY in m.content.array_records
         }
         self.mean = RunningMean() if self.training and rules.average_on_arrival else None
-        self.floor = rules.example_cap.floor(self.kind)
+        self.clip = UpdateClip(rules.expected.update_clip_factor if self.sent_weights is not None else 0.0)
         self.rejected: dict[str, str] = {}  # reply_to message id -> why its reply was refused
+        self.pending = len(messages)  # replies still to come
+        # Of every valid reply, by the id of the message it answers: its (partition, count) claim
+        # and, for training with clipping, its update's norm.
+        self.claims: dict[str, tuple[int, int]] = {}
+        self.norms: dict[str, float] = {}
+        self.held: list[Message] = []  # valid training replies waiting for the round to fold
 
     def _sent_weights(self, messages: list[Message]) -> dict | None:
         """The weights this round's training messages carry, as clients decode them, when
-        `--max_update_norm` measures updates from them (Flower's strategies send every node the
-        same weights)."""
+        `--max_update_norm` or `--update_clip_factor` measure updates from them (Flower's
+        strategies send every node the same weights)."""
         expected = self.rules.expected
         arrays = messages[0].content.array_records.get(ARRAYS_KEY)
-        if not self.training or not expected.max_update_norm or arrays is None:
+        if not self.training or not expected.measures_updates or arrays is None:
             return None
         return arrays_to_state_dict(arrays, expected.reference)
 
     def receive(self, reply: Message) -> None:
-        """A reply as it arrives: its bytes counted and validated; training weights then folded into
-        the running mean (the reply keeps its metrics; a count that the round's cap may lower waits
-        for the round), or upcast to float32 for the strategy."""
+        """A reply as it arrives: its bytes counted and validated, its update measured; training
+        weights then folded into the running mean when neither the round's cap nor its clipping can
+        change them (the reply keeps its metrics), held for the round otherwise, or upcast to
+        float32 for the strategy."""
         self.board.reply(reply)
+        self.pending -= 1
         if reply.has_error():
             return
+        key = reply.metadata.reply_to_message_id
         try:
             self.stats.bytes_received += message_nbytes(reply)
             validate_reply(self.kind, reply.content, self.rules.expected, self.sent_weights, self.sent_arrays)
+            if self.clip.factor:
+                self.norms[key] = update_norm(reply.content[ARRAYS_KEY], self.sent_weights)
         except Exception as err:  # noqa: BLE001 - whatever a reply raises is its client's failure
-            self.rejected[reply.metadata.reply_to_message_id] = f"its reply was rejected: {err}"
+            self.rejected[key] = f"its reply was rejected: {printable(str(err))}"
             return
+        self.claims[key] = (reply.content[CLIENT_KEY][PARTITION_ID_KEY], examples(reply))
         if not self.training:
             return
         if self.mean is None:
             reply.content[ARRAYS_KEY] = to_float32_arrays(reply.content[ARRAYS_KEY])
-        elif self.floor is not None and examples(reply) <= self.floor:
-            self._fold(reply)
+        else:
+            self.held.append(reply)
+            self._fold_unchangeable()
 
-    def _fold(self, reply: Message) -> None:
-        self.mean.add(reply.content[ARRAYS_KEY], examples(reply))
+    def _fold_unchangeable(self) -> None:
+        """Fold every held reply that no way the round can still end would cap or clip."""
+        cap, counts, norms = (
+            self.rules.example_cap,
+            [c for _, c in self.claims.values()],
+            list(self.norms.values()),
+        )
+        still_held = []
+        for reply in self.held:
+            key = reply.metadata.reply_to_message_id
+            if cap.never_capped(self.kind, self.claims[key], counts, self.pending) and (
+                key not in self.norms or self.clip.never_clipped(self.norms[key], norms, self.pending)
+            ):
+                self._fold(reply)
+            else:
+                still_held.append(reply)
+        self.held = still_held
+
+    def _fold(self, reply: Message, scale: float = 1.0) -> None:
+        self.mean.add(reply.content[ARRAYS_KEY], examples(reply), scale, self.sent_weights)
         del reply.content[ARRAYS_KEY]
 
     def finish(self, server_round: int, sent: list[Message], replies: list[Message]) -> list[Message]:
@@ -132,6 +176,7 @@ class RoundReplies:
         stats.bytes_sent += sum(message_nbytes(m) for m in sent)
         good = self._accepted(server_round, sent, replies)
         self._cap_examples(server_round, good)
+        scales = self._clip_updates(server_round, good) if self.training else {}
         if self.kind == MessageType.EVALUATE:
             keep_shared_metrics(server_round, good)
         stats.succeeded[self.kind] = len(good)
@@ -140,7 +185,9 @@ class RoundReplies:
             stats.metrics[self.kind] = dict(
                 aggregate_metricrecords([r.content for r in good], NUM_EXAMPLES_KEY)
             )
-        stats.clients[self.kind] = [client_summary(r) for r in good]
+        stats.clients[self.kind] = [
+            client_summary(r, self.norms.get(r.metadata.reply_to_message_id)) for r in good
+        ]
         if self.training and len(good) < self.rules.min_train_clients:
             raise RoundFailedError(
                 f"Round {server_round}: {len(good)} of {len(sent)} clients trained successfully, fewer "
@@ -148,9 +195,9 @@ class RoundReplies:
             )
         if self.mean is None or not good:
             return good
-        for reply in good:  # the claims held back for the round's cap, now capped
+        for reply in good:  # the replies held back for the round, now capped and clipped
             if ARRAYS_KEY in reply.content.array_records:
-                self._fold(reply)
+                self._fold(reply, scales.get(reply.metadata.reply_to_message_id, 1.0))
         # One reply holding the mean aggregates like all of them (`averaging.averages_replies`).
         metrics = MetricRecord({**stats.metrics[self.kind], NUM_EXAMPLES_KEY: self.mean.total_weight})
         return [Message(RecordDict({ARRAYS_KEY: self.mean.mean(), METRICS_KEY: metrics}), reply_to=sent[0])]
@@ -171,7 +218,7 @@ class RoundReplies:
             node = destination.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
-                fail(node, f"node {node}: {reply.error.reason}")
+                fail(node, f"node {node}: {printable(reply.error.reason)}")
             elif reply.metadata.reply_to_message_id in self.rejected:
                 fail(
                     node,
@@ -191,8 +238,8 @@ class RoundReplies:
         if not good:
             return
         cap = self.rules.example_cap
-        limit = cap.limit(self.kind, [examples(reply) for reply in good])
-        for reply in good:
+        limits = cap.limits(self.kind, [self.claims[r.metadata.reply_to_message_id] for r in good])
+        for reply, limit in zip(good, limits):
             count = examples(reply)
             if count <= limit:
                 continue
@@ -203,6 +250,35 @@ class RoundReplies:
             )
             self.stats.notes.append(note)
             log(WARNING, "%s", note)
+
+    def _clip_updates(self, server_round: int, good: list[Message]) -> dict[str, float]:
+        """The share each kept training reply's update is shortened to (`UpdateClip`), by the id of
+        the message it answers: only those above the round's limit, each logged and noted. Replies
+        the strategy gets whole are clipped in place; held ones are folded clipped by `finish`."""
+        if not self.clip.factor:
+            return {}
+        norms = {r.metadata.reply_to_message_id: self.norms[r.metadata.reply_to_message_id] for r in good}
+        limit = self.clip.limit(list(norms.values()))
+        if limit is None:
+            return {}
+        scales = {}
+        for reply in good:
+            key = reply.metadata.reply_to_message_id
+            if norms[key] <= limit:
+                continue
+            scales[key] = limit / norms[key]
+            if self.mean is None:
+                reply.content[ARRAYS_KEY] = scaled_update(
+                    reply.content[ARRAYS_KEY], self.sent_weights, scales[key]
+                )
+            note = (
+                f"round {server_round} {self.kind}: node {reply.metadata.src_node_id} ({partition_of(reply)}): "
+                f"update norm {norms[key]:.4g} clipped to {limit:.4g} ({self.clip.factor:g}x the round's median "
+                "update norm; --update_clip_factor)"
+            )
+            self.stats.notes.append(note)
+            log(WARNING, "%s", note)
+        return scales
 
 
 def message_nbytes(message: Message) -> int:
@@ -236,7 +312,12 @@ def keep_shared_metrics(server_round: int, replies: list[Message]) -> None:
         log(INFO, "Round %s evaluate: %s not reported by every client", server_round, sorted(dropped))
 
 
-def client_summary(reply: Message) -> dict:
+def client_summary(reply: Message, norm: float | None = None) -> dict:
+    """What the round's record keeps of a kept reply: who sent it, its metrics and, for training
+    with `--update_clip_factor`, the norm of its update as sent (before any clipping)."""
     client = reply.content.config_records.get(CLIENT_KEY, ConfigRecord())
     metrics = next(iter(reply.content.metric_records.values()))
-    return {"node_id": reply.metadata.src_node_id, **dict(client), **dict(metrics)}
+    summary = {"node_id": reply.metadata.src_node_id, **dict(client), **dict(metrics)}
+    if norm is not None:
+        summary["update_norm"] = norm
+    return summary

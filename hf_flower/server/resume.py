@@ -8,18 +8,25 @@ and the history is rebuilt from history.json's records of every complete round u
 round's `metrics.json` where history.json has none (so a crash between saving a round and
 rewriting history.json loses nothing). An adapter round (`--peft lora`) continues the same way:
 its adapter weights are loaded into the run's PEFT model. The round is checked against its
-checksums, and the folder must belong to the same model, adapter setup and labels: all that is
-checked before anything in it is touched. Rounds after the one continued from are moved aside
-(`set_aside_later_rounds`), never deleted.
+checksums, and the folder must belong to the same model, adapter setup and labels, and its
+strategy state to this run (`checked_strategy_state`: moments shaped as the model's trainable
+part and finite, a fixed clipping norm equal to the run's): all that is checked before anything
+in it is touched. Rounds after the one continued from are moved aside (`set_aside_later_rounds`),
+never deleted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
 
 from .. import checkpoint
 from ..checkpoint import OutputDirError
@@ -229,3 +236,127 @@ def load_round_arrays(folder: Path, model):
     else:
         model.load_state_dict(saved)
     return get_weights(model, "float32")
+
+
+# The strategy state's arrays, by attribute: a dict by weight name (FedAdam, FedYogi, FedAdagrad's
+# moments) or a list in the weights' order (FedAvgM's momentum). The second moments are squares.
+MOMENT_DICTS = ("m_t", "v_t")
+NON_NEGATIVE = ("v_t",)
+MOMENT_LISTS = ("momentum_vector",)
+
+
+def checked_strategy_state(folder: Path, federation, shapes: Mapping[str, tuple]) -> tuple[dict, dict] | None:
+    """The strategy state saved in round folder `folder` (`checkpoint.read_strategy_state`), checked
+    against this run before anything restores it; None when the round has none.
+
+    `federation` is the run's `FederationArguments` (its strategy is built afresh to restore into);
+    `shapes` maps the model's trainable weights (what the strategy aggregates) to their shapes.
+    Every moment must name exactly those weights with their shapes and be finite (second moments
+    also >= 0). A clipping norm the run config sets (`clipping_norm` of the fixed-clipping DP
+    strategies) must equal the run's: an edited one would silently change the privacy guarantee;
+    an adaptive one (`initial_clipping_norm`) changes every round and must be finite and > 0.
+    Raises `OutputDirError` naming the file, the value and the fix (`StrategyError` for another
+    strategy).
+    """
+    from .strategies import STATE_ATTRIBUTES, build_strategy, set_strategy_state
+
+    state = checkpoint.read_strategy_state(folder)
+    if state is None:
+        return None
+    where = Path(folder) / checkpoint.STRATEGY_STATE_FILE
+    fresh, restored = build_strategy(federation), build_strategy(federation)
+    try:
+        set_strategy_state(restored, *state)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise OutputDirError(
+            f"--resume: {where} is not the state this version saves ({type(err).__name__}: {err}); it "
+            "was edited or damaged: restore the round, or resume from an earlier one with --resume_from_round"
+        ) from None
+    for prefix, part, ours in _strategy_parts(restored, fresh):
+        for attr in STATE_ATTRIBUTES:
+            if hasattr(part, attr):
+                problem = _state_problem(attr, getattr(part, attr), type(part), getattr(ours, attr), shapes)
+                if problem:
+                    raise OutputDirError(f"--resume: {where}: {prefix}{attr} {problem}")
+    return state
+
+
+def _strategy_parts(restored, fresh) -> list[tuple[str, object, object]]:
+    """The restored strategy and, for a DP wrapper, the one it wraps, beside the run's own."""
+    from flwr.serverapp.strategy import Strategy
+
+    from .strategies import WRAPPED_STRATEGY_KEY
+
+    parts = [("", restored, fresh)]
+    inner = getattr(restored, WRAPPED_STRATEGY_KEY, None)
+    if isinstance(inner, Strategy):
+        parts.append((f"{WRAPPED_STRATEGY_KEY}.", inner, getattr(fresh, WRAPPED_STRATEGY_KEY)))
+    return parts
+
+
+def _state_problem(attr: str, value, cls: type, ours, shapes: Mapping[str, tuple]) -> str | None:
+    """What is wrong with one restored attribute of a strategy of class `cls` (`ours`: the value
+    this run's own strategy starts with), or None."""
+    if value is None:
+        return None
+    if attr in MOMENT_DICTS or attr in MOMENT_LISTS:
+        return _moments_problem(attr, value, shapes)
+    if attr == "clipping_norm":
+        return _clipping_norm_problem(value, cls, ours)
+    return None
+
+
+def _moments_problem(attr: str, value, shapes: Mapping[str, tuple]) -> str | None:
+    """Moments that do not fit the model's trainable weights (names, shapes), or are not finite."""
+    if attr in MOMENT_DICTS:
+        if not isinstance(value, dict) or set(value) != set(shapes):
+            names = sorted(value) if isinstance(value, dict) else []
+            return (
+                f"names {_few(names)}, not the model's trainable weights {_few(sorted(shapes))}: it belongs "
+                "to another model or was edited. Resume with the model the run started with."
+            )
+        arrays = [(name, value[name]) for name in shapes]
+    else:
+        if not isinstance(value, (list, tuple)) or len(value) != len(shapes):
+            count = len(value) if isinstance(value, (list, tuple)) else 0
+            return (
+                f"holds {count} arrays for the model's {len(shapes)} trainable weights: it belongs to "
+                "another model or was edited. Resume with the model the run started with."
+            )
+        arrays = list(zip(shapes, value, strict=True))
+    for name, array in arrays:
+        array = np.asarray(array)
+        if tuple(array.shape) != tuple(shapes[name]):
+            return f"of {name} has shape {tuple(array.shape)}, the model's weight {tuple(shapes[name])}."
+        if not np.issubdtype(array.dtype, np.floating) or not np.isfinite(array).all():
+            return f"of {name} is not finite floating-point numbers: it was edited or damaged."
+        if attr in NON_NEGATIVE and (array < 0).any():
+            return f"of {name} holds negative values, which a second moment never has: it was edited."
+    return None
+
+
+def _clipping_norm_problem(value, cls: type, ours) -> str | None:
+    """A clipping norm that is no positive number, or that differs from the one the run sets."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        return f"is {value!r}; a clipping norm is a finite number > 0: the file was edited."
+    # A constructor argument is the run config's setting (fixed clipping), never state to restore;
+    # the adaptive strategies take `initial_clipping_norm` and move it every round.
+    if "clipping_norm" in inspect.signature(cls.__init__).parameters and value != ours:
+        return (
+            f"is {value!r}, and this run's --strategy_kwargs set clipping_norm {ours!r}. The clipping norm "
+            "bounds what one client can add to the aggregate, so the differential-privacy guarantee "
+            "depends on it: resume with the clipping_norm the run started with, or start a new run to "
+            "use another."
+        )
+    return None
+
+
+def _few(names: list[str], limit: int = 4) -> str:
+    """`names` for a message: the first `limit`, and how many more."""
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return f"[{shown}{f', ... {len(names) - limit} more' if len(names) > limit else ''}]"

@@ -4,8 +4,8 @@ pipeline before the strategy sees it.
 `TrackingGrid` wraps the ServerApp's `Grid` without touching the strategy. For each exchange it
 casts the outgoing weights to `--transfer_dtype`, sends the messages through `transport.exchange`
 (weights by id, packed, polled, expiring with the round) or Flower's own `send_and_receive`, and
-hands each reply to `replies.RoundReplies` (receive -> validate -> cap -> average -> record). It also
-bounds the strategy's wait for clients (`ClientsMissingError`). What it records of a round
+hands each reply to `replies.RoundReplies` (receive -> validate -> cap -> clip -> average ->
+record). It also bounds the strategy's wait for clients (`ClientsMissingError`). What it records of a round
 (`replies.RoundStats`) is what `rounds.py` writes into the run's history.
 """
 

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from .. import checkpoint, hub
+from .. import hub
 from ..arguments import FederationArguments, HubArguments
 from ..arguments.run_config import group_from_run_config
 from ..checkpoint import lock as run_lock
@@ -44,7 +44,8 @@ def main(grid: Grid, context: Context) -> None:
     run_config = dict(context.run_config)
     federation = group_from_run_config(FederationArguments, run_config)
     hub_args = group_from_run_config(HubArguments, run_config)
-    # Under a launcher its lock covers this run; started by `flwr run .`, the run locks the folder.
+    # Under a launcher, this run claims the lease of the launcher's lock (once: a second run sent
+    # to that SuperLink is refused); started by `flwr run .`, it locks the folder itself.
     run_lock.hold_for_process(federation.output_dir)
     partition_counts = check_run(run_config, prepare_output=True)
     ref = trainer_ref(federation, run_config)
@@ -73,10 +74,11 @@ def main(grid: Grid, context: Context) -> None:
     if federation.resume:
         resume_point = resume.find_resume_point(federation.output_dir, federation.resume_from_round)
         resume.check_resumable(resume_point, model, federation.output_dir)
+        shapes = {name: array.shape for name, array in initial_arrays.items()}
+        state = resume.checked_strategy_state(resume_point.folder, federation, shapes)
         # A built-in task's launcher moved them once checked; a user's model is checked here.
         resume.set_aside_later_rounds(federation.output_dir, resume_point.round)
         initial_arrays = resume.load_round_arrays(resume_point.folder, model)
-        state = checkpoint.read_strategy_state(resume_point.folder)
         if state is not None:
             set_strategy_state(strategy, *state)
         log(INFO, "Resuming after round %s from %s", resume_point.round, resume_point.folder)

@@ -11,11 +11,17 @@ this run sends (`client_app._reply`), so Flower's own reply-consistency check
   an integer `partition-id` and, from a long-lived client, the id of the weights it holds;
 - weights (train): the names and shapes of the model's trainable part, exactly the run's
   `--transfer_dtype`, finite, every value within `MAX_WEIGHT_MAGNITUDE`, and with
-  `--max_update_norm`, an update no longer than that;
+  `--max_update_norm`, an update no longer than that. A packed reply's declared layout is compared
+  with the model's before a single tensor of it is built (`wire.check_layout`);
 - metrics: training, exactly the names a client's round driver reports; evaluation, `eval_*` names
-  as a Trainer's `evaluate()` makes them (at most `MAX_EVAL_METRICS`), each a finite number, within
-  `METRIC_RANGES` where a range exists;
-- `num-examples`: a whole number of at least 1. How much it may weigh is `ExampleCap`'s decision.
+  as a Trainer's `evaluate()` makes them (at most `MAX_EVAL_METRICS`), each a finite number within
+  `MAX_METRIC_MAGNITUDE`, and within `METRIC_RANGES` where a range exists;
+- `num-examples`: a whole number of at least 1. How much it may weigh is `ExampleCap`'s decision,
+  how far its update may move the weights `UpdateClip`'s.
+
+What a client says of itself in words (an error reply's reason, or text quoted from a refused
+reply) is logged, shown and stored only through `progress.lines.printable`: bounded, and without
+control characters or terminal escape codes.
 """
 
 from __future__ import annotations
@@ -82,8 +88,14 @@ METRIC_RANGES = {
 # robust strategies (FedMedian, FedTrimmedAvg, Krum) bound what one client can move.
 MAX_WEIGHT_MAGNITUDE = 65504.0
 
-# Automatic example cap of clients with their own data: a reply counts for at most this many
-# times the round's typical (lower median) example count.
+# The largest magnitude a reported metric (`num-examples` included) may have. Honest values sit
+# far below it (a perplexity of 1e30 is a loss of 69), and bounded values keep the examples-weighted
+# means of a round's metrics finite: (1e30 * 1e30) * a million clients is 1e66, far from float64's
+# 1.8e308, where values up to 1.8e308 made those means inf.
+MAX_METRIC_MAGNITUDE = 1e30
+
+# Automatic example cap: a reply counts for at most this many times the round's typical (lower
+# median) example count, unless it reports exactly the size of a partition of the run (`ExampleCap`).
 TYPICAL_COUNT_FACTOR = 2
 
 # At most this many names are quoted when a reply holds unexpected ones.
@@ -104,12 +116,15 @@ class ExpectedReply:
         transfer_dtype: `--transfer_dtype`, the dtype of every floating-point weight on the wire.
         train_metrics: The metrics of a training reply besides `num-examples`, all required.
         max_update_norm: `--max_update_norm` (0: no bound).
+        update_clip_factor: `--update_clip_factor` (0: off); `for_run` takes the run's (3 by
+            default), the class alone bounds nothing.
     """
 
     reference: Mapping[str, torch.Tensor]
     transfer_dtype: str = "float32"
     train_metrics: tuple[str, ...] = TRAIN_METRICS
     max_update_norm: float = 0.0
+    update_clip_factor: float = 0.0
 
     @classmethod
     def for_run(cls, federation: FederationArguments, reference: Mapping[str, torch.Tensor]) -> ExpectedReply:
@@ -122,7 +137,13 @@ class ExpectedReply:
             transfer_dtype=federation.transfer_dtype,
             train_metrics=train_metrics,
             max_update_norm=float(federation.max_update_norm),
+            update_clip_factor=float(federation.update_clip_factor),
         )
+
+    @property
+    def measures_updates(self) -> bool:
+        """Whether a training reply's update norm is needed (a fixed bound or clipping)."""
+        return bool(self.max_update_norm or self.update_clip_factor)
 
 
 def validate_reply(
@@ -178,7 +199,9 @@ def _check_train(
     _check_client(content[CLIENT_KEY])
     _check_metrics(content[METRICS_KEY], set(expected.train_metrics), set(expected.train_metrics))
     if packed:
-        wire.unpack(content, sent_arrays)  # `wire.unpack_arrays` checks the layout before reading a value
+        # The declared layout first, against the model: nothing is built for a layout that cannot fit.
+        wire.check_layout(content, expected.reference, expected.transfer_dtype)
+        wire.unpack(content, sent_arrays)
     validate_arrays(
         content[ARRAYS_KEY],
         expected.reference,
@@ -235,6 +258,10 @@ def _check_metrics(metrics: Mapping, required: set[str], allowed: set[str]) -> N
         value = metrics[name]
         if type(value) not in (int, float) or not math.isfinite(value):
             raise InvalidReplyError(f"its metric {name!r} is {_shorten(repr(value))}, not a finite number")
+        if abs(value) > MAX_METRIC_MAGNITUDE:
+            raise InvalidReplyError(
+                f"its metric {name!r} is {value:.4g}, beyond the {MAX_METRIC_MAGNITUDE:g} accepted"
+            )
         low, high = metric_range(name)
         if not low <= value <= high:
             raise InvalidReplyError(f"its metric {name!r} is {value!r}, outside [{low:g}, {high:g}]")
@@ -268,59 +295,129 @@ class ExampleCap:
     """How many examples a valid reply may count for (`num-examples`), which a client reports itself.
 
     FedAvg and its relatives weigh each reply by its count, so a client claiming 1e12 examples would
-    make its weights the aggregate. A count above the cap is lowered to it (logged, and noted in
+    make its weights the aggregate. A count above its cap is lowered to it (logged, and noted in
     the round's record) before the strategy or the running mean sees it:
 
     - `fixed` (`--max_examples_per_client`): that many, for every client;
-    - automatic (`fixed` 0): when the round's typical client, its lower-median count, fits the run's
-      partitions, the clients serve partitions of the run's data set (simulation, or deployed
-      clients with `--partition_id`) and none honestly reports more than the largest, `known[kind]`
-      (its train split for train replies, its eval split for evaluate replies); otherwise they
-      serve their own data (`--data_path`), of which the server knows nothing, and a reply counts
-      for at most `TYPICAL_COUNT_FACTOR` times the typical one. The lower median is an honest
-      client's count as long as most clients are honest, even with two clients.
+    - automatic (`fixed` 0): no reply counts for more than `TYPICAL_COUNT_FACTOR` times the round's
+      typical count (its lower median: an honest client's count as long as most clients are
+      honest, even with two), with one exception that keeps honest heterogeneous partitions exact:
+      when the typical reply reports exactly the size of the partition it names (`known`: each of
+      the run's partitions' train and eval split), the clients serve the run's partitions, and a
+      reply that reports exactly its partition's size keeps it. Any other reply of such a round is
+      capped at its partition's size too.
 
-    Counts at or below `floor(kind)` are never capped, whatever the round brings: averaging on
-    arrival folds those in at once and holds back only larger claims until the round is in.
+    Why not the largest partition for everyone (the cap before): the server computes its partitions
+    whether or not clients use them, so a `--data_path` client could claim the largest (10,000 rows
+    of a 25,000-row data set over two clients) against an honest client's 200 rows: 98% of FedAvg's
+    weight. Now the typical client decides which rule holds: beside an honest own-data client, the
+    claim counts for at most twice its count, whatever partition it names. A client that names a
+    partition of a partitioned run and its exact size weighs what that partition's client weighs:
+    the operator's own split bounds it.
     """
 
     fixed: int = 0
-    known: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    # kind (train / evaluate) -> partition id -> the count that partition's client reports.
+    known: Mapping[str, Mapping[int, int]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def for_run(cls, max_examples_per_client: int, partition_counts: Sequence[tuple[int, int]]) -> ExampleCap:
         """The cap of a run: `--max_examples_per_client`, or automatic from the (train, eval) counts of
-        each of the run's partitions (`data.client_split_sizes`)."""
+        each of the run's partitions, by partition id (`data.client_split_sizes`)."""
         if max_examples_per_client:
             return cls(fixed=max_examples_per_client)
         known = {}
         if partition_counts:
-            known[MessageType.TRAIN] = max(train for train, _ in partition_counts)
-            known[MessageType.EVALUATE] = max(evaluation for _, evaluation in partition_counts)
+            known[MessageType.TRAIN] = {i: train for i, (train, _) in enumerate(partition_counts)}
+            known[MessageType.EVALUATE] = {
+                i: evaluation for i, (_, evaluation) in enumerate(partition_counts)
+            }
         return cls(known=known)
 
-    def floor(self, kind: str) -> int | None:
-        """The largest count no round's cap goes below (None: unknown before the round's replies)."""
-        return self.fixed or self.known.get(kind)
-
-    def limit(self, kind: str, counts: Sequence[int]) -> int:
-        """The cap of a round whose valid `kind` replies report `counts` (not empty)."""
+    def limits(self, kind: str, claims: Sequence[tuple[int | None, int]]) -> list[int]:
+        """The cap of each of a round's valid `kind` replies, given as (partition id, count) claims."""
         if self.fixed:
-            return self.fixed
-        typical = sorted(counts)[(len(counts) - 1) // 2]
-        known = self.known.get(kind)
-        if known is not None and typical <= known:
-            return known
-        return TYPICAL_COUNT_FACTOR * typical
+            return [self.fixed] * len(claims)
+        sizes = self.known.get(kind, {})
+        exact = [sizes.get(partition) == count for partition, count in claims]
+        # The typical reply: the lower median count; of equal counts, one that is not exact.
+        order = sorted(range(len(claims)), key=lambda i: (claims[i][1], exact[i]))
+        typical = order[(len(claims) - 1) // 2]
+        bound = TYPICAL_COUNT_FACTOR * claims[typical][1]
+        if not exact[typical]:  # clients with their own data: the server knows nothing of them
+            return [bound] * len(claims)
+        return [
+            count if is_exact else min(bound, sizes.get(partition, bound))
+            for (partition, count), is_exact in zip(claims, exact)
+        ]
+
+    def never_capped(
+        self, kind: str, claim: tuple[int | None, int], counts: Sequence[int], pending: int
+    ) -> bool:
+        """Whether `claim` stays uncapped whatever the round still brings: `counts` are the round's
+        valid counts so far (`claim`'s included), `pending` the replies still to come. What averaging
+        on arrival folds in at once; other claims wait for the round."""
+        partition, count = claim
+        if self.fixed:
+            return count <= self.fixed
+        size = self.known.get(kind, {}).get(partition)
+        if size is not None and count > size:
+            return False
+        least_typical = lower_median_floor(counts, pending)
+        return least_typical is not None and count <= TYPICAL_COUNT_FACTOR * least_typical
 
     def describe(self, kind: str) -> str:
         """Where the cap comes from, for the log and the round's notes."""
         if self.fixed:
             return "--max_examples_per_client"
         return (
-            f"automatic: the largest partition's {'train' if kind == MessageType.TRAIN else 'eval'} split, "
-            f"or {TYPICAL_COUNT_FACTOR}x the round's median count; set --max_examples_per_client to choose"
+            f"automatic: {TYPICAL_COUNT_FACTOR}x the round's median count, or exactly the named partition's "
+            f"{'train' if kind == MessageType.TRAIN else 'eval'} split; set --max_examples_per_client to choose"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class UpdateClip:
+    """How far a valid training reply may move the weights: `--update_clip_factor`.
+
+    Every update (a reply's weights less those it was sent) longer than `factor` times the round's
+    typical update norm (the lower median over its valid training replies) is scaled down to that
+    length, in its own direction; it is not refused, so an honest client that trained more than the
+    others still counts. Norm clipping (Sun et al. 2019, "Can You Really Backdoor Federated
+    Learning?") bounds what one client can move the aggregate by to `factor` honest updates, where
+    FedAvg alone moves it by the client's share of anything up to `MAX_WEIGHT_MAGNITUDE`. The
+    typical norm comes from the round itself, so it follows the learning rate and model without
+    a setting. The factor, 3, was measured on the quickstart (`benchmarks/update_bound.py`):
+    honest IID updates differ by far less than 3x, so honest rounds are averaged unchanged.
+    """
+
+    factor: float = 0.0
+
+    def limit(self, norms: Sequence[float]) -> float | None:
+        """The longest update of a round whose valid training replies have `norms` (None: off)."""
+        if not self.factor or not norms:
+            return None
+        return self.factor * sorted(norms)[(len(norms) - 1) // 2]
+
+    def never_clipped(self, norm: float, norms: Sequence[float], pending: int) -> bool:
+        """Whether an update of `norm` stays unclipped whatever the round still brings (`norms`: the
+        round's so far, this one's included; `pending`: replies still to come)."""
+        if not self.factor:
+            return True
+        least_typical = lower_median_floor(norms, pending)
+        return least_typical is not None and norm <= self.factor * least_typical
+
+
+def lower_median_floor(values: Sequence[float], pending: int) -> float | None:
+    """The least the lower median of `values` can become once up to `pending` more values, each as
+    small as can be, are added (None: no bound yet, any of the pending ones may become it).
+
+    With j more values below all of `values`, the lower median of the k + j is `values`' sorted
+    element (k + j - 1) // 2 - j, which falls as j grows: the bound is the one for j = `pending`.
+    Replies that fail or never come only raise it, so it holds for every way a round can end.
+    """
+    index = (len(values) + pending - 1) // 2 - pending
+    return sorted(values)[index] if index >= 0 and values else None
 
 
 def _names(names) -> str:

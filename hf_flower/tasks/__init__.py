@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..arguments import FederationArguments, RunArguments
+    from ..arguments import DataArguments, FederationArguments, RunArguments
     from ..context import TrainerContext
 
 # --task name -> module of this package that defines `make_trainer` and `TASK`.
@@ -88,7 +88,7 @@ def run_arguments(context: TrainerContext) -> RunArguments:
     """A built-in task's settings. Given to the factory as `context.config` (flag names and values,
     as in a YAML config: `simulate(make_trainer, trainer_config={...})` from Python), or else from the
     run config (the command line's). On a client, the run config is the server's, so the client's
-    own policy checks it first (`arguments.policy`)."""
+    own policy checks it first and puts its own columns in (`arguments.policy`)."""
     from ..arguments import (
         TASK_GROUPS,
         FederationArguments,
@@ -102,8 +102,13 @@ def run_arguments(context: TrainerContext) -> RunArguments:
 
     run_config = dict(context.run_config)
     if not context.config:
-        policy = ClientPolicy.from_env().check if context.is_client else None
-        return resolve(from_run_config(run_config, policy=policy))
+        if not context.is_client:
+            return resolve(from_run_config(run_config))
+        policy = ClientPolicy.from_env()
+        run_args = resolve(from_run_config(run_config, policy=policy.check))
+        task = get_task(run_args.model.task)
+        # A client with its own file never reads the run's data set.
+        return policy.restrict(run_args, task.data_columns, reads_dataset=context.data_path is None)
     model, data, training, peft = groups_from_dict(context.config, TASK_GROUPS, "the task's trainer_config")
     federation = group_from_run_config(FederationArguments, run_config)
     hub_args = group_from_run_config(HubArguments, run_config)
@@ -128,6 +133,11 @@ class Task:
 
     def check_args(self, run_args: RunArguments) -> None:
         """Refuse settings that belong to another task, naming the flag."""
+
+    def data_columns(self, data_args: DataArguments) -> dict[str, str]:
+        """The column settings this task reads with `data_args`, by name (`{"text_column": "text"}`):
+        what a client that pins its columns must have pinned."""
+        raise NotImplementedError
 
     def label_names(self, run_args: RunArguments) -> list[str] | None:
         """The classes of the run, read from the server's data (None: a task without classes)."""

@@ -18,7 +18,7 @@ from .. import data as data_lib
 from ..context import TrainerContext
 from ..modeling import load_causal_lm, load_causal_lm_config, load_tokenizer, skeleton
 from . import Task, run_arguments, scratch_dir
-from .sft_data import check_sft_columns, check_sft_tokenizer, load_sft_splits, sft_format
+from .sft_data import check_sft_columns, check_sft_tokenizer, load_sft_splits, sft_columns, sft_format
 from .sft_metrics import exact_match, generate_completions, label_accuracy, perplexity
 from .sft_tokens import generation_prompts, sft_collator, tokenize_sft
 
@@ -149,6 +149,9 @@ class CausalLM(Task):
                 f"--eval_max_new_tokens must be at least 1, got {run_args.data.eval_max_new_tokens}."
             )
         sft_format(run_args.data)
+
+    def data_columns(self, data_args) -> dict[str, str]:
+        return {flag.removeprefix("--"): column for flag, column in sft_columns(data_args).items()}
 
     def check_run(self, run_args, label_names) -> None:
         load_causal_lm_config(run_args.model)

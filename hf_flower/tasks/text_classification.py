@@ -86,6 +86,10 @@ class TextClassification(Task):
                 "whose models are small enough to train in full precision. Drop --load_in_4bit."
             )
 
+    def data_columns(self, data_args) -> dict[str, str]:
+        names = ("text_column", "text_pair_column", "label_column")
+        return {name: getattr(data_args, name) for name in names if getattr(data_args, name) is not None}
+
     def label_names(self, run_args) -> list[str]:
         return data_lib.load_label_names(run_args.data)
 

@@ -43,15 +43,27 @@ class RunningMean:
         self._sums: dict[str, torch.Tensor] | None = None
         self.total_weight = 0.0
 
-    def add(self, arrays: Mapping[str, Array], weight: float) -> None:
+    def add(
+        self,
+        arrays: Mapping[str, Array],
+        weight: float,
+        scale: float = 1.0,
+        start: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Fold in `arrays` with `weight`; with `scale` < 1, their update from `start` (the weights
+        sent) shortened to that share first: `start + scale * (arrays - start)`, the clipped reply."""
         with readonly_views():
             views = {name: decode_view(name, array) for name, array in arrays.items()}
-        # In place and straight from the reply's bytes: no float64 copy of each reply.
         if self._sums is None:
-            self._sums = {name: view.double().mul_(weight) for name, view in views.items()}
-        else:
-            for name, view in views.items():
+            self._sums = {name: torch.zeros(view.shape, dtype=torch.float64) for name, view in views.items()}
+        # In place and straight from the reply's bytes: no float64 copy of each reply.
+        for name, view in views.items():
+            if scale == 1.0 or not view.dtype.is_floating_point:
                 self._sums[name].add_(view, alpha=weight)
+            else:
+                self._sums[name].add_(view, alpha=weight * scale).add_(
+                    start[name], alpha=weight * (1 - scale)
+                )
         self.total_weight += weight
 
     def mean(self) -> ArrayRecord:
@@ -59,3 +71,21 @@ class RunningMean:
         if self._sums is None or self.total_weight <= 0:
             raise ValueError("RunningMean.mean() needs at least one record with a positive weight.")
         return state_dict_to_arrays({k: (s / self.total_weight).float() for k, s in self._sums.items()})
+
+
+def scaled_update(
+    arrays: Mapping[str, Array], start: Mapping[str, torch.Tensor], scale: float
+) -> ArrayRecord:
+    """`start + scale * (arrays - start)` in float32: a reply whose update from `start` (the weights
+    it was sent) is shortened to `scale` of its length (`validation.UpdateClip`). Tensors that are
+    not floating point pass through."""
+    out = {}
+    with readonly_views():
+        for name, array in arrays.items():
+            view = decode_view(name, array)
+            if view.dtype.is_floating_point:
+                base = start[name].float()
+                out[name] = base + scale * (view.float() - base)
+            else:
+                out[name] = view.clone()
+    return state_dict_to_arrays(out)

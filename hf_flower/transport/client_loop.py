@@ -9,6 +9,10 @@ the tokenised data loaded across rounds. Around the app (`serve`), received weig
 (`wire`) or filled in from those the client holds (`HeldWeights`), and the reply is packed and
 says which weights the client holds. Starting the SuperNode and the other ranks is
 `launch/client.py`'s job.
+
+As `flwr-clientapp` does, the loop answers whatever it cannot handle with an error reply (the
+caller's `fail`: a message it cannot read, one the app raises on) and keeps serving: no message
+ends the client. A task that fails before it has a message to answer is logged and skipped.
 """
 
 from __future__ import annotations
@@ -48,6 +52,12 @@ logger = logging.getLogger(__name__)
 
 # What runs one message: `run(message, context)` returns the reply.
 RunMessage = Callable[[Message, Context], Message]
+# The error reply to a message that failed: `fail(message, context, error)`.
+FailMessage = Callable[[Message, Context, Exception], Message]
+
+
+class UnreadableWeightsError(ValueError):
+    """The weights of a message cannot be unpacked: its packed layout is not one `wire.pack` writes."""
 
 
 class HeldWeights:
@@ -101,7 +111,9 @@ def _runtime_client(
     )
 
 
-def handle_task(runtime_address: str, token: str, held: HeldWeights, run: RunMessage) -> None:
+def handle_task(
+    runtime_address: str, token: str, held: HeldWeights, run: RunMessage, fail: FailMessage | None = None
+) -> None:
     """Run the ClientApp for one task, as `flwr-clientapp` would, in this process."""
     task_client = _runtime_client(runtime_address, "flwr-clientapp", token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(task_client))
@@ -110,7 +122,7 @@ def handle_task(runtime_address: str, token: str, held: HeldWeights, run: RunMes
     status, details = SubStatus.FAILED, "hf-flower client failed"
     try:
         message, context, _, _ = pull_task_input(task_client)
-        reply = serve(message, context, held, run)
+        reply = serve(message, context, held, run, fail)
         push_message(task_client, reply, context)
         status, details = SubStatus.COMPLETED, ""
     finally:
@@ -119,38 +131,51 @@ def handle_task(runtime_address: str, token: str, held: HeldWeights, run: RunMes
         task_client.close()
 
 
-def serve(message: Message, context: Context, held: HeldWeights, run: RunMessage) -> Message:
+def serve(
+    message: Message, context: Context, held: HeldWeights, run: RunMessage, fail: FailMessage | None = None
+) -> Message:
     """One message as this client handles it: its weights unpacked (`wire`, rows completed from
     the weights `held`) or filled in from `held`, `run(message, context)`, and the reply packed
-    (against the weights held) and announcing the weights held."""
+    (against the weights held) and announcing the weights held.
+
+    With `fail`, whatever raises is answered with `fail(message, context, error)` (weights that
+    cannot be unpacked as an `UnreadableWeightsError`); without, it raises."""
     try:
-        if message.has_content():
-            wire.unpack(message.content, held.bases())
-        holds_them = held.complete(message)
-    except wire.BaseNotHeldError:
-        holds_them = False
-    if not holds_them:
-        reason = "this client no longer holds the weights the server named; send them in full"
-        return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
-    reply = run(message, context)
-    if reply.has_content():
-        # Rows of the weights that training left as they were stay out (`wire.pack_arrays`).
-        wire.pack(reply.content, base_id=held.arrays_id, base=held.arrays)
-    held.announce(reply)
-    return reply
+        try:
+            if message.has_content():
+                wire.unpack(message.content, held.bases())
+            holds_them = held.complete(message)
+        except wire.BaseNotHeldError:
+            holds_them = False
+        except Exception as err:
+            raise UnreadableWeightsError(f"the message's weights cannot be unpacked: {err}") from err
+        if not holds_them:
+            reason = "this client no longer holds the weights the server named; send them in full"
+            return Message(Error(code=ARRAYS_NOT_HELD_CODE, reason=reason), reply_to=message)
+        reply = run(message, context)
+        if reply.has_content():
+            # Rows of the weights that training left as they were stay out (`wire.pack_arrays`).
+            wire.pack(reply.content, base_id=held.arrays_id, base=held.arrays)
+        held.announce(reply)
+        return reply
+    except Exception as err:
+        if fail is None:
+            raise
+        return fail(message, context, err)
 
 
 def serve_tasks(
     runtime_address: str,
     run: RunMessage,
+    fail: FailMessage,
     keep_going: Callable[[], bool],
     poll_interval: float,
     poll_retry_seconds: float,
     on_idle: Callable[[], None],
     idle_seconds: float,
 ) -> None:
-    """Ask the SuperNode at `runtime_address` for tasks and handle each with `run`, while
-    `keep_going()`; `on_idle()` every `idle_seconds` without a task."""
+    """Ask the SuperNode at `runtime_address` for tasks and handle each with `run` (failures
+    answered by `fail`), while `keep_going()`; `on_idle()` every `idle_seconds` without a task."""
     # Bounded retries, so the loop keeps checking whether it should keep going.
     poller = _runtime_client(runtime_address, "SuperExec", max_time=poll_retry_seconds)
     # A task is announced before its SuperNode has its weights: pull them as they arrive.
@@ -168,7 +193,10 @@ def serve_tasks(
             time.sleep(poll_interval)
             continue
         if response.HasField("task") and response.token:
-            handle_task(runtime_address, response.token, held, run)
+            try:
+                handle_task(runtime_address, response.token, held, run, fail)
+            except Exception:  # noqa: BLE001 - no message to answer (pulling or pushing it failed)
+                logger.exception("A task failed before its reply reached the SuperNode; serving the next.")
             last_job = time.monotonic()
         else:
             time.sleep(poll_interval)

@@ -6,7 +6,8 @@ What replaces Flower's `Grid.send_and_receive` for `round_grid.TrackingGrid`:
   `client_loop.HeldWeights`) keeps the last weights it received and says so in its reply, and
   the next message to it that carries the same weights (the evaluate message of round N and the
   train message of round N+1 both carry aggregate N) names them by id instead. A node that no
-  longer holds them answers `ARRAYS_NOT_HELD_CODE` and gets the full message at once;
+  longer holds them answers `ARRAYS_NOT_HELD_CODE` and gets the full message at once (once: the
+  same answer to a full message is that node's failure);
 - weights that do travel to such a client go as one flat array (`wire.pack`), far fewer objects
   for Flower to move, packed once per aggregate; rows of the new aggregate that equal the one the
   client holds stay out (`wire.pack_arrays`), and a client that does not hold it says so (below);
@@ -73,7 +74,9 @@ class Exchange:
 
         Returns the messages as sent and the replies; `receive(reply)` sees each as it arrives.
         A node that answers it no longer holds the weights it was sent by id gets them in full at
-        once. (Flower's own `send_and_receive`
+        once, and only once: the same answer to weights sent in full is that node's failure, not
+        another resend (a node that always answered so got the full weights every 0.2 s until the
+        deadline). (Flower's own `send_and_receive`
         sleeps 3 s between pulls: on average 1.5 s lost twice a round.)
         """
         # A reply is listed before its sender has pushed its weights: pull them as they arrive
@@ -81,6 +84,7 @@ class Exchange:
         retry_object_pulls_sooner("serverapp")
         sent: dict[str, Message] = {}
         originals: dict[str, Message] = {}
+        in_full: set[str] = set()  # ids of messages resent with their weights in full
 
         def push(batch: list[Message], by_reference: bool) -> None:
             outgoing = [self._outgoing(m, by_reference) for m in batch]
@@ -89,6 +93,8 @@ class Exchange:
             for message_id, message, original in zip(self._grid.push_messages(outgoing), outgoing, batch):
                 if message_id:
                     sent[message_id], originals[message_id] = message, original
+                    if not by_reference:
+                        in_full.add(message_id)
 
         push(messages, by_reference=True)
         pending = set(sent)
@@ -98,7 +104,7 @@ class Exchange:
             for reply in self._grid.pull_messages(pending):
                 answered = reply.metadata.reply_to_message_id
                 pending.discard(answered)
-                if _is_not_held(reply):
+                if _is_not_held(reply) and answered not in in_full:
                     del sent[answered]
                     resend.append(originals[answered])
                 else:

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from pathlib import Path
 
-import tomli_w
+from hf_flower.launch.app import write_app_with
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -50,29 +49,7 @@ DESCRIPTIONS = {
 
 def make_app(folder: Path, run_config: dict, plan: dict) -> Path:
     """A Flower app folder: hf-flower's ServerApp, this benchmark's ClientApp, the run's config."""
-    app_dir = folder / "app"
-    if app_dir.exists():
-        shutil.rmtree(app_dir)
-    app_dir.mkdir(parents=True)
-    shutil.copy(APP, app_dir / APP.name)
-    (app_dir / "plan.json").write_text(json.dumps(plan))
-    pyproject = {
-        "project": {"name": "hf-flower-update-bound", "version": "1.0.0"},
-        "tool": {
-            "flwr": {
-                "app": {
-                    "publisher": "hf-flower",
-                    "components": {
-                        "serverapp": "hf_flower.server.server_app:app",
-                        "clientapp": f"{APP.stem}:app",
-                    },
-                    "config": run_config,
-                }
-            }
-        },
-    }
-    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
-    return app_dir
+    return write_app_with(folder / "app", run_config, {"clientapp": APP}, {"plan.json": json.dumps(plan)})
 
 
 def run(name: str, args) -> dict:

@@ -8,7 +8,6 @@ did not allow. The ServerApp writes every reply it got; the tests read them.
 """
 
 import json
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import pytest
 import tomli_w
 from conftest import processes_of, run_config_of
 
+from hf_flower.launch.app import write_app_with
 from hf_flower.launch.client import FAILURES_LOG
 from hf_flower.launch.flower import CONNECTION, flower_env, flower_executable, write_connection
 from hf_flower.launch.processes import ManagedProcess, free_port
@@ -68,26 +68,7 @@ def honest_weights(run_config: dict, path: Path) -> list[str]:
 
 
 def write_app(tmp: Path, run_config: dict) -> Path:
-    app_dir = tmp / "hostile-app"
-    app_dir.mkdir()
-    shutil.copyfile(APP, app_dir / "hostile_server_app.py")
-    pyproject = {
-        "project": {"name": "hostile", "version": "1.0.0"},
-        "tool": {
-            "flwr": {
-                "app": {
-                    "publisher": "eve",
-                    "components": {
-                        "serverapp": "hostile_server_app:app",
-                        "clientapp": "hf_flower.client.client_app:app",
-                    },
-                    "config": run_config,
-                }
-            }
-        },
-    }
-    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
-    return app_dir
+    return write_app_with(tmp / "hostile-app", run_config, {"serverapp": APP})
 
 
 def wait_until_done(path: Path, superlink: ManagedProcess, client: ManagedProcess, timeout: float) -> dict:

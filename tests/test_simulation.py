@@ -6,12 +6,10 @@ mods of `flower_test_app.py`, runs it with `run_simulation`, and checks what was
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tomli_w
 from conftest import run_config_of, tiny_run_flags, trainer_for
 from huggingface_hub import ModelCard
 from safetensors import safe_open
@@ -19,6 +17,7 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForSequenceClassification
 
 from hf_flower import checkpoint
+from hf_flower.launch.app import write_app_with
 from hf_flower.launch.plan import RunPlan
 from hf_flower.launch.simulation import run_simulation
 
@@ -28,27 +27,9 @@ TEST_APP = Path(__file__).with_name("flower_test_app.py")
 
 def make_app(tmp_path: Path, run_config: dict, plan: dict) -> Path:
     """A Flower app folder: our ServerApp, the recording ClientApp, and this run's config."""
-    app_dir = tmp_path / "app"
-    app_dir.mkdir()
-    shutil.copy(TEST_APP, app_dir / TEST_APP.name)
-    (app_dir / "plan.json").write_text(json.dumps(plan))
-    pyproject = {
-        "project": {"name": "hf-flower-test-app", "version": "1.0.0"},
-        "tool": {
-            "flwr": {
-                "app": {
-                    "publisher": "hf-flower",
-                    "components": {
-                        "serverapp": "hf_flower.server.server_app:app",
-                        "clientapp": f"{TEST_APP.stem}:app",
-                    },
-                    "config": run_config,
-                }
-            }
-        },
-    }
-    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
-    return app_dir
+    return write_app_with(
+        tmp_path / "app", run_config, {"clientapp": TEST_APP}, {"plan.json": json.dumps(plan)}
+    )
 
 
 def tiny_run_config(tmp_path, tiny_model_dir, reviews_csv, *flags) -> dict:

@@ -80,3 +80,34 @@ def write_app_dir(parent: Path, run_config: dict[str, Any]) -> Path:
         shutil.copyfile(path, target)
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(run_config)))
     return app_dir
+
+
+def write_app_with(
+    app_dir: Path, run_config: dict[str, Any], modules: dict[str, Path], files: dict[str, str] | None = None
+) -> Path:
+    """Write a Flower app folder at `app_dir` whose components are ours except those `modules` names
+    by role (`"serverapp"`, `"clientapp"`: a module file whose `app` takes that role, copied in), for
+    tests and benchmarks that wrap or replace one side (a recording ClientApp, a hostile
+    ServerApp). `files`: further files written beside them by name (their plan). The installed
+    `hf_flower` serves the rest: no copy of the package goes in."""
+    if app_dir.exists():
+        shutil.rmtree(app_dir)
+    app_dir.mkdir(parents=True)
+    components = dict(COMPONENTS)
+    for role, module in modules.items():
+        shutil.copyfile(module, app_dir / module.name)
+        components[role] = f"{module.stem}:app"
+    for name, text in (files or {}).items():
+        (app_dir / name).write_text(text)
+    pyproject = {
+        # Flower's app names: a letter, then letters, digits and hyphens, 32 at most.
+        "project": {
+            "name": f"{PUBLISHER}-{'-'.join(modules)}",
+            "version": "1.0.0",
+        },
+        "tool": {
+            "flwr": {"app": {"publisher": PUBLISHER, "components": components, "config": dict(run_config)}}
+        },
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return app_dir

@@ -93,6 +93,14 @@ def _session_members(session: int) -> list[psutil.Process]:
     return members
 
 
+def _signal_all(processes: list[psutil.Process], signum: int) -> None:
+    for proc in processes:
+        try:
+            proc.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
+
+
 class ManagedProcess:
     """A `subprocess.Popen` in a new session whose whole process tree is stopped on exit.
 
@@ -167,25 +175,13 @@ class ManagedProcess:
                 os.killpg(self.process.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for proc in tree:
-            try:
-                proc.terminate()
-            except psutil.NoSuchProcess:
-                pass
+        _signal_all(tree, signal.SIGTERM)
         _, alive = psutil.wait_procs(tree, timeout=grace)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _signal_all(alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=5)
-        # Started during the grace by a process that was being stopped: killed at once.
+        # Started meanwhile by a process that was being stopped: killed at once.
         late = _session_members(session)
-        for proc in late:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _signal_all(late, signal.SIGKILL)
         psutil.wait_procs(late, timeout=5)
         try:
             self.process.wait(timeout=5)

@@ -1,4 +1,4 @@
-"""`ManagedProcess.stop` stops the whole session it started, orphans included."""
+"""`ManagedProcess.stop` stops every process it started, orphans in other sessions included."""
 
 import sys
 import time
@@ -11,13 +11,14 @@ from hf_flower.launch.processes import ManagedProcess
 
 def test_stop_kills_a_descendant_whose_parent_already_left(tmp_path, no_leftover_processes):
     """The CI failure of issue 21's last run: Ray's agents, started by a raylet while it was being
-    stopped, were re-parented to init, out of the process tree, and outlived the launcher. A process
-    that leaves its parent stays in the session, and the session is what `stop` ends."""
+    stopped, were re-parented to init, out of the process tree, and outlived the launcher; they ran
+    in the session of Flower's SuperExec, which starts one of its own. What a process starts
+    inherits its environment, wherever it goes, and `stop` ends what carries its marker."""
     marker = tmp_path / "orphan"
-    # As Ray's driver does, the middle process leads a new process group (out of reach of a killpg
-    # of the session leader's group), starts a sleep and exits: the sleep is an orphan.
+    # As Flower's SuperExec does, the middle process leads a new session (out of reach of a killpg
+    # of the child's group), starts a sleep and exits: the sleep is an orphan in another session.
     middle = (
-        "import os, subprocess; os.setpgrp(); "
+        "import os, subprocess; os.setsid(); "
         f"subprocess.Popen(['bash', '-c', 'exec -a {marker} sleep 300']); os._exit(0)"
     )
     script = f'{sys.executable} -c "{middle}"; exec sleep 300'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -79,16 +80,15 @@ def port_is_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def _session_members(session: int) -> list[psutil.Process]:
-    """Every live (not zombie) process whose session id is `session`, wherever its parent went."""
+def _marked(marker: str) -> list[psutil.Process]:
+    """Every live (not zombie) process whose environment holds `marker`, wherever its parent went
+    and whatever session or group it moved to."""
     members = []
-    for pid in psutil.pids():
+    for proc in psutil.process_iter():
         try:
-            if pid != os.getpid() and os.getsid(pid) == session:
-                proc = psutil.Process(pid)
-                if proc.status() != psutil.STATUS_ZOMBIE:  # already dead, its parent reaps it
-                    members.append(proc)
-        except (ProcessLookupError, PermissionError, psutil.NoSuchProcess):
+            if proc.pid != os.getpid() and proc.status() != psutil.STATUS_ZOMBIE and marker in proc.environ():
+                members.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return members
 
@@ -115,6 +115,9 @@ class ManagedProcess:
         self.env = env
         self.cwd = cwd
         self.process: subprocess.Popen | None = None
+        # In the environment of the child and everything it starts (inherited), so `stop` finds
+        # them all; one name per tree, so the markers of nested trees add up.
+        self.marker = f"HF_FLOWER_PROCESS_TREE_{secrets.token_hex(8)}"
 
     def __enter__(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +127,7 @@ class ManagedProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=self.env,
+            env={**(os.environ if self.env is None else self.env), self.marker: "1"},
             cwd=self.cwd,
             start_new_session=True,
             preexec_fn=_die_with_parent,
@@ -157,19 +160,20 @@ class ManagedProcess:
     def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """SIGTERM the process tree, wait up to `grace` seconds, then SIGKILL what is left.
 
-        The tree is the child's descendants plus every process in its session: a process whose
-        parent died is re-parented out of the tree but stays in the session (Ray's raylet may
-        start its agents while it is being stopped, and they then wait a minute for a dead GCS).
+        The tree is the child's descendants plus every process that inherited its environment
+        marker: Flower's SuperLink starts its SuperExec in a session of its own, Ray's driver leads a
+        process group of its own, and a process whose parent died is re-parented out of the tree
+        (Ray's raylet may start its agents while it is being stopped; they then wait a minute for a
+        dead GCS).
         """
         if self.process is None:
             return
-        session = self.process.pid  # start_new_session: the child leads its own session
         try:
             tree = [psutil.Process(self.process.pid)]
             tree += tree[0].children(recursive=True)
         except psutil.NoSuchProcess:
             tree = []
-        tree += [proc for proc in _session_members(session) if proc not in tree]
+        tree += [proc for proc in _marked(self.marker) if proc not in tree]
         if self.process.poll() is None:
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -180,7 +184,7 @@ class ManagedProcess:
         _signal_all(alive, signal.SIGKILL)
         psutil.wait_procs(alive, timeout=5)
         # Started meanwhile by a process that was being stopped: killed at once.
-        late = _session_members(session)
+        late = _marked(self.marker)
         _signal_all(late, signal.SIGKILL)
         psutil.wait_procs(late, timeout=5)
         try:

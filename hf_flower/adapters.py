@@ -143,6 +143,24 @@ def find_modules(
     return found
 
 
+def prepare_gradient_checkpointing(model: torch.nn.Module, training_args) -> None:
+    """Let `--gradient_checkpointing` train a model whose input embeddings are frozen: LoRA adapters
+    (peft freezes the base), a QLoRA base, or `--freeze_modules` that include the embeddings.
+
+    A checkpointed layer is recomputed in the backward pass from its saved inputs, and reentrant
+    checkpointing (`--gradient_checkpointing_kwargs '{"use_reentrant": true}'`) gives its weights
+    gradients only when one of those inputs requires a gradient. Frozen embeddings output none: the
+    backward pass fails ("element 0 of tensors does not require grad"), or, when something outside
+    the checkpointed layers trains (`--modules_to_save`), the adapters silently get no gradient.
+    The embeddings' output is made to require a gradient here, as TRL's `SFTTrainer` does: the
+    Trainer does it too when it turns checkpointing on in transformers 5.24, not in the versions
+    affected by huggingface/transformers#42489 (reported on 5.0), which hf-flower also supports.
+    """
+    checkpointing = getattr(training_args, "gradient_checkpointing", False)
+    if checkpointing and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
 def is_adapter_model(model: torch.nn.Module) -> bool:
     """Whether ``model`` is a PEFT model (its rounds are saved as adapter folders)."""
     return hasattr(model, "peft_config")

@@ -103,13 +103,15 @@ def load_model(
 
 
 def load_causal_lm(
-    model_args: ModelArguments, peft_args: PeftArguments, quantize: bool = False
+    model_args: ModelArguments, peft_args: PeftArguments, quantize: bool = False, training_args=None
 ) -> PreTrainedModel:
     """A causal language model ready to train, with `--peft` (LoRA by default for this task) and
     `--freeze_modules` applied. An encoder-only model is refused with the fix.
 
     With `quantize` and `--load_in_4bit` (a client's copy), the base is loaded in 4 bits and
-    prepared for k-bit training before the adapters are added (QLoRA).
+    prepared for k-bit training before the adapters are added (QLoRA). With `--gradient_checkpointing`
+    in `training_args` (its `TrainingArguments`), the adapters train through checkpointed layers
+    (`adapters.prepare_gradient_checkpointing`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -128,8 +130,28 @@ def load_causal_lm(
     if quantization:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return adapters.prepare_trainable(model, model_args, peft_args, peft_task_type="CAUSAL_LM")
+        model = prepare_model_for_kbit_training(model, **kbit_training_kwargs(training_args))
+    model = adapters.prepare_trainable(model, model_args, peft_args, peft_task_type="CAUSAL_LM")
+    adapters.prepare_gradient_checkpointing(model, training_args)
+    return model
+
+
+def kbit_training_kwargs(training_args=None) -> dict:
+    """`peft.prepare_model_for_kbit_training`'s checkpointing arguments: on exactly when the run's
+    `TrainingArguments` ask for it (`--gradient_checkpointing`, with its kwargs), as TRL does;
+    peft's own default would turn it on for every QLoRA run."""
+    import inspect
+
+    from peft import prepare_model_for_kbit_training
+
+    enabled = bool(getattr(training_args, "gradient_checkpointing", False))
+    kwargs = getattr(training_args, "gradient_checkpointing_kwargs", None) if enabled else None
+    # peft 0.22 follows transformers' rename of gradient to activation checkpointing.
+    parameters = inspect.signature(prepare_model_for_kbit_training).parameters
+    name = next(
+        n for n in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs") if n in parameters
+    )
+    return {"use_gradient_checkpointing": enabled, name: kwargs}
 
 
 def check_4bit_support(model_args: ModelArguments) -> None:

@@ -64,6 +64,7 @@ def test_client_trains_lora_and_scores_generated_answers(tmp_path, tiny_chat_mod
         (["--completion_column", ""], "completion"),
         (["--load_in_4bit", "--peft", "none"], "Use --peft lora (or auto), not --peft none"),
         (["--load_in_4bit"], "needs a CUDA GPU, and this machine has none. Drop --load_in_4bit"),
+        (["--max_generate_samples", "-1"], "--max_generate_samples must be 0 (no generation) or more"),
     ],
 )
 def test_settings_of_the_other_task_are_refused(

@@ -3,6 +3,7 @@ the collator, generation and the answer metrics, on a tiny Llama with a word-lev
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,9 +261,29 @@ def test_truncation_cuts_the_start_of_a_long_prompt(tokenizer):
 def test_truncation_of_a_completion_longer_than_max_length(tokenizer):
     rows = Dataset.from_dict({"prompt": ["sentiment :"], "completion": [" good" * 20]})
     row = tokenize_sft(rows, tokenizer, plain_pc(max_length=6))[0]
-    # The last prompt token, then the start of the completion.
-    assert row["input_ids"] == ids_of(tokenizer, ":") + ids_of(tokenizer, "good") * 5
+    # BOS, then the start of the completion.
+    assert row["input_ids"] == [tokenizer.bos_token_id] + ids_of(tokenizer, "good") * 5
     assert row["labels"] == [IGNORE_INDEX] + ids_of(tokenizer, "good") * 5
+
+
+def test_truncation_keeps_bos_the_system_header_and_the_completion(tokenizer):
+    """The middle of a long prompt is cut: BOS (or the system prompt and headers of chat data) and
+    the end of the prompt with the whole completion are kept."""
+    plain = Dataset.from_dict({"prompt": ["the movie " * 20 + "sentiment :"], "completion": [" positive"]})
+    row = tokenize_sft(plain, tokenizer, plain_pc(max_length=5))[0]
+    assert row["input_ids"] == [tokenizer.bos_token_id] + ids_of(tokenizer, "sentiment : positive <|im_end|>")
+    assert trained(row) == ids_of(tokenizer, "positive <|im_end|>")
+
+    system = {"role": "system", "content": "you are a critic"}
+    chat = Dataset.from_list(
+        [{"prompt": [system, user("the movie " * 20 + "was good")], "completion": "positive"}]
+    )
+    row = tokenize_sft(chat, tokenizer, plain_pc(max_length=18))[0]
+    assert tokenizer.decode(row["input_ids"]) == (
+        "<|im_start|> system you are a critic <|im_end|> <|im_start|> user "
+        "the movie was good <|im_end|> <|im_start|> assistant positive <|im_end|>"
+    )
+    assert trained(row) == ids_of(tokenizer, "positive <|im_end|>")
 
 
 def test_truncation_of_text_and_conversations(tokenizer):
@@ -271,7 +292,8 @@ def test_truncation_of_text_and_conversations(tokenizer):
     )
     assert text[0]["input_ids"] == [tokenizer.bos_token_id] + ids_of(tokenizer, "hello fun fun")
     chat = tokenize_sft(CONVERSATIONS, tokenizer, DataArguments(messages_column="messages", max_length=5))
-    assert tokenizer.decode(chat[0]["input_ids"]) == "<|im_end|> <|im_start|> assistant positive <|im_end|>"
+    # The header of the first user turn, then the end of the conversation.
+    assert tokenizer.decode(chat[0]["input_ids"]) == "<|im_start|> user assistant positive <|im_end|>"
     assert trained(chat[0]) == ids_of(tokenizer, "positive <|im_end|>")
 
 
@@ -578,3 +600,202 @@ def test_offline_imdb_chat_is_sentiment_instructions():
         words = reviews[row]["text"].split()[-OFFLINE_CHAT_MAX_WORDS:]
         assert turn["content"].startswith(" ".join(words) + "\n\n")
         assert chat[row]["completion"] == ["negative", "positive"][reviews[row]["label"]]
+
+
+# --- Masking on real chat templates -----------------------------------------------------------
+
+TEMPLATES = Path(__file__).parent / "chat_templates"
+# Each fixture template's BOS and EOS token (None: the template writes no BOS).
+TEMPLATE_TOKENS = {
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
+    "qwen2_5": (None, "<|im_end|>"),
+    "qwen3": (None, "<|im_end|>"),
+    "mistral_v0_3": ("<s>", "</s>"),
+    "gemma": ("<bos>", "<eos>"),
+    "smollm2": ("<|im_start|>", "<|im_end|>"),
+}
+TEMPLATE_SPECIAL = [
+    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>",
+    "<|im_end|>", "<s>", "</s>", "[INST]", "[/INST]", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>",
+]  # fmt: skip
+
+
+def byte_tokenizer(template: str):
+    """A tokenizer of single bytes (no merges) with `template`'s special tokens and chat template:
+    it tokenises any text, and decodes it back as it was."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    bos, eos = TEMPLATE_TOKENS[template]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token="<pad>"
+    )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": [t for t in TEMPLATE_SPECIAL if t not in (bos, eos)]}
+    )
+    tokenizer.chat_template = (TEMPLATES / f"{template}.jinja").read_text()
+    return tokenizer
+
+
+def trained_pieces(tokenizer, row) -> list[str]:
+    """The runs of trained tokens of a tokenised row, decoded."""
+    pieces, run = [], []
+    for token, label in zip(row["input_ids"], row["labels"]):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            pieces, run = [*pieces, tokenizer.decode(run)], []
+    return pieces + ([tokenizer.decode(run)] if run else [])
+
+
+def test_assistant_turns_are_masked_right_on_real_chat_templates():
+    """Each assistant turn trains on its content and its end-of-turn token, on the templates of
+    Llama 3, Qwen2.5, Qwen3 (which adds a <think> block to the last turn only), Mistral v0.3 (which
+    moves the system prompt into the last user turn), Gemma and SmolLM2."""
+    system = {"role": "system", "content": "Be brief."}
+    turns = [user("What is 2+2?"), assistant("4"), user("And 3+3?"), assistant("It is 6.")]
+    for template, (_, eos) in TEMPLATE_TOKENS.items():
+        tokenizer = byte_tokenizer(template)
+        messages = turns if template == "gemma" else [system, *turns]  # Gemma has no system role
+        row = tokenize_sft(
+            Dataset.from_dict({"messages": [messages]}), tokenizer, DataArguments(messages_column="messages")
+        )[0]
+        assert (
+            row["input_ids"]
+            == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        )
+        end = "<end_of_turn>" if template == "gemma" else eos
+        # Qwen3's last turn starts with the empty <think> block its generation prompt leaves to the model.
+        think = "<think>\n\n</think>\n\n" if template == "qwen3" else ""
+        assert trained_pieces(tokenizer, row) == [f"4{end}", f"{think}It is 6.{end}"], template
+
+
+@pytest.mark.parametrize(
+    "assistant_turn",
+    [
+        "{{ m['content'] | upper }}",  # not the content as written
+        "{% if loop.last %}{{ m['content'] }}{% endif %}",  # earlier turns dropped
+    ],
+)
+def test_a_template_that_cannot_be_masked_is_refused(tokenizer, assistant_turn):
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }} "
+        "{% if m['role'] == 'assistant' %}" + assistant_turn + "{% else %}{{ m['content'] }}{% endif %}"
+        "<|im_end|> {% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
+    with pytest.raises(
+        DataError, match="Cannot tell the assistant's tokens apart.*--completion_only_loss false"
+    ):
+        tokenize_sft(CONVERSATIONS, tokenizer, DataArguments(messages_column="messages"))
+    # Trained on every token, the template is fine.
+    everything = tokenize_sft(
+        CONVERSATIONS, tokenizer, DataArguments(messages_column="messages", completion_only_loss=False)
+    )
+    assert everything[0]["labels"] == everything[0]["input_ids"]
+
+
+# --- Alpaca, ShareGPT and --chat_template -----------------------------------------------------
+
+ALPACA_ROWS = Dataset.from_dict(
+    {
+        "instruction": ["what is the sentiment of this review", "answer with one word"],
+        "input": ["the movie was fun", ""],
+        "output": ["positive", "hello"],
+    }
+)
+
+
+def test_alpaca_rows_are_rendered_with_the_chat_template(tokenizer):
+    rows = tokenize_sft(
+        ALPACA_ROWS, tokenizer, DataArguments(sft_format="alpaca", system_prompt="you are a critic")
+    )
+    assert tokenizer.decode(rows[0]["input_ids"]) == (
+        "<|im_start|> system you are a critic <|im_end|> <|im_start|> user what is the sentiment of this "
+        "review the movie was fun <|im_end|> <|im_start|> assistant positive <|im_end|>"
+    )
+    assert trained(rows[0]) == ids_of(tokenizer, "positive <|im_end|>")
+    # An empty input adds nothing to the instruction.
+    assert "user answer with one word <|im_end|>" in tokenizer.decode(rows[1]["input_ids"])
+    prompts, references = generation_prompts(ALPACA_ROWS, tokenizer, DataArguments(sft_format="alpaca"))
+    assert references == ["positive", "hello"]
+    assert (
+        tokenizer.decode(prompts[1])
+        == "<|im_start|> user answer with one word <|im_end|> <|im_start|> assistant"
+    )
+    with pytest.raises(
+        DataError, match=r"needs the columns 'instruction' and 'output'.*lacks \['output'\].*rename"
+    ):
+        check_sft_columns(ALPACA_ROWS.remove_columns("output"), DataArguments(sft_format="alpaca"))
+    with pytest.raises(DataError, match="--sft_format alpaca reads the columns.*--prompt_column prompt"):
+        sft_format(DataArguments(sft_format="alpaca", prompt_column="prompt", completion_column="completion"))
+
+
+def test_sharegpt_conversations_are_read_as_messages(tokenizer):
+    def sharegpt(messages):
+        speakers = {"user": "human", "assistant": "gpt", "system": "system"}
+        return [{"from": speakers[m["role"]], "value": m["content"]} for m in messages]
+
+    conversations = Dataset.from_dict({"conversations": [sharegpt(m) for m in CONVERSATIONS["messages"]]})
+    ours = tokenize_sft(conversations, tokenizer, DataArguments(sft_format="sharegpt"))
+    expected = tokenize_sft(CONVERSATIONS, tokenizer, DataArguments(messages_column="messages"))
+    assert ours["input_ids"] == expected["input_ids"] and ours["labels"] == expected["labels"]
+    prompts, references = generation_prompts(conversations, tokenizer, DataArguments(sft_format="sharegpt"))
+    assert references == ["positive", "negative"]
+
+
+def test_chat_template_flag_gives_or_replaces_the_template(tmp_path, tokenizer):
+    from conftest import CHAT_TEMPLATE
+
+    from hf_flower.tasks.sft_data import with_chat_template
+
+    tokenizer.chat_template = None
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    for given in (str(tmp_path / "chat.jinja"), CHAT_TEMPLATE):
+        assert (
+            with_chat_template(tokenizer, DataArguments(chat_template=given)).chat_template == CHAT_TEMPLATE
+        )
+    with pytest.raises(DataError, match="neither a .jinja file nor a Jinja template"):
+        with_chat_template(tokenizer, DataArguments(chat_template=str(tmp_path / "missing.jinja")))
+
+
+# --- Rows without trained tokens, EOS ---------------------------------------------------------
+
+
+def test_rows_with_nothing_left_to_train_are_dropped_and_counted(tokenizer, caplog):
+    from hf_flower.tasks.sft_tokens import drop_untrained
+
+    # The answer of the first conversation comes before a long question that truncation keeps.
+    rows = Dataset.from_dict(
+        {
+            "messages": [
+                [user("hello"), assistant("hi"), user("the movie " * 10)],
+                CONVERSATIONS[1]["messages"],
+            ]
+        }
+    )
+    tokenized = tokenize_sft(rows, tokenizer, DataArguments(messages_column="messages", max_length=12))
+    assert trained(tokenized[0]) == [] and trained(tokenized[1]) != []
+    with caplog.at_level("WARNING"):
+        kept, dropped = drop_untrained(tokenized, "training rows")
+    assert dropped == 1 and kept["input_ids"] == tokenized[1:]["input_ids"]
+    assert "Dropped 1 of 2 training rows" in caplog.text
+
+
+def test_no_second_eos_with_a_tokenizer_that_adds_eos(tokenizer_dir):
+    from tokenizers import processors
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A <|im_end|>", special_tokens=[("<s>", bos), ("<|im_end|>", eos)]
+    )
+    for rows, data_args in (
+        (PLAIN_ROWS, plain_pc()),
+        (Dataset.from_dict({"text": ["the movie was fun"]}), DataArguments()),
+    ):
+        ids = tokenize_sft(rows, tokenizer, data_args)[0]["input_ids"]
+        assert ids[-1] == eos and ids[-2] != eos

@@ -13,6 +13,7 @@ from .adapter import PEFT_METHODS, PeftArguments
 from .data import (
     OFFLINE_CHAT_DATASET,
     OFFLINE_DATASET,
+    OFFLINE_SKILLS_DATASET,
     PARTITIONERS,
     DataArguments,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "OFFLINE_CHAT_DATASET",
     "OFFLINE_DATASET",
     "OFFLINE_MODEL",
+    "OFFLINE_SKILLS_DATASET",
     "PARTITIONERS",
     "PEFT_METHODS",
     "PeftArguments",

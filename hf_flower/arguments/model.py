@@ -27,6 +27,7 @@ class ModelArguments:
             quantized to 4 bits (bitsandbytes NF4) and trains LoRA adapters on it, in a quarter
             of the memory. The server keeps the base in full precision: it evaluates and merges
             the averaged adapters there. bitsandbytes needs a CUDA GPU; elsewhere it is refused.
+            Add `--gradient_checkpointing true` to trade compute for activation memory as well.
     """
 
     task: str = field(

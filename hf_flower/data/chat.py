@@ -1,7 +1,9 @@
-"""A classification data set as chat prompt/completion rows: instructions whose answer is the label.
+"""Chat rows from other layouts: a classification data set as prompt/completion rows (instructions
+whose answer is the label), ShareGPT conversations and Alpaca rows as messages.
 
-The SFT quickstart's data (`offline-imdb-chat`) is built this way from the IMDB reviews; any data set
-with a text and a label column can be turned into SFT rows with it.
+The SFT quickstart's data (`offline-imdb-chat`) is built from the IMDB reviews by
+`chat_prompt_completion`; any data set with a text and a label column can be turned into SFT rows
+with it. `from_sharegpt` and `alpaca_messages` are what `--sft_format sharegpt|alpaca` read rows with.
 """
 
 from __future__ import annotations
@@ -13,6 +15,42 @@ from datasets import ClassLabel, Dataset
 # The prompt of `chat_prompt_completion`: the question follows the document, so cutting the start of
 # a long prompt (see `tasks.sft_tokens` on truncation) keeps the question.
 SENTIMENT_PROMPT = "{text}\n\nIs the sentiment of this review positive or negative? Answer with one word."
+
+
+# ShareGPT's roles and their chat-template names (TRL's `maybe_convert_to_chatml` renames the keys only).
+SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
+
+
+def from_sharegpt(messages: list[dict]) -> list[dict]:
+    """ShareGPT messages (`{"from": "human"|"gpt"|"system", "value": ...}`) as chat messages
+    (`{"role": "user"|"assistant"|"system", "content": ...}`); messages that have a role are kept."""
+    converted = []
+    for message in messages:
+        if message.get("role") is not None:
+            converted.append(message)
+            continue
+        speaker = message.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise ValueError(
+                f"ShareGPT message from {speaker!r}: the speakers read are {sorted(SHAREGPT_ROLES)}. Rename "
+                "it, or convert the conversations to messages with roles yourself."
+            )
+        rest = {k: v for k, v in message.items() if k not in ("from", "value")}
+        converted.append({"role": SHAREGPT_ROLES[speaker], "content": message.get("value"), **rest})
+    return converted
+
+
+def alpaca_messages(instruction: str, input: str | None, output: str) -> tuple[list[dict], str]:
+    """An Alpaca row as a chat prompt (one user message: the instruction, and the input after a blank
+    line when there is one) and its completion (the output)."""
+    content = f"{instruction}\n\n{input}" if input and input.strip() else instruction
+    return [{"role": "user", "content": content}], output
 
 
 def chat_prompt_completion(

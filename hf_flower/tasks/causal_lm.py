@@ -4,8 +4,9 @@
 chat messages (`sft_data`), the loss on the completion (or the assistant's turns) by default.
 Evaluation, on the server's test split and on each client's own eval split alike (`GeneratingTrainer.evaluate`
 below): loss and perplexity, and, when the data has completions, the greedy answer to each held-out
-prompt (`--eval_max_new_tokens` new tokens) scored by exact match of the stripped completion and, for
-label-like completions, by label accuracy (the first label word in the answer) (`sft_metrics`).
+prompt (`--eval_max_new_tokens` new tokens; at most `--max_generate_samples` prompts, the same ones
+every round) scored by exact match of the stripped completion and, for label-like completions, by
+label accuracy (the first label word in the answer) (`sft_metrics`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,16 @@ from .. import data as data_lib
 from ..context import TrainerContext
 from ..modeling import load_causal_lm, load_causal_lm_config, load_tokenizer, skeleton
 from . import Task, run_arguments, scratch_dir
-from .sft_data import check_sft_columns, check_sft_tokenizer, load_sft_splits, sft_columns, sft_format
-from .sft_metrics import exact_match, generate_completions, label_accuracy, perplexity
-from .sft_tokens import generation_prompts, sft_collator, tokenize_sft
+from .sft_data import (
+    check_sft_columns,
+    check_sft_tokenizer,
+    load_sft_splits,
+    sft_columns,
+    sft_format,
+    with_chat_template,
+)
+from .sft_metrics import exact_match, generate_completions, generation_subset, label_accuracy, perplexity
+from .sft_tokens import drop_untrained, generation_prompts, sft_collator, tokenize_sft
 
 # Columns of a tokenised eval set that feed generation, not the loss: removed before the loss.
 PROMPT_IDS, REFERENCE = "prompt_ids", "reference"
@@ -32,14 +40,19 @@ CLASSIFICATION_FLAGS = ("text_pair_column", "num_labels")
 class GeneratingTrainer(Trainer):
     """A `Trainer` whose evaluation also generates: perplexity, and exact match (and label accuracy)
     of the greedy answers to the eval set's prompts, when it has them (`with_generation_inputs`).
+    The loss and perplexity cover the whole eval set; generation, the slow part, only a fixed subset
+    of its prompts when `max_generate_samples` caps them (`sft_metrics.generation_subset`).
 
     Args:
         max_new_tokens: Tokens generated per held-out prompt (`--eval_max_new_tokens`).
+        max_generate_samples: Prompts generated from per evaluation (`--max_generate_samples`):
+            None for all of them, 0 for none (no exact match is reported).
     """
 
-    def __init__(self, *args, max_new_tokens: int = 16, **kwargs):
+    def __init__(self, *args, max_new_tokens: int = 16, max_generate_samples: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_new_tokens = max_new_tokens
+        self.max_generate_samples = max_generate_samples
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
@@ -48,7 +61,8 @@ class GeneratingTrainer(Trainer):
         generation = [c for c in GENERATION_COLUMNS if c in dataset.column_names]
         metrics = super().evaluate(dataset.remove_columns(generation), ignore_keys, metric_key_prefix)
         metrics[f"{metric_key_prefix}_perplexity"] = perplexity(metrics[f"{metric_key_prefix}_loss"])
-        if len(generation) == len(GENERATION_COLUMNS) and len(dataset):
+        if len(generation) == len(GENERATION_COLUMNS) and len(dataset) and self.max_generate_samples != 0:
+            dataset = dataset.select(generation_subset(len(dataset), self.max_generate_samples))
             references = dataset[REFERENCE]
             with self.accelerator.autocast():  # the run's mixed precision (--bf16), as in evaluate
                 answers = generate_completions(
@@ -69,9 +83,11 @@ def make_trainer(context: TrainerContext) -> Trainer:
     """The Trainer of a causal-LM SFT run, for the server or one client (a client's base model is
     quantized with `--load_in_4bit`; the server's stays full precision)."""
     run_args = run_arguments(context)
-    tokenizer = load_tokenizer(run_args.model)
+    tokenizer = with_chat_template(load_tokenizer(run_args.model), run_args.data)
     set_seed(run_args.training.seed)  # the adapters' initial weights, the same in every run
-    model = load_causal_lm(run_args.model, run_args.peft, quantize=context.is_client)
+    model = load_causal_lm(
+        run_args.model, run_args.peft, quantize=context.is_client, training_args=run_args.training
+    )
     if context.is_server:
         train, evaluation = None, central_test_set(run_args, tokenizer)
     else:
@@ -86,12 +102,14 @@ def make_trainer(context: TrainerContext) -> Trainer:
         data_collator=sft_collator(tokenizer),
         processing_class=tokenizer,
         max_new_tokens=run_args.data.eval_max_new_tokens,
+        max_generate_samples=run_args.data.max_generate_samples,
     )
 
 
 def client_datasets(run_args, tokenizer, partition_id=None, num_partitions=None, data_path=None):
     """A client's tokenised train split and its eval split (with the generation inputs): its own file
-    (`data_path`) less its eval rows, or partition `partition_id` of the run's data set."""
+    (`data_path`) less its eval rows, or partition `partition_id` of the run's data set. Rows that
+    truncation left nothing to train on are dropped from both (`drop_untrained` logs how many)."""
     data_args, seed = run_args.data, run_args.training.seed
     if data_path is not None:
         rows, eval_rows, train_rows = data_lib.own_rows(data_path, data_args, seed, check_sft_columns)
@@ -104,15 +122,19 @@ def client_datasets(run_args, tokenizer, partition_id=None, num_partitions=None,
     evaluation = with_generation_inputs(
         tokenized.select(eval_rows), rows.select(eval_rows), tokenizer, run_args
     )
-    return tokenized.select(train_rows), evaluation
+    train, _ = drop_untrained(tokenized.select(train_rows), "training rows")
+    evaluation, _ = drop_untrained(evaluation, "eval rows")
+    return train, evaluation
 
 
 def central_test_set(run_args, tokenizer):
-    """The server's tokenised test split, with the generation inputs."""
+    """The server's tokenised test split, with the generation inputs, less the rows that truncation
+    left nothing to train on (`drop_untrained`)."""
     splits = data_lib.prepare_splits(run_args.data, run_args.training.seed, check_sft_columns)
-    return with_generation_inputs(
+    test = with_generation_inputs(
         tokenize_sft(splits.test, tokenizer, run_args.data), splits.test, tokenizer, run_args
     )
+    return drop_untrained(test, "test rows")[0]
 
 
 def with_generation_inputs(tokenized, rows, tokenizer, run_args):
@@ -134,10 +156,11 @@ class CausalLM(Task):
                     f"--{flag} is a text-classification setting; this run's task is causal-lm. Drop it, "
                     "or use --task text-classification."
                 )
-        if run_args.data.partitioner != "iid":
+        if run_args.data.partitioner != "iid" and not run_args.data.partition_column:
             raise ValueError(
                 f"--partitioner {run_args.data.partitioner} splits examples by label, and causal-lm "
-                "examples have none. Use --partitioner iid, or give each client its own --data_path."
+                "examples have none. Name the column to split by with --partition_column (`skill` of "
+                "offline-basic-skills), use --partitioner iid, or give each client its own --data_path."
             )
         if run_args.model.load_in_4bit and run_args.peft.peft != "lora":
             raise ValueError(
@@ -148,6 +171,10 @@ class CausalLM(Task):
             raise ValueError(
                 f"--eval_max_new_tokens must be at least 1, got {run_args.data.eval_max_new_tokens}."
             )
+        if run_args.data.max_generate_samples < 0:
+            raise ValueError(
+                f"--max_generate_samples must be 0 (no generation) or more, got {run_args.data.max_generate_samples}."
+            )
         sft_format(run_args.data)
 
     def data_columns(self, data_args) -> dict[str, str]:
@@ -157,7 +184,8 @@ class CausalLM(Task):
         load_causal_lm_config(run_args.model)
         self.skeleton(run_args, label_names)
         train, _ = load_sft_splits(run_args.data)
-        check_sft_tokenizer(load_tokenizer(run_args.model), train, run_args.data)
+        tokenizer = with_chat_template(load_tokenizer(run_args.model), run_args.data)
+        check_sft_tokenizer(tokenizer, train, run_args.data)
 
     def skeleton(self, run_args, label_names):
         from transformers import AutoModelForCausalLM

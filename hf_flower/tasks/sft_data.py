@@ -1,6 +1,7 @@
 """Data of supervised fine-tuning (SFT) of a causal language model: formats, checks, chat rows.
 
-Three formats, chosen by the columns that are set (`sft_format`), with TRL's conventions:
+Three formats, chosen by the columns that are set (`sft_format`), with TRL's conventions, and two
+common layouts read as one of them (`--sft_format`):
 
 - `text` (`--text_column`): plain text; the loss is on every token. EOS is appended.
 - `prompt-completion` (`--prompt_column` + `--completion_column`): the loss is on the completion
@@ -19,12 +20,22 @@ Three formats, chosen by the columns that are set (`sft_format`), with TRL's con
   on the assistant turns only (each turn's content and the template's tokens that close it) unless
   `--completion_only_loss false`. The turns are found by rendering each conversation's prefixes,
   so any chat template works (TRL's `assistant_only_loss` needs `{% generation %}` markers in it).
+  ShareGPT conversations (`from`/`value` messages, roles `human`/`gpt`/`system`) are read as
+  messages (`--sft_format sharegpt` sets `--messages_column conversations`).
+- `alpaca` (`--sft_format alpaca`): columns `instruction`, `input` (optional, may be empty) and
+  `output`, read as a chat prompt (one user message: the instruction, then the input after a blank
+  line) and its completion (`output`), so they are rendered with the model's chat template.
+
+`--system_prompt` is put first in chat data whose conversation has no system message;
+`--chat_template` (a file or the template text) replaces the tokenizer's chat template, or gives
+one to a tokenizer without (`with_chat_template`).
 
 Tokenising, truncating and batching these formats is `sft_tokens`'s job.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from datasets import Dataset, LargeList, List
@@ -39,16 +50,36 @@ from ..data import (
     source_name,
 )
 
-SFTFormat = Literal["text", "prompt-completion", "messages"]
+SFTFormat = Literal["text", "prompt-completion", "messages", "alpaca"]
+# Columns of Alpaca-style data: the instruction, its (optional) input, and the answer.
+ALPACA_INSTRUCTION, ALPACA_INPUT, ALPACA_OUTPUT = "instruction", "input", "output"
 
 
 # --- Formats and checks -----------------------------------------------------------------------
 
 
 def sft_format(data_args: DataArguments) -> SFTFormat:
-    """`text`, `prompt-completion` or `messages`, from the columns set in `data_args`."""
+    """`text`, `prompt-completion`, `messages` or `alpaca`, from `--sft_format` or the columns set in
+    `data_args`."""
     prompt, completion = data_args.prompt_column, data_args.completion_column
     messages = data_args.messages_column
+    if data_args.sft_format == "alpaca":
+        set_flags = [
+            f"--{name} {value}"
+            for name, value in (
+                ("prompt_column", prompt),
+                ("completion_column", completion),
+                ("messages_column", messages),
+            )
+            if value is not None
+        ]
+        if set_flags:
+            raise DataError(
+                f"--sft_format alpaca reads the columns {ALPACA_INSTRUCTION!r}, {ALPACA_INPUT!r} and "
+                f"{ALPACA_OUTPUT!r}, but {' and '.join(set_flags)} is also set. Drop {set_flags[0].split()[0]}, "
+                "or drop --sft_format alpaca to use the columns the flags name."
+            )
+        return "alpaca"
     if messages is not None:
         if prompt is not None or completion is not None:
             set_flags = [
@@ -83,8 +114,11 @@ def sft_format(data_args: DataArguments) -> SFTFormat:
 
 
 def sft_columns(data_args: DataArguments) -> dict[str, str]:
-    """The columns an SFT data set needs, as flag -> column name."""
+    """The columns an SFT data set needs, as flag -> column name (Alpaca's: `--sft_format alpaca`)."""
     fmt = sft_format(data_args)
+    if fmt == "alpaca":
+        # Fixed columns: the flag that names them is the format's.
+        return {"--sft_format": "alpaca"}
     if fmt == "messages":
         return {"--messages_column": data_args.messages_column}
     if fmt == "prompt-completion":
@@ -96,15 +130,15 @@ def sft_columns(data_args: DataArguments) -> dict[str, str]:
 
 
 def is_chat_column(dataset: Dataset, column: str) -> bool:
-    """Whether `column` holds chat messages: lists of `{"role": str, "content": str, ...}`."""
+    """Whether `column` holds chat messages: lists of `{"role": str, "content": str, ...}`, or
+    ShareGPT's `{"from": str, "value": str}`."""
     feature = dataset.features[column]
     if not isinstance(feature, (List, LargeList)):
         return False
     inner = feature.feature
-    return (
-        isinstance(inner, dict)
-        and is_string_feature(inner.get("role"))
-        and is_string_feature(inner.get("content"))
+    return isinstance(inner, dict) and any(
+        is_string_feature(inner.get(role)) and is_string_feature(inner.get(content))
+        for role, content in (("role", "content"), ("from", "value"))
     )
 
 
@@ -115,6 +149,9 @@ def check_sft_columns(dataset: Dataset, data_args: DataArguments, split: str | N
     text or (with a chat prompt) messages.
     """
     source = source_name(data_args, split)
+    if sft_format(data_args) == "alpaca":
+        _check_alpaca_columns(dataset, source)
+        return
     for flag, column in sft_columns(data_args).items():
         require_column(dataset, column, flag, source)
         feature = dataset.features[column]
@@ -145,12 +182,52 @@ def check_sft_columns(dataset: Dataset, data_args: DataArguments, split: str | N
             )
 
 
+def _check_alpaca_columns(dataset: Dataset, source: str) -> None:
+    columns = dataset.column_names
+    missing = [c for c in (ALPACA_INSTRUCTION, ALPACA_OUTPUT) if c not in columns]
+    if missing:
+        raise DataError(
+            f"--sft_format alpaca needs the columns {ALPACA_INSTRUCTION!r} and {ALPACA_OUTPUT!r} (and "
+            f"optionally {ALPACA_INPUT!r}); {source} lacks {missing}, its columns are {columns}. Rename "
+            "its columns to these (`Dataset.rename_columns`), or drop --sft_format alpaca and name the "
+            "columns with --prompt_column and --completion_column."
+        )
+    for column in (ALPACA_INSTRUCTION, ALPACA_OUTPUT, ALPACA_INPUT):
+        if column not in columns:
+            continue
+        require_column(dataset, column, "--sft_format alpaca", source)
+        if not is_string_feature(dataset.features[column]):
+            raise DataError(
+                f"Column {column!r} of {source} holds {dataset.features[column]}, not text: Alpaca data "
+                f"(--sft_format alpaca) has text in {ALPACA_INSTRUCTION!r}, {ALPACA_INPUT!r} and {ALPACA_OUTPUT!r}."
+            )
+
+
 def uses_chat_template(dataset: Dataset, data_args: DataArguments) -> bool:
     """Whether the data is rendered with the tokenizer's chat template (messages, or a chat prompt)."""
     fmt = sft_format(data_args)
-    return fmt == "messages" or (
+    return fmt in ("messages", "alpaca") or (
         fmt == "prompt-completion" and is_chat_column(dataset, data_args.prompt_column)
     )
+
+
+def with_chat_template(tokenizer, data_args: DataArguments):
+    """`tokenizer`, with `--chat_template` (a .jinja file's text, or the template itself) as its chat
+    template when set: a template for a tokenizer without one, or one that replaces its own."""
+    template = data_args.chat_template
+    if template:
+        # Only .jinja files are read: the setting comes with the run config, so a path names a
+        # file on each client's machine, and no other file of theirs should become training text.
+        if template.endswith(".jinja") and os.path.isfile(template):
+            with open(template, encoding="utf-8") as file:
+                template = file.read()
+        elif "{" not in template:
+            raise DataError(
+                f"--chat_template {template!r} is neither a .jinja file nor a Jinja template. Set it to the "
+                "path of a .jinja file, or to the template text."
+            )
+        tokenizer.chat_template = template
+    return tokenizer
 
 
 def check_sft_tokenizer(tokenizer, dataset: Dataset, data_args: DataArguments) -> None:
@@ -160,12 +237,15 @@ def check_sft_tokenizer(tokenizer, dataset: Dataset, data_args: DataArguments) -
     name = tokenizer.name_or_path or type(tokenizer).__name__
     if uses_chat_template(dataset, data_args):
         if not getattr(tokenizer, "chat_template", None):
-            column = data_args.messages_column or data_args.prompt_column
+            what = (
+                "Alpaca rows (--sft_format alpaca) are rendered as chat turns"
+                if sft_format(data_args) == "alpaca"
+                else f"Column {data_args.messages_column or data_args.prompt_column!r} holds chat messages"
+            )
             raise DataError(
-                f"Column {column!r} holds chat messages, but the tokenizer of {name!r} has no chat template "
-                "to render them. Fine-tune an instruct/chat model (its tokenizer has one), set a template "
-                "(`tokenizer.chat_template = ...`, then save it with the model: it is read from "
-                "chat_template.jinja or tokenizer_config.json), or use plain-text data "
+                f"{what}, but the tokenizer of {name!r} has no chat template to render them. Fine-tune "
+                "an instruct/chat model (its tokenizer has one), give a template "
+                "with --chat_template (a .jinja file or the template text), or use plain-text data "
                 "(--text_column, or --prompt_column/--completion_column holding strings)."
             )
     elif tokenizer.eos_token_id is None:

@@ -1,6 +1,8 @@
 """Metrics of a fine-tuned causal language model: greedy answers to held-out prompts, scored offline.
 
 - `generate_completions`: batched greedy generation (left padding, no sampling) of the new tokens.
+- `generation_subset`: which held-out prompts a round generates from when they are capped
+  (`--max_generate_samples`): the same rows every round, spread over the whole split.
 - `exact_match`: the answer equals the reference completion, both stripped of surrounding whitespace;
   case counts (it is *exact*: `label_accuracy` is the lenient score).
 - `label_accuracy`: when the references are a few labels (at most `MAX_LABEL_WORDS` distinct, e.g.
@@ -74,6 +76,21 @@ def generate_completions(
     finally:
         model.train(was_training)
     return answers
+
+
+def generation_subset(num_rows: int, max_samples: int | None) -> list[int]:
+    """The rows of an eval split whose prompts are generated from: all `num_rows`, or `max_samples`
+    of them spread evenly over the split (rows 0, n/k, 2n/k, ... for k of n).
+
+    No random draw: every round scores the same prompts, so its exact match compares with the last
+    round's, and a split sorted by kind (one skill or source after another) is sampled across all of
+    its kinds. `max_samples` None means no cap; 0 means no generation.
+    """
+    if max_samples is not None and max_samples < 0:
+        raise ValueError(f"max_samples must be 0 (no generation) or more, got {max_samples}.")
+    if max_samples is None or max_samples >= num_rows:
+        return list(range(num_rows))
+    return [i * num_rows // max_samples for i in range(max_samples)]
 
 
 def _eos_ids(model, tokenizer) -> list[int]:

@@ -1,28 +1,50 @@
 """Tokens and batches of supervised fine-tuning (SFT) data, in the formats of `sft_data`.
 
-Tokenised prompt and completion are matched on tokens as TRL does: the completion starts where the
-tokens of the prompt alone and of the prompt followed by its completion first differ.
+Which tokens are trained (labels other than -100):
+
+- plain prompt/completion: the completion starts where the tokens of the prompt alone and of the
+  prompt followed by its completion first differ (TRL's way).
+- chat data (messages, chat prompts, Alpaca rows): each assistant message's content and the
+  template's end-of-turn tokens after it (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`),
+  and, when the template puts something between the generation prompt and the content (Qwen3's
+  empty `<think>` block on the last turn), that too: the model has to write it. A message's content
+  is located by rendering the whole conversation a second time with that content replaced by a
+  marker: the text before and after the marker must be the text before and after the content in
+  the real render. Unlike comparing renders of the conversation's prefixes, this holds where a
+  template renders earlier turns differently depending on what comes last (Qwen3's `<think>` block,
+  Mistral v0.3's system prompt in the last user turn). A template that does not render a content
+  as written, or whose render of one turn depends on another's content, cannot be masked this way:
+  tokenising refuses it (`DataError`) rather than train on the wrong tokens.
 
 Truncation to `--max_length`, decided per format so the part that is learnt survives:
 
 - `text`: the end is cut (the start of a document is kept).
-- `prompt-completion`: the *start of the prompt* is cut, so the completion stays whole and keeps
-  the end of its prompt (with a chat prompt: the question and the generation prompt). When the
-  completion alone is longer than `max_length - 1`, one prompt token and the start of the
-  completion are kept. Put the question after a long document in the prompt (as
-  `chat_prompt_completion` does), or shorten documents beforehand.
-- `messages`: the start of the conversation is cut (the last turns are kept).
+- everything else: the *middle* is cut. The head is kept (BOS, and with chat data everything up to
+  the first user message's content: the system prompt and headers; at most half of `max_length`),
+  and so is the end: the completion whole and the end of its prompt (the question and the
+  generation prompt), or the last turns of a conversation. When the completion alone does not fit,
+  its start is kept. Rows that keep no trained token are dropped by `drop_untrained`, which says
+  how many.
 
-TRL is not a dependency: `SFTTrainer` prepares its data set each time it is built, while a
-federated client builds one `Trainer` per round on data tokenised once per process. The few pieces
-of TRL that would fit (its collator, its prompt/completion prefix matching) are a few lines each and
-live in modules of TRL whose interfaces changed between releases; they are written here to TRL's
-behaviour instead, and tests/test_sft.py compares the two when TRL is installed.
+EOS is appended to plain text and completions once: a tokenizer that adds EOS itself
+(`add_eos_token`) does not get a second.
+
+Why not TRL (`SFTTrainer`, `trl.data_utils`, `trl.chat_template_utils`): `SFTTrainer` would take
+our tokenised rows as they are (it skips rows that have `input_ids`), but its masking of
+conversations needs `{% generation %}` markers, which `get_training_chat_template` adds only to the
+templates it knows by exact text (Qwen2.5, Qwen3, Llama 3, Gemma among them; not Mistral v0.3 or
+SmolLM2's ChatML), and a fine-tuned copy's edited template is no longer known. TRL is no runtime
+dependency of hf-flower, and its data utilities moved between modules across releases. So the
+masking here works on any template that renders contents as written; where a template has
+`{% generation %}` markers, tests/test_sft.py checks that it gives TRL's tokens and labels.
+TRL's `maybe_convert_to_chatml` renames ShareGPT's keys but not its roles (`human`, `gpt`), so
+`hf_flower.data.chat.from_sharegpt` does both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +54,11 @@ from datasets.fingerprint import Hasher
 
 from ..arguments import DataArguments
 from ..data import DataError, tokenize_once, tokenized_fingerprint
+from ..data.chat import alpaca_messages, from_sharegpt
 from .sft_data import (
+    ALPACA_INPUT,
+    ALPACA_INSTRUCTION,
+    ALPACA_OUTPUT,
     SFTFormat,
     check_sft_columns,
     check_sft_tokenizer,
@@ -40,10 +66,14 @@ from .sft_data import (
     sft_format,
 )
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100  # label of tokens without loss (PyTorch's cross-entropy ignore_index)
 SFT_COLUMNS = ("input_ids", "attention_mask", "labels")
 # Part of the tokenisation fingerprint: bump it whenever `_tokenize_rows` changes its output.
-SFT_TOKENIZE_VERSION = "1"
+SFT_TOKENIZE_VERSION = "2"
+# Stands in for a message's content to find where the template puts it (no template writes it).
+CONTENT_MARKER = "\u2063hf-flower-content\u2063"
 
 
 # --- Tokenisation -----------------------------------------------------------------------------
@@ -53,11 +83,12 @@ def tokenize_sft(dataset: Dataset, tokenizer, data_args: DataArguments) -> Datas
     """`input_ids`, `attention_mask` and `labels` of every row, once: later calls reuse the cache file.
 
     Labels are the input ids, with -100 on the prompt (or non-assistant) tokens when
-    `completion_only_loss` (formats and EOS: `sft_data`'s docstring; truncation: this module's). One row out
-    per row in, in order, so row numbers of the raw data set select the same rows here. Not padded:
-    `SFTDataCollator` pads each batch. Like `hf_flower.data.tokenize`, the fingerprint is computed
-    from the inputs (not by hashing the tokenizer object), so a later round or process finds the
-    cache file of a data set loaded from disk.
+    `completion_only_loss` (formats and EOS: `sft_data`'s docstring; masking and truncation: this
+    module's). One row out per row in, in order, so row numbers of the raw data set select the same
+    rows here; rows truncation left nothing to train on are dropped afterwards (`drop_untrained`).
+    Not padded: `SFTDataCollator` pads each batch. Like `hf_flower.data.tokenize`, the fingerprint
+    is computed from the inputs (not by hashing the tokenizer object), so a later round or process
+    finds the cache file of a data set loaded from disk.
     """
     check_sft_columns(dataset, data_args)
     check_sft_tokenizer(tokenizer, dataset, data_args)
@@ -70,6 +101,23 @@ def tokenize_sft(dataset: Dataset, tokenizer, data_args: DataArguments) -> Datas
         return _tokenize_rows(batch, tokenizer, data_args, fmt, chat_prompt)
 
     return tokenize_once(dataset, tokenize_batch, fingerprint, tokenizer)
+
+
+def drop_untrained(dataset: Dataset, what: str = "rows") -> tuple[Dataset, int]:
+    """`dataset` (tokenised) without the rows whose labels are all -100, and how many those were:
+    truncation cut all their trained tokens, so they would add nothing but a NaN loss. Logged."""
+    keep = [i for i, labels in enumerate(dataset["labels"]) if any(t != IGNORE_INDEX for t in labels)]
+    dropped = len(dataset) - len(keep)
+    if dropped:
+        logger.warning(
+            "Dropped %d of %d %s: after truncation to --max_length nothing in them is trained. Raise "
+            "--max_length, or shorten their prompts.",
+            dropped,
+            len(dataset),
+            what,
+        )
+        dataset = dataset.select(keep)
+    return dataset, dropped
 
 
 def sft_fingerprint(dataset: Dataset, tokenizer, data_args: DataArguments) -> str:
@@ -87,6 +135,7 @@ def sft_fingerprint(dataset: Dataset, tokenizer, data_args: DataArguments) -> st
             data_args.prompt_column,
             data_args.completion_column,
             data_args.messages_column,
+            data_args.system_prompt,
             data_args.completion_only_loss,
         ]
     )
@@ -95,87 +144,226 @@ def sft_fingerprint(dataset: Dataset, tokenizer, data_args: DataArguments) -> st
 def _tokenize_rows(
     batch: dict, tokenizer, data_args: DataArguments, fmt: SFTFormat, chat_prompt: bool
 ) -> dict:
+    masked = data_args.completion_only_loss and fmt != "text"
+    system = data_args.system_prompt
     if fmt == "text":
-        eos = tokenizer.eos_token
-        texts = [text if text.endswith(eos) else text + eos for text in batch[data_args.text_column]]
+        texts = [_with_eos(text, tokenizer) for text in batch[data_args.text_column]]
         # Cut while tokenising: the same as cutting the end afterwards, without tokenising it.
         encoded = tokenizer(texts, truncation=True, max_length=data_args.max_length)
-        rows = [(ids, []) for ids in encoded["input_ids"]]
+        rows = [(_one_eos(ids, tokenizer), [], 0) for ids in encoded["input_ids"]]
+    elif fmt == "alpaca":
+        inputs = batch.get(ALPACA_INPUT) or [None] * len(batch[ALPACA_OUTPUT])
+        rows = [
+            _chat_prompt_completion_ids(tokenizer, *alpaca_messages(i, x, o), system, masked)
+            for i, x, o in zip(batch[ALPACA_INSTRUCTION], inputs, batch[ALPACA_OUTPUT])
+        ]
     elif fmt == "prompt-completion":
         prompts, completions = batch[data_args.prompt_column], batch[data_args.completion_column]
         if chat_prompt:
-            rows = [_chat_prompt_completion_ids(tokenizer, p, c) for p, c in zip(prompts, completions)]
+            rows = [
+                _chat_prompt_completion_ids(tokenizer, p, c, system, masked)
+                for p, c in zip(prompts, completions)
+            ]
         else:
             rows = _plain_prompt_completion_ids(tokenizer, prompts, completions)
     else:
-        rows = [_conversation_ids(tokenizer, messages) for messages in batch[data_args.messages_column]]
-        if data_args.completion_only_loss and not all(spans for _, spans in rows):
+        rows = [
+            _conversation_ids(tokenizer, _messages(m, system), masked=masked)
+            for m in batch[data_args.messages_column]
+        ]
+        if masked and not all(spans for _, spans, _ in rows):
             raise DataError(
                 f"A conversation in column {data_args.messages_column!r} has no assistant message: with "
                 "--completion_only_loss (the default) it has nothing to train on. Drop such rows, or set "
                 "--completion_only_loss false to train on every token."
             )
     out = {column: [] for column in SFT_COLUMNS}
-    for ids, spans in rows:
-        ids, trained = _truncate(ids, spans, data_args.max_length, fmt)
+    for ids, spans, head in rows:
+        ids, trained = _truncate(ids, spans, head, data_args.max_length, fmt)
         out["input_ids"].append(ids)
         out["attention_mask"].append([1] * len(ids))
-        if fmt == "text" or not data_args.completion_only_loss:
+        if not masked:
             out["labels"].append(list(ids))
         else:
             out["labels"].append([t if keep else IGNORE_INDEX for t, keep in zip(ids, trained)])
     return out
 
 
-def _plain_prompt_completion_ids(tokenizer, prompts: list[str], completions: list[str]):
-    """(ids, [(completion start, end)]) of plain prompt/completion pairs, EOS appended (TRL's way)."""
+def _with_eos(text: str, tokenizer) -> str:
     eos = tokenizer.eos_token
-    completions = [c if c.endswith(eos) else c + eos for c in completions]
+    return text if text.endswith(eos) else text + eos
+
+
+def _one_eos(ids: list[int], tokenizer) -> list[int]:
+    """`ids` with one EOS at the end: a tokenizer that adds EOS itself (`add_eos_token`) would
+    otherwise give text that already ends with it a second."""
+    eos = tokenizer.eos_token_id
+    return ids[:-1] if len(ids) >= 2 and ids[-1] == ids[-2] == eos else ids
+
+
+def _plain_prompt_completion_ids(tokenizer, prompts: list[str], completions: list[str]):
+    """(ids, [(completion start, end)], head) of plain prompt/completion pairs, EOS appended (TRL's way).
+    The head kept by truncation is BOS, when the tokenizer adds one."""
+    completions = [_with_eos(c, tokenizer) for c in completions]
     prompt_ids = tokenizer(prompts)["input_ids"]
-    full_ids = tokenizer([p + c for p, c in zip(prompts, completions)])["input_ids"]
-    return [(full, [(common_prefix_length(p, full), len(full))]) for p, full in zip(prompt_ids, full_ids)]
+    full_ids = [
+        _one_eos(ids, tokenizer)
+        for ids in tokenizer([p + c for p, c in zip(prompts, completions)])["input_ids"]
+    ]
+    rows = []
+    for p, full in zip(prompt_ids, full_ids):
+        head = 1 if full and full[0] == tokenizer.bos_token_id else 0
+        rows.append((full, [(common_prefix_length(p, full), len(full))], head))
+    return rows
 
 
-def _chat_prompt_completion_ids(tokenizer, prompt: list[dict], completion: list[dict] | str):
-    """(ids, [(completion start, end)]) of a chat prompt and its completion (TRL's way)."""
-    prompt = _messages(prompt)
-    prompt_ids = _render(tokenizer, prompt, add_generation_prompt=True)
-    full = _render(tokenizer, prompt + _completion_messages(completion))
-    return full, [(common_prefix_length(prompt_ids, full), len(full))]
+def _chat_prompt_completion_ids(
+    tokenizer,
+    prompt: list[dict],
+    completion: list[dict] | str,
+    system: str | None = None,
+    masked: bool = True,
+):
+    """(ids, [(completion span)], head) of a chat prompt and its completion: the conversation of both,
+    trained on the completion's assistant messages."""
+    prompt = _messages(prompt, system)
+    return _conversation_ids(tokenizer, prompt + _completion_messages(completion), len(prompt), masked)
 
 
-def _conversation_ids(tokenizer, messages: list[dict]):
-    """(ids, spans of the assistant turns) of a conversation.
-
-    A turn's span runs from the end of the conversation before it, rendered with the generation
-    prompt, to the end of the conversation up to and including it (its end-of-turn tokens).
-    """
-    messages = _messages(messages)
-    full = _render(tokenizer, messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = common_prefix_length(_render(tokenizer, messages[:i], add_generation_prompt=True), full)
-        end = (
-            common_prefix_length(_render(tokenizer, messages[: i + 1]), full)
-            if i + 1 < len(messages)
-            else len(full)
+def _conversation_ids(tokenizer, messages: list[dict], trained_from: int = 0, masked: bool = True):
+    """(ids, token spans of the assistant messages from `trained_from` on, head) of a conversation:
+    the spans as the module docstring says; the head is the tokens before the first user message's
+    content (BOS, the system prompt and headers), which truncation keeps."""
+    if not tokenizer.is_fast:
+        raise DataError(
+            f"The tokenizer of {tokenizer.name_or_path!r} is a slow (Python) tokenizer: telling the tokens of "
+            "chat data apart needs the character offsets of a fast one. Load the model's fast tokenizer "
+            "(its tokenizer.json), or use plain-text data."
         )
-        spans.append((start, end))
-    return full, spans
+    # apply_chat_template(tokenize=True) tokenises its text the same way, without special tokens.
+    text = _render_text(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]
+    spans = []
+    if masked:
+        for i in range(trained_from, len(messages)):
+            if messages[i]["role"] == "assistant":
+                start, end = _assistant_chars(tokenizer, messages, i, text)
+                spans.append(_token_span(offsets, start, end))
+    head_chars = _head_chars(tokenizer, messages, text)
+    head = sum(1 for _, end in offsets if end <= head_chars) if head_chars else 0
+    return ids, spans, head
 
 
-def _messages(messages: list[dict]) -> list[dict]:
+def _head_chars(tokenizer, messages: list[dict], text: str) -> int:
+    """Where the content of the first user message starts in `text`; 0 where it cannot be found
+    (only BOS is then kept, as with plain text)."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first_user is None:
+        return 0
+    try:
+        return _content_chars(tokenizer, messages, first_user, text)[0]
+    except DataError:
+        return 0
+
+
+def _assistant_chars(tokenizer, messages: list[dict], i: int, text: str) -> tuple[int, int]:
+    """The characters of `text` (the render of `messages`) that train assistant message `i`: its
+    content, what the template puts between the generation prompt and it, and its end of turn."""
+    start, end = _content_chars(tokenizer, messages, i, text)
+    rendered = text[start:end]
+    if rendered.strip() != (messages[i].get("content") or "").strip():
+        _refuse(
+            tokenizer,
+            f"it renders an assistant message's content {messages[i].get('content')!r} as {rendered!r}",
+        )
+    # The end of the turn: what follows the content both here and where the turn is the last one.
+    if i + 1 == len(messages):
+        closing = text[end:]
+    else:
+        alone = _render_text(tokenizer, messages[:i] + [_with_marker(messages[i])])
+        closing = _common_prefix(alone.split(CONTENT_MARKER)[-1], text[end:])
+    if not closing.strip():
+        _refuse(
+            tokenizer,
+            "it ends an assistant turn with no end-of-turn token, so the model would never learn to stop",
+        )
+    # Leave the blank after the end-of-turn token to the next turn (as TRL's training templates do).
+    end += len(closing.rstrip())
+    if i:
+        prompt = _render_text(tokenizer, messages[:i], add_generation_prompt=True)
+        if text.startswith(prompt) and len(prompt) <= start:
+            start = len(prompt)
+    return start, end
+
+
+def _content_chars(tokenizer, messages: list[dict], i: int, text: str) -> tuple[int, int]:
+    """Where `text`, the render of `messages`, has the content of message `i`: found by rendering
+    them again with that content replaced by `CONTENT_MARKER`."""
+    marked = _render_text(tokenizer, messages[:i] + [_with_marker(messages[i])] + messages[i + 1 :])
+    if marked.count(CONTENT_MARKER) != 1:
+        _refuse(
+            tokenizer,
+            f"it renders the content of a {messages[i]['role']} message {marked.count(CONTENT_MARKER)} times, "
+            "not once as written",
+        )
+    before, after = marked.split(CONTENT_MARKER)
+    end = len(text) - len(after)
+    if not (text.startswith(before) and text.endswith(after) and end >= len(before)):
+        _refuse(tokenizer, "its render of the other messages depends on a message's content")
+    return len(before), end
+
+
+def _with_marker(message: dict) -> dict:
+    return {**message, "content": CONTENT_MARKER}
+
+
+def _refuse(tokenizer, reason: str):
+    name = tokenizer.name_or_path or type(tokenizer).__name__
+    raise DataError(
+        f"Cannot tell the assistant's tokens apart with the chat template of {name!r}: {reason}. Training "
+        "on them would train on the wrong tokens. Give a template that renders each message's content "
+        "as written (--chat_template), or set --completion_only_loss false to train on every token."
+    )
+
+
+def _token_span(offsets, start: int, end: int) -> tuple[int, int]:
+    """The tokens whose characters overlap `[start, end)`, as (first, last + 1)."""
+    inside = [j for j, (a, b) in enumerate(offsets) if a < end and b > start]
+    return (inside[0], inside[-1] + 1) if inside else (0, 0)
+
+
+def _common_prefix(text: str, other: str) -> str:
+    length = 0
+    for a, b in zip(text, other):
+        if a != b:
+            break
+        length += 1
+    return text[:length]
+
+
+def _messages(messages: list[dict], system: str | None = None) -> list[dict]:
     # datasets fills keys that other rows have with None (e.g. `tool_calls`): drop them, so the
-    # template sees each message as it was written.
-    return [{k: v for k, v in message.items() if v is not None} for message in messages]
+    # template sees each message as it was written. ShareGPT messages are read as chat messages.
+    messages = from_sharegpt([{k: v for k, v in message.items() if v is not None} for message in messages])
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    return messages
 
 
 def _completion_messages(completion: list[dict] | str) -> list[dict]:
     if isinstance(completion, str):
         return [{"role": "assistant", "content": completion}]
     return _messages(completion)
+
+
+def _render_text(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """`messages` rendered with the tokenizer's chat template, as text."""
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -191,8 +379,8 @@ def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False
 def common_prefix_length(ids: Sequence[int], other_ids: Sequence[int]) -> int:
     """Leading tokens `ids` and `other_ids` have in common (trl.data_utils.common_prefix_length).
 
-    A completion starts after this prefix rather than after the tokenised prompt: chat templates may
-    render a prompt alone differently, and tokens may merge across the prompt/completion boundary.
+    A completion starts after this prefix rather than after the tokenised prompt: tokens may merge
+    across the prompt/completion boundary.
     """
     length = 0
     for token, other in zip(ids, other_ids):
@@ -202,24 +390,26 @@ def common_prefix_length(ids: Sequence[int], other_ids: Sequence[int]) -> int:
     return length
 
 
-def _truncate(ids: list[int], spans: list[tuple[int, int]], max_length: int, fmt: SFTFormat):
+def _truncate(ids: list[int], spans: list[tuple[int, int]], head: int, max_length: int, fmt: SFTFormat):
     """(ids, trained flags) cut to `max_length` as the module docstring says, per format."""
     trained = [False] * len(ids)
     for start, end in spans:
         trained[start:end] = [True] * (end - start)
-    if len(ids) <= max_length:
+    n = len(ids)
+    if n <= max_length:
         return ids, trained
     if fmt == "text":
-        keep = slice(0, max_length)
-    elif fmt == "messages":
-        keep = slice(len(ids) - max_length, len(ids))
+        keep = list(range(max_length))
     else:
-        start = spans[0][0]
-        completion = len(ids) - start
-        kept_completion = min(completion, max_length - min(start, 1))
-        kept_prompt = max_length - kept_completion
-        keep = slice(start - kept_prompt, start + kept_completion)
-    return ids[keep], trained[keep]
+        head = min(head, max_length // 2)
+        budget = max_length - head
+        tail_start = n - budget
+        if fmt != "messages" and spans and spans[0][0] < tail_start:
+            # The completion alone does not fit: keep its start, after one prompt token at least.
+            start = spans[0][0]
+            tail_start = max(head, start - (1 if head == 0 and start > 0 else 0))
+        keep = list(range(head)) + list(range(tail_start, tail_start + budget))
+    return [ids[j] for j in keep], [trained[j] for j in keep]
 
 
 # --- Generation prompts -----------------------------------------------------------------------
@@ -235,7 +425,7 @@ def generation_prompts(
     prompt is the conversation before its last assistant message and the reference is that
     message's content; conversations without an assistant message are skipped. Text data has no
     completions: both lists are empty. A prompt longer than `max_length - eval_max_new_tokens`
-    tokens keeps its end (as training keeps it).
+    tokens keeps its BOS and its end (as training keeps the head and the end).
     """
     fmt = sft_format(data_args)
     if fmt == "text":
@@ -243,12 +433,21 @@ def generation_prompts(
     check_sft_columns(dataset, data_args)
     check_sft_tokenizer(tokenizer, dataset, data_args)
     prompts, references = [], []
-    if fmt == "prompt-completion":
+    system = data_args.system_prompt
+    if fmt == "alpaca":
+        inputs = dataset[ALPACA_INPUT] if ALPACA_INPUT in dataset.column_names else [None] * len(dataset)
+        for instruction, input, output in zip(dataset[ALPACA_INSTRUCTION], inputs, dataset[ALPACA_OUTPUT]):
+            prompt, reference = alpaca_messages(instruction, input, output)
+            prompts.append(_render(tokenizer, _messages(prompt, system), add_generation_prompt=True))
+            references.append(reference)
+    elif fmt == "prompt-completion":
         rows = dataset.select_columns([data_args.prompt_column, data_args.completion_column])
         if is_chat_column(dataset, data_args.prompt_column):
             for row in rows:
                 prompts.append(
-                    _render(tokenizer, _messages(row[data_args.prompt_column]), add_generation_prompt=True)
+                    _render(
+                        tokenizer, _messages(row[data_args.prompt_column], system), add_generation_prompt=True
+                    )
                 )
                 references.append(_content(row[data_args.completion_column]))
         else:
@@ -256,14 +455,22 @@ def generation_prompts(
             references = list(rows[data_args.completion_column])
     else:
         for conversation in list(dataset[data_args.messages_column]):
-            conversation = _messages(conversation)
+            conversation = _messages(conversation, system)
             last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
             if last is None:
                 continue
             prompts.append(_render(tokenizer, conversation[:last], add_generation_prompt=True))
             references.append(conversation[last]["content"])
     budget = max(1, data_args.max_length - data_args.eval_max_new_tokens)
-    return [list(ids[-budget:]) for ids in prompts], references
+    return [_keep_bos_and_end(list(ids), budget, tokenizer.bos_token_id) for ids in prompts], references
+
+
+def _keep_bos_and_end(ids: list[int], budget: int, bos: int | None) -> list[int]:
+    if len(ids) <= budget:
+        return ids
+    if budget > 1 and ids[0] == bos:
+        return ids[:1] + ids[len(ids) - budget + 1 :]
+    return ids[-budget:]
 
 
 def _content(completion: list[dict] | str) -> str:

@@ -289,6 +289,17 @@ def trainer_for(run_config: dict, role: str = "server", **context):
     return build_trainer(load_factory(ref), trainer_context, ref)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny models (`pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def processes_of(tmp_path) -> list:
     """Processes that belong to one test: its temporary folder is in their command line or cwd.
 

@@ -35,14 +35,8 @@ from hf_flower.tasks.sft_tokens import (
     tokenize_sft,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model is fastest on one thread, and on a shared machine much faster than on several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# A tiny model is fastest on one thread, and on a shared machine much faster than on several.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

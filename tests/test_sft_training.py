@@ -11,14 +11,8 @@ from hf_flower.tasks import causal_lm
 from hf_flower.tasks.sft_metrics import generation_subset
 from hf_flower.tasks.sft_tokens import sft_collator
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model is fastest on one thread, and on a shared machine much faster than on several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# A tiny model is fastest on one thread, and on a shared machine much faster than on several.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- Gradient checkpointing -------------------------------------------------------------------

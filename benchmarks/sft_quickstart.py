@@ -128,6 +128,7 @@ def centralized(work_dir: Path) -> dict:
     import datasets
     from transformers import TrainerCallback
 
+    from hf_flower.arguments.precision import apply_precision
     from hf_flower.tasks.causal_lm import GeneratingTrainer, client_datasets
 
     run_args = run_args_of()
@@ -140,13 +141,16 @@ def centralized(work_dir: Path) -> dict:
             for i in range(federation.num_clients)
         ]
     )
-    training = dataclasses.replace(
-        run_args.training,
-        output_dir=str(work_dir / "centralized"),
-        num_train_epochs=(federation.local_epochs or 1) * federation.num_rounds,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
+    training = apply_precision(  # what each federated client chooses on this machine
+        dataclasses.replace(
+            run_args.training,
+            output_dir=str(work_dir / "centralized"),
+            num_train_epochs=(federation.local_epochs or 1) * federation.num_rounds,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+        ),
+        run_args.model.precision,
     )
     per_epoch = []
 

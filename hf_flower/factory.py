@@ -158,8 +158,11 @@ def check_signature(factory: TrainerFactory, ref: str) -> None:
 
 
 def build_trainer(factory: TrainerFactory, context: TrainerContext, ref: str = "make_trainer") -> Trainer:
-    """`factory(context)`, checked: a `transformers.Trainer` hf-flower can federate."""
+    """`factory(context)`, checked: a `transformers.Trainer` hf-flower can federate, with a warning
+    when its TrainingArguments ask for bf16 on a CPU that emulates it."""
     from transformers import Trainer
+
+    from .arguments.precision import warn_if_emulated
 
     trainer = factory(context)
     if not isinstance(trainer, Trainer):
@@ -168,6 +171,7 @@ def build_trainer(factory: TrainerFactory, context: TrainerContext, ref: str = "
             "Seq2SeqTrainer, TRL trainer, subclass) you would call .train() on, without calling it."
         )
     check_supported(trainer, ref)
+    warn_if_emulated(trainer.args)
     return trainer
 
 

@@ -16,6 +16,7 @@ from hf_flower.data import (
     DataError,
     central_test_set,
     client_data,
+    client_rows,
     label_ids,
     label_names,
     load_label_names,
@@ -113,6 +114,26 @@ def test_client_eval_is_held_out_of_client_train(reviews_csv, tokenizer):
         assert not token_rows(part.train) & token_rows(part.eval)
     same = client_data(data_args, tokenizer, 1, 2, seed=0)
     assert same.eval["input_ids"] == part.eval["input_ids"]
+
+
+def test_client_tokenises_its_own_partition_only(tmp_path, tokenizer, monkeypatch):
+    # A file of this test's own: no other test has tokenised it (the cache would hide the work).
+    data_args = args_for(write_reviews_csv(tmp_path / "reviews.csv"), client_eval_size=0.2)
+    splits, eval_rows, train_rows = client_rows(data_args, 0, 2, seed=0)
+    tokenised = []
+    tokenize_batch = data.tokenization._tokenize_batch
+
+    def counted(batch, *args):
+        tokenised.extend(batch["text"])
+        return tokenize_batch(batch, *args)
+
+    monkeypatch.setattr(data.tokenization, "_tokenize_batch", counted)
+    part = client_data(data_args, tokenizer, 0, 2, seed=0)
+    assert len(tokenised) == len(eval_rows) + len(train_rows) < len(splits.pool)
+    # The same examples, in the same order, as the whole pool's tokens would give.
+    whole = tokenize(splits.pool, tokenizer, data_args, splits.names)
+    assert part.train[:] == whole.select(train_rows)[:]
+    assert part.eval[:] == whole.select(eval_rows)[:]
 
 
 def test_max_train_samples_caps_the_pool(reviews_csv):

@@ -71,9 +71,11 @@ class FederationArguments:
         evaluate_initial_model: Evaluate the initial weights on the central test split (round 0)
             before round 1 trains.
         evaluate_in_background: Evaluate and save each round on a background thread while the
-            next round trains, so clients never wait for the server. While clients train, the
-            evaluation uses one CPU thread, so it does not take the cores of clients that share
-            the machine (simulation); `false` evaluates between rounds with every thread.
+            next round trains, so clients never wait for the server. That thread runs at the
+            lowest CPU priority (Linux: `SCHED_IDLE`), so it takes only the CPU that clients
+            sharing the machine leave (simulation), and while they train it uses the torch
+            threads of the cores they do not (at least one; every thread after the last round).
+            `false` evaluates between rounds with every thread. The run's log says which.
         save_merged: Also save each round of an adapter model (PEFT) with the adapters merged in,
             in `round-N/merged/` (a plain `from_pretrained` folder; needs no peft to load).
         fast_transport: Send each round through hf-flower's fast exchange

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .precision import PRECISIONS
+
 OFFLINE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -28,6 +30,13 @@ class ModelArguments:
             of the memory. The server keeps the base in full precision: it evaluates and merges
             the averaged adapters there. bitsandbytes needs a CUDA GPU; elsewhere it is refused.
             Add `--gradient_checkpointing true` to trade compute for activation memory as well.
+        precision: The mixed precision of the task's Trainer, chosen by every process (the server,
+            each client) for its own device: `auto` what it computes in natively (bf16 on CUDA GPUs
+            of compute capability 8.0 and up and on CPUs with AVX512-BF16 or AMX, fp16 on older
+            GPUs, fp32 on other CPUs, where bf16 is emulated and several times slower), or `bf16`,
+            `fp16`, `fp32` everywhere. Each process logs its choice. A deployed client trains in
+            its own native precision where the run's would be emulated on it. Unset: the
+            TrainingArguments' own `--bf16`/`--fp16`, as given (set, it decides them instead).
     """
 
     task: str = field(
@@ -56,10 +65,22 @@ class ModelArguments:
         default=False,
         metadata={"help": "QLoRA: clients train LoRA on a 4-bit (bitsandbytes NF4) base; needs a CUDA GPU."},
     )
+    precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "Mixed precision per process and device: auto (what it does natively), bf16, fp16 or "
+            "fp32. Unset: --bf16/--fp16 as given.",
+            "choices": PRECISIONS,
+        },
+    )
 
     def __post_init__(self):
         if self.num_labels is not None and self.num_labels < 2:
             raise ValueError(f"num_labels must be at least 2 for classification, got {self.num_labels}.")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {list(PRECISIONS)} (or unset), got {self.precision!r}."
+            )
         self.freeze_modules = split_names(self.freeze_modules)
 
 

@@ -30,7 +30,10 @@ allowlist of the client's operator, closed by default for what is the client's o
   client's own process setup (DeepSpeed, FSDP, DDP backend, data loader workers beyond its cores)
   are refused, each with the reason. `report_to` is the server's own tracking (the ServerApp reads
   the same key): a built-in task on a client always runs with `report_to="none"`, so no run logs to
-  the client's W&B or MLflow accounts or writes `./wandb` or `./mlruns` on its machine.
+  the client's W&B or MLflow accounts or writes `./wandb` or `./mlruns` on its machine;
+- precision is the client's device's: a run's bf16 (`--precision bf16`, `training.bf16`) or fp16 that
+  the client would emulate, several times slower, gives way to what its device computes in natively
+  (`own_precision`), so a server's config tuned on an AMX CPU does not stall an AVX2 client.
 
 The policy reaches the ClientApp through the environment of the client's process (`to_env`,
 `HF_FLOWER_*`): the long-lived client sets it from its flags, the simulation launcher from the
@@ -50,6 +53,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .precision import DEVICE_NAMES, DTYPE_NAMES, is_native, log_once, native_precision
 
 if TYPE_CHECKING:
     from . import DataArguments, ModelArguments, RunArguments
@@ -229,7 +234,8 @@ class ClientPolicy:
         reads_dataset: bool,
     ) -> RunArguments:
         """`run_args` (a built-in task's, from the run config) as this client runs them: its pinned
-        columns in place of the run's, and `report_to="none"`. Raises `RunRefused` when the run
+        columns in place of the run's, a precision its device computes in natively
+        (`own_precision`), and `report_to="none"`. Raises `RunRefused` when the run
         would read a column the client did not pin (`columns_read(data_args)`: the task's column
         settings, by name), or, `reads_dataset` (a partition-mode client), a local data set its
         operator did not allow."""
@@ -256,6 +262,7 @@ class ClientPolicy:
                 )
         if refusals:
             raise RunRefused("This client refuses the run config: " + "; ".join(refusals) + ".")
+        run_args = own_precision(run_args)
         if run_args.training.report_to:
             logger.info(
                 "The run's report_to %s is the server's tracking; this client reports to none.",
@@ -398,3 +405,24 @@ def training_refusals(training_kwargs: Mapping[str, Any]) -> list[str]:
             f"machine's {cores} CPU cores"
         )
     return refusals
+
+
+def own_precision(run_args: RunArguments) -> RunArguments:
+    """A deployed client's `run_args` (from the server's run config) in a precision its own device
+    computes in: the run's (`--precision`, or its `--bf16`/`--fp16`) where that is native here, else
+    the device's native one (`--precision auto`), with a warning. A server never makes a client
+    emulate bf16, several times slower than float32."""
+    training = run_args.training
+    asked = run_args.model.precision or ("bf16" if training.bf16 else "fp16" if training.fp16 else None)
+    device_type = training.device.type
+    if asked in (None, "auto") or is_native(asked, device_type):
+        return run_args
+    native = native_precision(device_type)
+    log_once(
+        logging.WARNING,
+        f"The run asks for {DTYPE_NAMES[asked]}, which this client's {DEVICE_NAMES.get(device_type, device_type)} "
+        f"would emulate, several times slower: it trains in {native.dtype} ({native.reason}).",
+    )
+    run_args.model.precision = "auto"
+    run_args.training = dataclasses.replace(training, bf16=False, fp16=False)
+    return run_args

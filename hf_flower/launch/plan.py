@@ -116,7 +116,40 @@ def parse_run(
     if own:
         return groups_to_run_config(*groups), tuple(extras)
     # ARGUMENT_GROUPS are in `RunArguments`' order.
-    return to_run_config(resolve(finalize(RunArguments(*groups)))), tuple(extras)
+    run_args = with_absolute_paths(resolve(finalize(RunArguments(*groups))))
+    return to_run_config(run_args), tuple(extras)
+
+
+# Settings that may name a file or folder of this machine, by argument group. Flower's processes
+# run the apps in a working folder of their own, where a relative path names nothing.
+LOCAL_PATH_SETTINGS = {
+    "model": ("model_name_or_path", "tokenizer_name_or_path"),
+    "data": ("dataset", "chat_template"),
+}
+
+
+def with_absolute_paths(run_args):
+    """`run_args` with every setting that names an existing file or folder relative to this working
+    folder made absolute (`--dataset reviews.csv`, `--model_name_or_path ./my-bert`); Hub ids and
+    absolute paths stay as given."""
+    for group_name, names in LOCAL_PATH_SETTINGS.items():
+        group = getattr(run_args, group_name)
+        changes = {}
+        for name in names:
+            value = getattr(group, name)
+            if isinstance(value, str) and value and _is_relative_local_path(value):
+                changes[name] = str(Path(value).expanduser().resolve())
+        if changes:
+            setattr(run_args, group_name, dataclasses.replace(group, **changes))
+    return run_args
+
+
+def _is_relative_local_path(value: str) -> bool:
+    path = Path(value).expanduser()
+    try:
+        return not path.is_absolute() and path.exists()
+    except OSError:  # a name too long for a path: a chat template's text, say
+        return False
 
 
 @dataclasses.dataclass(frozen=True)

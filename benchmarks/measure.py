@@ -1,9 +1,12 @@
-"""Memory of a process tree over a run, shared by the benchmark scripts."""
+"""Memory of a process tree over a run, and the facts every result records, shared by the
+benchmark scripts."""
 
 from __future__ import annotations
 
 import os
+import platform
 import threading
+from datetime import datetime
 
 import psutil
 
@@ -108,3 +111,17 @@ def run_measured(command: list[str], cwd) -> tuple[float, TreeMemory]:
     if code != 0:
         raise RuntimeError(f"{' '.join(command)} exited with {code}")
     return seconds, sampler
+
+
+def run_facts(script: str, argv: list[str]) -> dict:
+    """What a result file records of the run that made it: the command, the machine, its load."""
+    return {
+        "command": " ".join([script, *argv]),
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "load_at_start": round(os.getloadavg()[0], 2),
+        "date": datetime.now().isoformat(timespec="seconds"),
+    }

@@ -40,13 +40,13 @@ import ctypes.util
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
+
+from measure import run_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "sft_quickstart.yaml"
@@ -390,14 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(output.read_text()) if output.is_file() else {}
     run = {
         "malloc": args.malloc,
-        "command": " ".join(["benchmarks/memory_stages.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "load_at_start": round(os.getloadavg()[0], 2),
-        "date": datetime.now().isoformat(timespec="seconds"),
+        **run_facts("benchmarks/memory_stages.py", argv if argv is not None else sys.argv[1:]),
     }
     for side in args.sides:
         run[side] = run_side(side, args)

@@ -34,14 +34,14 @@ import argparse
 import cProfile
 import json
 import os
-import platform
 import pstats
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
+
+from measure import run_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -308,14 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.result).write_text(json.dumps(worker(args)))
         return 0
     run = {
-        "command": " ".join(["benchmarks/startup_stages.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
-        "load_at_start": round(os.getloadavg()[0], 2),
-        "date": datetime.now().isoformat(timespec="seconds"),
+        **run_facts("benchmarks/startup_stages.py", argv if argv is not None else sys.argv[1:]),
         "sides": measure(args),
     }
     output = Path(args.output)

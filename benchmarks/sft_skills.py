@@ -12,17 +12,19 @@ picks parts):
 - `alone`: each client's own Trainer on its own skill (its partition's training rows), for the
   steps it trains in the whole federation (`max_steps`), scored on all six skills; the table also
   gives the mean of the six clients.
-- `fedavg`: the config through `scripts/simulate.py`, the last round's adapters scored.
-- `fedavgm`: the same with a server optimizer, FedAvgM (`--server_momentum`).
+- `fedavg`: the config through `scripts/simulate.py` with plain averaging (`--strategy FedAvg`), the
+  last round's adapters scored.
+- `fedavgm`: the same with the config's server optimizer, FedAvgM (`--server_momentum`,
+  `--server_learning_rate`; the config's 0.5 and 3 by default).
 - `centralized`: one Trainer on the union of the clients' training rows, for as many examples as
   the federation trains on in all (`num_clients * max_steps` steps of the same batch size).
 
 Then the table (markdown, beside the JSON) and the issue's three checks on the mean: federated at
 least 10 points above pretrained, above the mean of the clients alone, within 5 points of centralized.
 
-Commands (the full run, estimated, not yet made: 40-60 minutes on 2 CPU cores: two federations of
-about 13 minutes, 6 x 32 + 192 training steps of 2-5 s, ten evaluations of 6 x 50 prompts; `--smoke`
-checks the script end to end, 4 min 46 s here):
+Commands (the full run: about an hour on 2 CPU cores, two federations of about 13 minutes, 6 x 32
++ 192 training steps of 2-5 s, ten evaluations of 6 x 50 prompts; `--smoke` checks the script end
+to end, 4 min 46 s here; measured results in benchmarks/README.md):
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sft_skills.py
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/sft_skills.py --smoke
@@ -103,13 +105,15 @@ def score(trainer, tests: dict) -> dict:
 
 def train_and_score(run_args, train, max_steps: int, work_dir: Path, test_per_skill: int) -> dict:
     """A fresh model trained on `train` for `max_steps` (the run's batch size and learning rate), scored."""
+    from hf_flower.arguments.precision import apply_precision
     from hf_flower.tasks.causal_lm import GeneratingTrainer
 
     server = server_trainer(run_args)
-    training = dataclasses.replace(
+    # The precision each federated client chooses on this machine (`--precision auto`).
+    training = apply_precision(dataclasses.replace(
         run_args.training, output_dir=str(work_dir), max_steps=max_steps, save_strategy="no",
         eval_strategy="no", report_to="none",
-    )  # fmt: skip
+    ), run_args.model.precision)  # fmt: skip
     trainer = GeneratingTrainer(
         model=server.model,
         args=training,
@@ -217,11 +221,15 @@ def centralized(args, flags, work_dir: Path) -> dict:
 
 
 def parts(args) -> dict:
-    momentum = json.dumps({"server_momentum": args.server_momentum})
+    momentum = json.dumps(
+        {"server_momentum": args.server_momentum, "server_learning_rate": args.server_learning_rate}
+    )
     return {
         "pretrained": pretrained,
         "alone": alone,
-        "fedavg": lambda a, f, w: federated(a, f, w, "fedavg", []),
+        "fedavg": lambda a, f, w: federated(
+            a, f, w, "fedavg", ["--strategy", "FedAvg", "--strategy_kwargs", "{}"]
+        ),
         "fedavgm": lambda a, f, w: federated(
             a, f, w, "fedavgm", ["--strategy", "FedAvgM", "--strategy_kwargs", momentum]
         ),
@@ -304,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--server_momentum", type=float, default=0.5, help="FedAvgM's server momentum.")
     parser.add_argument(
+        "--server_learning_rate", type=float, default=3.0, help="FedAvgM's server learning rate."
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="Everything at its smallest: checks the script, scores mean nothing.",
@@ -329,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "flags": flags,
         "test_per_skill": args.test_per_skill,
         "server_momentum": args.server_momentum,
+        "server_learning_rate": args.server_learning_rate,
     }
     results["machine"] = {
         "platform": platform.platform(),

@@ -197,3 +197,13 @@ def test_local_paths_reach_flowers_processes_absolute(tmp_path, tiny_model_dir, 
     assert run_args.model.model_name_or_path == str(tiny_model_dir)  # absolute already
     run_config, _ = parse_run([*flags[:2], "--dataset", "imdb", "--output_dir", "run"])
     assert from_run_config(run_config).data.dataset == "imdb"  # a Hub name: no such file here
+
+
+def test_a_builtin_trainers_scratch_folder_is_removed_when_its_process_exits():
+    import subprocess
+    import sys
+
+    code = "from hf_flower.tasks import scratch_dir; print(scratch_dir())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    folder = Path(done.stdout.strip())
+    assert folder.name.startswith("hf-flower-trainer-") and not folder.exists()

@@ -12,8 +12,10 @@ This module imports nothing heavy: launchers read the task names from it without
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
+import shutil
 import tempfile
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -123,8 +125,11 @@ def run_arguments(context: TrainerContext) -> RunArguments:
 @functools.cache
 def scratch_dir() -> str:
     """The `output_dir` of a built-in task's Trainer: it writes no checkpoints (the round driver turns
-    saving off, the server saves rounds itself), and the run's folder is not a client's to write."""
-    return tempfile.mkdtemp(prefix="hf-flower-trainer-")
+    saving off, the server saves rounds itself), and the run's folder is not a client's to write.
+    Removed when the process exits: a long-lived client makes one for every run."""
+    folder = tempfile.mkdtemp(prefix="hf-flower-trainer-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 class Task:
